@@ -1,0 +1,14 @@
+//! helexa's inference engine: one loaded model, its tokenizer and chat
+//! template, sampling, and a scheduler that runs many sequences at once.
+//!
+//! The public surface is small on purpose: `Engine::load` a model, render and
+//! tokenize prompts, `submit` a `GenerationRequest`, read `GenEvent`s from the
+//! returned stream. Dropping the stream cancels the sequence within one decode
+//! step. The OpenAI HTTP layer lives in `neuron-agent` (`neuron engine`).
+
+mod api;
+
+pub use api::*;
+
+mod engine;
+pub use engine::{Engine, GenerationStream};
