@@ -306,6 +306,9 @@ impl Cluster {
     /// The engine processes the neuron runs.
     pub fn engine_pids(&self) -> Vec<i32> {
         children_of(self.neuron.pid())
+            .into_iter()
+            .filter(|&p| pid_alive(p))
+            .collect()
     }
 }
 

@@ -11,4 +11,5 @@ mod api;
 pub use api::*;
 
 mod engine;
+pub mod tokenizer;
 pub use engine::{Engine, GenerationStream};

@@ -8,7 +8,24 @@
 //! stderr. Routes: `/v1/chat/completions`, `/v1/completions`, `/v1/models`,
 //! `/health`, `/info`, `/tokenizer`.
 
+mod chat;
+mod completions;
+mod params;
+mod stream;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use bytes::Bytes;
+use helexa_api::{ApiError, ErrorCode};
+use helexa_engine::{DeviceSpec, Engine, EngineConfig};
+use serde_json::json;
+use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 /// The stdout line prefix announcing the bound address.
 pub const LISTEN_LINE_PREFIX: &str = "HELEXA_ENGINE_LISTEN ";
@@ -49,10 +66,288 @@ pub struct EngineArgs {
     /// Seconds between SSE keep-alive comments while a prompt prefills.
     #[arg(long, default_value_t = 1)]
     pub keep_alive_secs: u64,
+    /// Largest request body accepted, bytes.
+    #[arg(long, default_value_t = 32 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Seconds running requests get to finish after SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    pub drain_timeout_secs: u64,
 }
 
-/// Runs the engine server until SIGTERM/SIGINT.
+/// Shared by the engine's handlers.
+pub struct EngineState {
+    id: String,
+    engine: OnceLock<Engine>,
+    tokenizer_json: OnceLock<Bytes>,
+    tokenizer_path: Option<PathBuf>,
+    max_output: Option<usize>,
+    keep_alive: Duration,
+    draining: AtomicBool,
+    started: Instant,
+}
+
+impl EngineState {
+    /// The loaded engine, or why there is none yet.
+    fn engine(&self) -> Result<&Engine, ApiError> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(ApiError::new(
+                ErrorCode::ShuttingDown,
+                format!("engine for `{}` is shutting down", self.id),
+            ));
+        }
+        self.engine.get().ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::ModelLoading,
+                format!("model `{}` is still loading", self.id),
+            )
+            .with_retry_after(2)
+        })
+    }
+
+    /// Output cap when a request names none: the configured one, else the
+    /// whole context.
+    fn default_max_output(&self) -> usize {
+        let ctx = self.engine.get().map(|e| e.meta().context_length).unwrap_or(0);
+        self.max_output.unwrap_or(ctx).min(ctx.max(1))
+    }
+}
+
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn parse_device(text: &str) -> anyhow::Result<DeviceSpec> {
+    if text == "cpu" {
+        return Ok(DeviceSpec::Cpu);
+    }
+    if let Some(n) = text.strip_prefix("cuda") {
+        let n = n.trim_start_matches(':');
+        let index = if n.is_empty() { 0 } else { n.parse()? };
+        return Ok(DeviceSpec::Cuda(index));
+    }
+    anyhow::bail!("unknown device `{text}`: use `cpu` or `cuda:N`")
+}
+
+/// The engine's routes over `state`.
+pub fn router(state: Arc<EngineState>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(completions::completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/info", get(info))
+        .route("/tokenizer", get(tokenizer))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+async fn not_found(uri: axum::http::Uri) -> Response {
+    let mut resp = ApiError::new(
+        ErrorCode::InvalidRequest,
+        format!("no route for {}", uri.path()),
+    )
+    .into_response();
+    *resp.status_mut() = axum::http::StatusCode::NOT_FOUND;
+    resp
+}
+
+async fn health(State(st): State<Arc<EngineState>>) -> Response {
+    if st.draining.load(Ordering::Relaxed) {
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "draining"})),
+        )
+            .into_response();
+    }
+    let Some(engine) = st.engine.get() else {
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "loading", "uptime_secs": st.started.elapsed().as_secs()})),
+        )
+            .into_response();
+    };
+    let s = engine.stats();
+    axum::Json(json!({
+        "status": "ready",
+        "model": st.id,
+        "uptime_secs": st.started.elapsed().as_secs(),
+        "in_flight": s.in_flight,
+        "tokens_generated_total": s.tokens_generated_total,
+        "prompt_tokens_total": s.prompt_tokens_total,
+        "tok_s_prefill": s.tok_s_prefill,
+        "tok_s_decode": s.tok_s_decode,
+    }))
+    .into_response()
+}
+
+async fn info(State(st): State<Arc<EngineState>>) -> Response {
+    let engine = match st.engine() {
+        Ok(e) => e,
+        Err(e) => return e.into_response(),
+    };
+    let meta = engine.meta();
+    axum::Json(json!({
+        "id": st.id,
+        "name": meta.name,
+        "architecture": meta.architecture,
+        "context_length": meta.context_length,
+        "max_output_tokens": st.default_max_output(),
+        "vocab_size": meta.vocab_size,
+        "weights_bytes": meta.weights_bytes,
+        "capabilities": ["chat", "completions"],
+        "has_chat_template": meta.has_chat_template,
+        "tokenizer": st.tokenizer_path.as_ref().map(|p| p.display().to_string()),
+    }))
+    .into_response()
+}
+
+async fn tokenizer(State(st): State<Arc<EngineState>>) -> Response {
+    let engine = match st.engine() {
+        Ok(e) => e,
+        Err(e) => return e.into_response(),
+    };
+    let body = st
+        .tokenizer_json
+        .get_or_init(|| Bytes::from(engine.tokenizer_json()))
+        .clone();
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+async fn models(State(st): State<Arc<EngineState>>) -> Response {
+    let (status, ctx) = match st.engine.get() {
+        Some(e) => ("loaded", Some(e.meta().context_length)),
+        None => ("loading", None),
+    };
+    axum::Json(json!({
+        "object": "list",
+        "data": [{
+            "id": st.id, "object": "model", "created": unix_now(), "owned_by": "helexa",
+            "context_length": ctx, "max_model_len": ctx,
+            "max_output_tokens": ctx.map(|_| st.default_max_output()),
+            "status": status,
+        }],
+    }))
+    .into_response()
+}
+
+enum Bound {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Runs the engine server until SIGTERM/SIGINT: binds, announces the address,
+/// loads the model (`/health` says `loading` meanwhile), serves, and on a
+/// signal stops admitting and lets running answers finish up to the drain
+/// timeout.
 pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
-    let _ = args;
-    anyhow::bail!("engine server: being implemented")
+    let id = args.id.clone().unwrap_or_else(|| {
+        args.model
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    });
+    let device = parse_device(&args.device)?;
+    let chat_template = match &args.chat_template {
+        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| {
+            anyhow::anyhow!("cannot read chat template {}: {e}", p.display())
+        })?),
+        None => None,
+    };
+    let state = Arc::new(EngineState {
+        id: id.clone(),
+        engine: OnceLock::new(),
+        tokenizer_json: OnceLock::new(),
+        tokenizer_path: args.tokenizer.clone(),
+        max_output: args.max_output,
+        keep_alive: Duration::from_secs(args.keep_alive_secs.max(1)),
+        draining: AtomicBool::new(false),
+        started: Instant::now(),
+    });
+    let app = router(state.clone(), args.max_body_bytes);
+
+    let bound = match &args.unix {
+        Some(path) => {
+            let _ = std::fs::remove_file(path);
+            let l = tokio::net::UnixListener::bind(path)
+                .map_err(|e| anyhow::anyhow!("cannot bind unix socket {}: {e}", path.display()))?;
+            announce(&path.display().to_string());
+            Bound::Unix(l)
+        }
+        None => {
+            let l = tokio::net::TcpListener::bind(&args.listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+            announce(&l.local_addr()?.to_string());
+            Bound::Tcp(l)
+        }
+    };
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let graceful = {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|v| *v).await;
+        }
+    };
+    let server = tokio::spawn(async move {
+        match bound {
+            Bound::Tcp(l) => axum::serve(l, app).with_graceful_shutdown(graceful).await,
+            Bound::Unix(l) => axum::serve(l, app).with_graceful_shutdown(graceful).await,
+        }
+    });
+
+    let cfg = EngineConfig {
+        model_path: args.model.clone(),
+        tokenizer_path: args.tokenizer.clone(),
+        chat_template,
+        device,
+        max_context: args.max_context,
+        max_batch: args.max_batch.max(1),
+        threads: args.threads,
+    };
+    let loading = tokio::task::spawn_blocking(move || Engine::load(cfg));
+    tokio::select! {
+        loaded = loading => {
+            let engine = loaded??;
+            tracing::info!(model = %id, context = engine.meta().context_length, "engine ready");
+            let _ = state.engine.set(engine);
+        }
+        _ = shutdown_signal() => {
+            tracing::info!(model = %id, "signal while loading: exiting");
+            return Ok(());
+        }
+    }
+
+    shutdown_signal().await;
+    tracing::info!(model = %id, drain_secs = args.drain_timeout_secs, "draining");
+    state.draining.store(true, Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    let drain = Duration::from_secs(args.drain_timeout_secs);
+    if tokio::time::timeout(drain, server).await.is_err() {
+        tracing::warn!(model = %id, "drain timeout: ending running answers");
+    }
+    if let Some(engine) = state.engine.get() {
+        engine.shutdown();
+    }
+    Ok(())
+}
+
+/// Tells the agent where we listen: one stdout line, flushed at once.
+fn announce(addr: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{LISTEN_LINE_PREFIX}{addr}");
+    let _ = out.flush();
 }
