@@ -1,0 +1,408 @@
+"""Measures OpenAI-compatible engine servers against each other.
+
+Driven by scripts/bench-engine, which builds `neuron` and the llama.cpp venv.
+The client uses only the standard library. The servers are started one after
+the other, each waited for until ready and warmed up; then the measuring
+requests go to them in turn, one request at a time (so only one server
+computes at any moment, and load from other processes hits both alike):
+
+- prefill tok/s: /v1/completions, max_tokens=1, a ~500-token prompt whose
+  first token differs on every request (defeats prompt-prefix caching);
+  usage.prompt_tokens / wall time of the request; median and best of repeats.
+- TTFT: streamed /v1/chat/completions of a short chat, time from sending the
+  request to the first chunk with content; median.
+- decode tok/s: streamed /v1/completions, max_tokens=128, greedy, a prompt
+  that makes the model count on and on; (tokens - 1) / (time of last content
+  chunk - time of first); tokens from `usage` (stream_options.include_usage)
+  or, when the stream carries none, a non-streamed twin request; median, best.
+- peak RSS: VmHWM of the server process from /proc/PID/status at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+WORDS_A = ["quiet", "bright", "ancient", "narrow", "heavy", "curious", "patient", "distant",
+           "careful", "golden", "northern", "broken", "gentle", "restless", "hidden", "simple"]
+WORDS_N = ["harbour", "library", "engine", "village", "garden", "mountain", "river", "market",
+           "bridge", "workshop", "orchard", "station", "lantern", "valley", "kitchen", "tower"]
+WORDS_V = ["watched", "repaired", "described", "measured", "painted", "visited", "counted",
+           "remembered", "followed", "crossed", "opened", "studied", "guarded", "built"]
+
+
+def long_prompt(seed: int, sentences: int) -> str:
+    """A deterministic paragraph, different for every seed from its first word."""
+    rng = random.Random(seed)
+    # The first token differs between seeds, so no server can reuse a cached
+    # prompt prefix from the previous request.
+    out = [f"{seed * 7919 % 100003} {rng.choice(WORDS_A)} notes follow."]
+    for _ in range(sentences):
+        out.append(
+            f"The {rng.choice(WORDS_A)} {rng.choice(WORDS_N)} was {rng.choice(WORDS_V)} by "
+            f"a {rng.choice(WORDS_A)} traveller near the {rng.choice(WORDS_N)}, "
+            f"{rng.randint(2, 99)} days after the {rng.choice(WORDS_A)} {rng.choice(WORDS_N)} "
+            f"was {rng.choice(WORDS_V)}."
+        )
+    out.append("In summary,")
+    return " ".join(out)
+
+
+COUNT_PROMPT = "Here are the numbers from 1 to 1000, separated by commas: " + ", ".join(
+    str(i) for i in range(1, 21)
+) + ","
+
+
+@dataclass
+class Server:
+    name: str
+    cmd: list[str]
+    port: int
+    ready_path: str
+    ready_ok: callable
+    log_path: str
+    proc: subprocess.Popen | None = None
+    log: object = None
+    results: dict = field(default_factory=dict)
+
+
+def request(port: int, method: str, path: str, body: dict | None = None, timeout: float = 600):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    conn.request(method, path, body=data, headers=headers)
+    resp = conn.getresponse()
+    raw = resp.read()
+    conn.close()
+    return resp.status, raw
+
+
+def post_json(port: int, path: str, body: dict) -> dict:
+    status, raw = request(port, "POST", path, body)
+    if status != 200:
+        raise RuntimeError(f"POST {path} -> {status}: {raw[:500]!r}")
+    return json.loads(raw)
+
+
+def stream(port: int, path: str, body: dict):
+    """Yields (time, event-json) for each SSE data event; t0 is the send time."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.request("POST", path, body=json.dumps(body).encode(),
+                 headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"POST {path} (stream) -> {resp.status}: {resp.read()[:500]!r}")
+    try:
+        while True:
+            line = resp.readline()
+            if not line:
+                break
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                break
+            yield time.perf_counter(), json.loads(payload)
+    finally:
+        conn.close()
+
+
+def chunk_text(ev: dict) -> str:
+    out = []
+    for ch in ev.get("choices") or []:
+        if "text" in ch and ch["text"]:
+            out.append(ch["text"])
+        delta = ch.get("delta") or {}
+        if delta.get("content"):
+            out.append(delta["content"])
+    return "".join(out)
+
+
+def wait_ready(srv: Server, timeout: float) -> float:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if srv.proc.poll() is not None:
+            raise RuntimeError(f"{srv.name} exited with {srv.proc.returncode}; see {srv.log_path}")
+        try:
+            status, raw = request(srv.port, "GET", srv.ready_path, timeout=5)
+            if srv.ready_ok(status, raw):
+                return time.perf_counter() - t0
+        except (OSError, http.client.HTTPException):
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"{srv.name} not ready after {timeout}s; see {srv.log_path}")
+
+
+def proc_status(pid: int, key: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])  # kB
+    except OSError:
+        return None
+    return None
+
+
+def warm_up(srv: Server) -> None:
+    post_json(srv.port, "/v1/completions", {"prompt": long_prompt(10_000, 8), "max_tokens": 4, "temperature": 0})
+    for _ in stream(srv.port, "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "temperature": 0,
+            "stream": True}):
+        pass
+
+
+def one_prefill(srv: Server, args, i: int) -> tuple[int, float]:
+    prompt = long_prompt(i + 1 + args.seed_offset, args.prefill_sentences)
+    t0 = time.perf_counter()
+    r = post_json(srv.port, "/v1/completions", {"prompt": prompt, "max_tokens": 1, "temperature": 0})
+    return r["usage"]["prompt_tokens"], time.perf_counter() - t0
+
+
+def one_ttft(srv: Server, args, i: int) -> float:
+    body = {"messages": [
+        {"role": "system", "content": f"{1000 + i + args.seed_offset} is your assistant number."},
+        {"role": "user", "content": "Give me one tip for writing clear documentation."}],
+        "max_tokens": 8, "temperature": 0, "stream": True}
+    t0 = time.perf_counter()
+    first = None
+    for t, ev in stream(srv.port, "/v1/chat/completions", body):
+        if first is None and chunk_text(ev):
+            first = t
+    if first is None:
+        raise RuntimeError(f"{srv.name}: chat stream produced no content")
+    return first - t0
+
+
+def one_decode(srv: Server, args, i: int) -> tuple[int, float, str]:
+    prompt = f"({i + args.seed_offset}) " + COUNT_PROMPT
+    body = {"prompt": prompt, "max_tokens": args.decode_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    first = last = None
+    n = None
+    for t, ev in stream(srv.port, "/v1/completions", body):
+        if chunk_text(ev):
+            if first is None:
+                first = t
+            last = t
+        if ev.get("usage"):
+            n = ev["usage"].get("completion_tokens")
+    source = "stream usage"
+    if n is None:
+        # No usage in the stream (llama-cpp-python): ask again without
+        # streaming; greedy decoding gives the same tokens.
+        source = "non-streamed twin request"
+        body2 = dict(body, stream=False)
+        body2.pop("stream_options")
+        n = post_json(srv.port, "/v1/completions", body2)["usage"]["completion_tokens"]
+    if first is None or last is None or last <= first or n < 2:
+        raise RuntimeError(f"{srv.name}: decode stream too short ({n} tokens)")
+    return n, (n - 1) / (last - first), source
+
+
+def measure_all(servers: list[Server], args) -> dict[str, dict]:
+    """Interleaves the servers request by request, so that load from other
+    processes on the machine (which varies over time) hits both alike."""
+    res: dict[str, dict] = {s.name: {} for s in servers}
+    raw: dict[str, dict[str, list]] = {s.name: {"pt": [], "ps": [], "pr": [], "ttft": [], "dt": [], "dr": []}
+                                       for s in servers}
+    for srv in servers:
+        warm_up(srv)
+        res[srv.name]["rss_after_warmup_kb"] = proc_status(srv.proc.pid, "VmRSS")
+    for i in range(args.repeats):
+        for srv in servers:
+            n, dt = one_prefill(srv, args, i)
+            raw[srv.name]["pt"].append(n)
+            raw[srv.name]["ps"].append(dt)
+            raw[srv.name]["pr"].append(n / dt)
+    for i in range(args.repeats):
+        for srv in servers:
+            raw[srv.name]["ttft"].append(one_ttft(srv, args, i))
+    for i in range(args.decode_repeats):
+        for srv in servers:
+            n, rate, source = one_decode(srv, args, i)
+            raw[srv.name]["dt"].append(n)
+            raw[srv.name]["dr"].append(rate)
+            res[srv.name]["decode_token_count_source"] = source
+    for srv in servers:
+        r, x = res[srv.name], raw[srv.name]
+        r["prefill_prompt_tokens"] = int(statistics.median(x["pt"]))
+        r["prefill_s"] = statistics.median(x["ps"])
+        r["prefill_tok_s"] = statistics.median(x["pr"])
+        r["prefill_tok_s_best"] = max(x["pr"])
+        r["prefill_tok_s_all"] = x["pr"]
+        r["ttft_short_chat_s"] = statistics.median(x["ttft"])
+        r["ttft_short_chat_s_all"] = x["ttft"]
+        r["decode_tokens"] = int(statistics.median(x["dt"]))
+        r["decode_tok_s"] = statistics.median(x["dr"])
+        r["decode_tok_s_best"] = max(x["dr"])
+        r["decode_tok_s_all"] = x["dr"]
+        r["peak_rss_kb"] = proc_status(srv.proc.pid, "VmHWM")
+    return res
+
+
+def start(srv: Server, args) -> None:
+    print(f"[{srv.name}] starting: {' '.join(srv.cmd)}", file=sys.stderr)
+    srv.log = open(srv.log_path, "wb")
+    srv.proc = subprocess.Popen(srv.cmd, stdout=srv.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    srv.results["ready_s"] = wait_ready(srv, args.ready_timeout)
+    print(f"[{srv.name}] ready after {srv.results['ready_s']:.1f}s", file=sys.stderr)
+
+
+def stop(srv: Server) -> None:
+    if srv.proc is not None and srv.proc.poll() is None:
+        srv.proc.send_signal(signal.SIGTERM)
+        try:
+            srv.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            srv.proc.kill()
+            srv.proc.wait()
+    if srv.log is not None:
+        srv.log.close()
+
+
+def fmt_table(results: dict[str, dict]) -> str:
+    rows = [
+        ("prefill tok/s (median)", "prefill_tok_s", "{:.1f}", True),
+        ("prefill tok/s (best)", "prefill_tok_s_best", "{:.1f}", True),
+        ("prefill prompt tokens", "prefill_prompt_tokens", "{:d}", None),
+        ("prefill time, s", "prefill_s", "{:.3f}", False),
+        ("TTFT short chat, ms (median)", "ttft_short_chat_s", "{:.0f}", False),
+        ("decode tok/s (median)", "decode_tok_s", "{:.1f}", True),
+        ("decode tok/s (best)", "decode_tok_s_best", "{:.1f}", True),
+        ("decode tokens", "decode_tokens", "{:d}", None),
+        ("peak RSS, MiB", "peak_rss_kb", "{:.0f}", False),
+        ("ready after start, s", "ready_s", "{:.1f}", False),
+    ]
+    names = list(results)
+    head = f"| metric | {' | '.join(names)} |"
+    if len(names) == 2:
+        head += f" {names[0]}/{names[1]} |"
+    lines = [head, "|" + "---|" * (len(names) + 1 + (len(names) == 2))]
+    for label, key, f, _higher_better in rows:
+        vals = []
+        raw = []
+        for n in names:
+            v = results[n].get(key)
+            if key == "ttft_short_chat_s" and v is not None:
+                v = v * 1000
+            if key == "peak_rss_kb" and v is not None:
+                v = v / 1024
+            raw.append(v)
+            vals.append("n/a" if v is None else f.format(v))
+        line = f"| {label} | {' | '.join(vals)} |"
+        if len(names) == 2:
+            a, b = raw
+            if _higher_better is None or a is None or not b:
+                line += " |"
+            else:
+                line += f" {a / b:.2f} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--neuron", help="path to the neuron binary (omit to skip helexa)")
+    ap.add_argument("--llama-python", help="python of the llama-cpp-python venv (omit to skip llama.cpp)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--port", type=int, default=18431)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--decode-repeats", type=int, default=5)
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--prefill-sentences", type=int, default=21,
+                    help="sentences in the prefill prompt (21 gives ~500 SmolLM2 tokens)")
+    ap.add_argument("--seed-offset", type=int, default=0)
+    ap.add_argument("--ready-timeout", type=float, default=300)
+    ap.add_argument("--out", default="bench-out")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+
+    servers = []
+    if args.neuron:
+        port = args.port
+        servers.append(Server(
+            name="helexa",
+            cmd=[args.neuron, "engine", "--model", args.model, "--listen", f"127.0.0.1:{port}",
+                 "--threads", str(args.threads)],
+            port=port,
+            ready_path="/health",
+            ready_ok=lambda s, raw: s == 200 and json.loads(raw).get("status") == "ready",
+            log_path=os.path.join(args.out, "helexa-engine.log"),
+        ))
+    if args.llama_python:
+        port = args.port + 1
+        servers.append(Server(
+            name="llama.cpp",
+            cmd=[args.llama_python, "-m", "llama_cpp.server", "--model", args.model,
+                 "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
+                 "--n_ctx", "8192", "--interrupt_requests", "False",
+                 # The server defaults to logits_all=True (logits of every
+                 # prompt position, copied to Python); helexa computes only
+                 # the last position's, so compare like with like.
+                 "--logits_all", "False",
+                 "--host", "127.0.0.1", "--port", str(port)],
+            port=port,
+            ready_path="/v1/models",
+            ready_ok=lambda s, raw: s == 200,
+            log_path=os.path.join(args.out, "llama-cpp-server.log"),
+        ))
+    if not servers:
+        ap.error("nothing to measure: pass --neuron and/or --llama-python")
+
+    try:
+        # Started one after the other (loading is timed alone), then measured
+        # request by request in turn: only one server computes at a time.
+        for srv in servers:
+            start(srv, args)
+        print("measuring", file=sys.stderr)
+        results = measure_all(servers, args)
+    finally:
+        for srv in servers:
+            stop(srv)
+    for srv in servers:
+        results[srv.name]["ready_s"] = srv.results["ready_s"]
+        print(f"[{srv.name}] {json.dumps(results[srv.name])}", file=sys.stderr)
+
+    report = {
+        "model": os.path.basename(args.model),
+        "threads": args.threads,
+        "cpu": cpu_name(),
+        "nproc": os.cpu_count(),
+        "loadavg_at_end": os.getloadavg(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "results": results,
+    }
+    with open(os.path.join(args.out, "bench-engine.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"model {report['model']}, {args.threads} threads, {report['cpu']}, "
+          f"load average at end {report['loadavg_at_end'][0]:.2f}")
+    print(fmt_table(results))
+    return 0
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
