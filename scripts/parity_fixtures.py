@@ -129,6 +129,11 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def gguf_bool(v: str | None) -> bool | None:
+    """llama-cpp-python gives GGUF metadata values as strings."""
+    return None if v is None else v.strip().lower() == "true"
+
+
 def meta_block(llm: Llama, model_path: Path, sha: str) -> dict:
     md = llm.metadata
     return {
@@ -139,8 +144,8 @@ def meta_block(llm: Llama, model_path: Path, sha: str) -> dict:
         "n_vocab": llm.n_vocab(),
         "bos_token_id": llm.token_bos(),
         "eos_token_id": llm.token_eos(),
-        "gguf_add_bos_token": md.get("tokenizer.ggml.add_bos_token"),
-        "gguf_add_eos_token": md.get("tokenizer.ggml.add_eos_token"),
+        "gguf_add_bos_token": gguf_bool(md.get("tokenizer.ggml.add_bos_token")),
+        "gguf_add_eos_token": gguf_bool(md.get("tokenizer.ggml.add_eos_token")),
     }
 
 
