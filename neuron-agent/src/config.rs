@@ -1,0 +1,610 @@
+//! The agent's configuration: `neuron.toml`, then `NEURON_…` environment
+//! overrides, then command-line flags (PROTOCOL.md §1).
+//!
+//! Every key has a sane default, so a missing file is a working node that
+//! serves the embedded default model. An invalid file is a start-up error
+//! that names the file, the line and the key (toml's error carries the span);
+//! unknown keys are refused rather than silently ignored, so typos show.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default listen address of the agent.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:13131";
+/// Id of the embedded default model.
+pub const DEFAULT_MODEL_ID: &str = "smollm2-135m-instruct";
+/// File name of the embedded default model.
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// Folder of the default model when `$HELEXA_MODEL_DIR` is unset.
+pub const DEFAULT_MODEL_DIR: &str = "~/.cache/helexa/models";
+/// Environment variables with this prefix override config keys.
+pub const ENV_PREFIX: &str = "NEURON_";
+/// `NEURON_*` variables that are not config keys (read by the CLI itself).
+const ENV_NOT_KEYS: &[&str] = &["NEURON_CONFIG", "NEURON_LOG", "NEURON_LOG_FORMAT"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// toml's message names the line, the column and the key.
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid environment override {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("invalid configuration{}: {message}", .origin.as_ref().map(|p| format!(" ({})", p.display())).unwrap_or_default())]
+    Invalid {
+        origin: Option<PathBuf>,
+        message: String,
+    },
+}
+
+/// The whole agent configuration. Field names are a contract: they are the
+/// keys of `neuron.toml` and the `NEURON_…` variables.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the agent's HTTP API binds to.
+    pub listen: String,
+    /// Name of this node in the fleet (default: the hostname).
+    pub node: Option<String>,
+    /// Base URL cortex should use for this agent (`/models/{id}/endpoint`);
+    /// default derived from `listen` (an unspecified address becomes the hostname).
+    pub advertise_url: Option<String>,
+    /// Program started for each engine (`<program> engine --model …`);
+    /// default: this very executable.
+    pub engine_program: Option<PathBuf>,
+    /// How long an engine may take from spawn to `/health` 200.
+    pub engine_ready_timeout_secs: u64,
+    /// After SIGTERM, how long an engine gets before SIGKILL.
+    pub engine_stop_timeout_secs: u64,
+    /// How often each engine's `/health` is polled for `/health` figures.
+    pub engine_poll_interval_ms: u64,
+    /// On SIGTERM/SIGINT, how long running requests may take to finish.
+    pub drain_timeout_secs: u64,
+    /// On unload, how long in-flight requests of that model may take.
+    pub unload_drain_secs: u64,
+    /// First delay before restarting an engine that died; doubles per failure.
+    pub restart_backoff_initial_ms: u64,
+    /// Cap on the restart delay.
+    pub restart_backoff_max_secs: u64,
+    /// Consecutive failed restarts after which the model is marked `failed`.
+    pub restart_max_attempts: u32,
+    /// Largest request body accepted, bytes (`413 request_too_large` above).
+    pub max_body_bytes: usize,
+    /// `Retry-After` seconds sent with `503 model_busy`.
+    pub busy_retry_after_secs: u64,
+    /// `Retry-After` seconds sent with `503 model_loading` / `shutting_down`.
+    pub loading_retry_after_secs: u64,
+    /// Log format: `text` or `json`.
+    pub log_format: String,
+    pub auth: AuthConfig,
+    /// The models this node can serve (its catalogue).
+    pub models: Vec<ModelSpec>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Shared secret: when set, every route but `GET /health` needs
+    /// `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+}
+
+/// One model this node can load.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// The model id clients send in `model`.
+    pub id: String,
+    /// A `.gguf` file or a safetensors directory; `~` expands.
+    pub path: PathBuf,
+    /// Load at start-up.
+    #[serde(default)]
+    pub preload: bool,
+    /// Requests running in the engine at once.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: u32,
+    /// Requests waiting for a slot; beyond it `503 model_busy`.
+    #[serde(default = "default_max_queue_depth")]
+    pub max_queue_depth: u32,
+    /// How long a request may wait for a slot before `503 model_busy`.
+    #[serde(default = "default_max_wait_secs")]
+    pub max_wait_secs: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_context: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<PathBuf>,
+    /// `cpu` or `cuda:N` (engine default: cpu).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Extra arguments appended to the engine's command line.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_args: Vec<String>,
+}
+
+fn default_max_in_flight() -> u32 {
+    4
+}
+fn default_max_queue_depth() -> u32 {
+    32
+}
+fn default_max_wait_secs() -> u64 {
+    30
+}
+
+impl ModelSpec {
+    /// A spec with every optional key at its default.
+    pub fn new(id: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        ModelSpec {
+            id: id.into(),
+            path: path.into(),
+            preload: false,
+            max_in_flight: default_max_in_flight(),
+            max_queue_depth: default_max_queue_depth(),
+            max_wait_secs: default_max_wait_secs(),
+            max_context: None,
+            max_batch: None,
+            max_output: None,
+            threads: None,
+            tokenizer: None,
+            chat_template: None,
+            device: None,
+            extra_args: Vec::new(),
+        }
+    }
+
+    /// The embedded default model, preloaded. `$HELEXA_MODEL_DIR` replaces
+    /// its folder.
+    pub fn default_model() -> Self {
+        Self::default_model_in(std::env::var_os("HELEXA_MODEL_DIR").map(PathBuf::from))
+    }
+
+    /// The default model with its folder given (`None`: the default folder).
+    pub fn default_model_in(dir: Option<PathBuf>) -> Self {
+        let dir = dir
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL_DIR));
+        let mut spec = ModelSpec::new(DEFAULT_MODEL_ID, dir.join(DEFAULT_MODEL_FILE));
+        spec.preload = true;
+        spec
+    }
+
+    /// The device indexes this spec runs on (`cuda:N` → `[N]`; CPU → `[]`).
+    pub fn device_indexes(&self) -> Vec<u32> {
+        match self.device.as_deref() {
+            Some(d) => d
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(|n| vec![n])
+                .unwrap_or_else(|| if d == "cuda" { vec![0] } else { vec![] }),
+            None => vec![],
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: DEFAULT_LISTEN.to_string(),
+            node: None,
+            advertise_url: None,
+            engine_program: None,
+            engine_ready_timeout_secs: 300,
+            engine_stop_timeout_secs: 10,
+            engine_poll_interval_ms: 1000,
+            drain_timeout_secs: 30,
+            unload_drain_secs: 30,
+            restart_backoff_initial_ms: 500,
+            restart_backoff_max_secs: 30,
+            restart_max_attempts: 5,
+            max_body_bytes: 16 * 1024 * 1024,
+            busy_retry_after_secs: 1,
+            loading_retry_after_secs: 2,
+            log_format: "text".to_string(),
+            auth: AuthConfig::default(),
+            models: vec![ModelSpec::default_model()],
+        }
+    }
+}
+
+/// Expands a leading `~` to `$HOME`.
+pub fn expand_tilde(path: &Path) -> PathBuf {
+    let Ok(rest) = path.strip_prefix("~") else {
+        return path.to_path_buf();
+    };
+    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        Some(home) => PathBuf::from(home).join(rest),
+        None => path.to_path_buf(),
+    }
+}
+
+impl Config {
+    /// Loads `path` (a missing file means defaults), applies `NEURON_…`
+    /// overrides from the process environment, validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    /// As [`Config::load`] with an explicit environment (for tests).
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let (text, origin) = match path {
+            Some(p) => match std::fs::read_to_string(p) {
+                Ok(t) => (t, Some(p.to_path_buf())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::info!(path = %p.display(), "config file not found; using defaults");
+                    (String::new(), None)
+                }
+                Err(e) => {
+                    return Err(ConfigError::Read {
+                        path: p.to_path_buf(),
+                        source: e,
+                    })
+                }
+            },
+            None => (String::new(), None),
+        };
+        let shown = origin.clone().unwrap_or_else(|| PathBuf::from("<defaults>"));
+        // First pass on the text itself, so that errors carry line and key.
+        let _: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: shown.clone(),
+            message: e.to_string(),
+        })?;
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: shown.clone(),
+            message: e.to_string(),
+        })?;
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let model_dir = env
+            .iter()
+            .find(|(k, _)| k == "HELEXA_MODEL_DIR")
+            .map(|(_, v)| PathBuf::from(v));
+        if !table.contains_key("models") {
+            let models = vec![ModelSpec::default_model_in(model_dir)];
+            table.insert(
+                "models".into(),
+                toml::Value::try_from(models).expect("model specs serialise"),
+            );
+        }
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !ENV_NOT_KEYS.contains(&k.as_str()))
+            .collect();
+        env.sort();
+        for (var, value) in &env {
+            apply_env(&mut table, var, value)?;
+            // Each override is checked alone so that a bad one is named.
+            let _: Config =
+                toml::Value::Table(table.clone())
+                    .try_into()
+                    .map_err(|e: toml::de::Error| ConfigError::Env {
+                        var: var.clone(),
+                        message: e.message().to_string(),
+                    })?;
+        }
+        let mut config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: shown.clone(),
+                message: e.to_string(),
+            })?;
+        config.finish().map_err(|message| ConfigError::Invalid { origin, message })?;
+        Ok(config)
+    }
+
+    /// Expands paths and checks cross-field rules.
+    pub fn finish(&mut self) -> Result<(), String> {
+        self.listen_addr()?;
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return Err(format!(
+                "log_format must be \"text\" or \"json\", got {:?}",
+                self.log_format
+            ));
+        }
+        if self.max_body_bytes == 0 {
+            return Err("max_body_bytes must be at least 1".into());
+        }
+        if let Some(p) = &self.engine_program {
+            self.engine_program = Some(expand_tilde(p));
+        }
+        if let Some(t) = &self.auth.token {
+            if t.is_empty() {
+                self.auth.token = None;
+            }
+        }
+        if let Some(url) = &self.advertise_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(format!(
+                    "advertise_url must start with http:// or https://, got {url:?}"
+                ));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, m) in self.models.iter_mut().enumerate() {
+            if m.id.trim().is_empty() {
+                return Err(format!("models[{i}].id is empty"));
+            }
+            if !seen.insert(m.id.clone()) {
+                return Err(format!("models[{i}].id {:?} appears twice", m.id));
+            }
+            if m.max_in_flight == 0 {
+                return Err(format!(
+                    "models[{i}] ({}): max_in_flight must be at least 1",
+                    m.id
+                ));
+            }
+            if let Some(d) = &m.device {
+                if d != "cpu" && !d.starts_with("cuda") {
+                    return Err(format!(
+                        "models[{i}] ({}): device must be \"cpu\" or \"cuda:N\", got {d:?}",
+                        m.id
+                    ));
+                }
+            }
+            m.path = expand_tilde(&m.path);
+            m.tokenizer = m.tokenizer.as_deref().map(expand_tilde);
+            m.chat_template = m.chat_template.as_deref().map(expand_tilde);
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, String> {
+        self.listen
+            .parse()
+            .map_err(|e| format!("listen {:?} is not an address: {e}", self.listen))
+    }
+
+    /// The node name: `node`, else the hostname.
+    pub fn node_name(&self) -> String {
+        self.node
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(crate::discovery::hostname)
+    }
+
+    pub fn model(&self, id: &str) -> Option<&ModelSpec> {
+        self.models.iter().find(|m| m.id == id)
+    }
+
+    pub fn engine_ready_timeout(&self) -> Duration {
+        Duration::from_secs(self.engine_ready_timeout_secs)
+    }
+    pub fn engine_stop_timeout(&self) -> Duration {
+        Duration::from_secs(self.engine_stop_timeout_secs)
+    }
+    pub fn engine_poll_interval(&self) -> Duration {
+        Duration::from_millis(self.engine_poll_interval_ms.max(10))
+    }
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_secs)
+    }
+    pub fn unload_drain(&self) -> Duration {
+        Duration::from_secs(self.unload_drain_secs)
+    }
+}
+
+/// Sets `NEURON_A__B__0__C=value` into `table` at `a.b[0].c`. The value is
+/// read as a TOML value when it is one (`8`, `true`, `[1,2]`), else as a string.
+fn apply_env(table: &mut toml::Table, var: &str, value: &str) -> Result<(), ConfigError> {
+    let key = &var[ENV_PREFIX.len()..];
+    let parts: Vec<String> = key.split("__").map(|p| p.to_ascii_lowercase()).collect();
+    let result = if parts.iter().any(|p| p.is_empty()) {
+        Err("empty key segment".to_string())
+    } else {
+        set_in_table(table, &parts, parse_env_value(value))
+    };
+    result.map_err(|message| ConfigError::Env {
+        var: var.to_string(),
+        message,
+    })
+}
+
+fn set_in_table(table: &mut toml::Table, parts: &[String], value: toml::Value) -> Result<(), String> {
+    let (head, rest) = parts.split_first().expect("at least one segment");
+    if rest.is_empty() {
+        table.insert(head.clone(), value);
+        return Ok(());
+    }
+    let next_is_index = rest[0].parse::<usize>().is_ok();
+    let entry = table.entry(head.clone()).or_insert_with(|| {
+        if next_is_index && head == "models" {
+            // Overriding models[N] without a file starts from the defaults.
+            toml::Value::try_from(Config::default().models).unwrap_or(toml::Value::Array(vec![]))
+        } else if next_is_index {
+            toml::Value::Array(vec![])
+        } else {
+            toml::Value::Table(toml::Table::new())
+        }
+    });
+    set_in_value(entry, rest, value)
+}
+
+fn set_in_value(cur: &mut toml::Value, parts: &[String], value: toml::Value) -> Result<(), String> {
+    match cur {
+        toml::Value::Table(t) => set_in_table(t, parts, value),
+        toml::Value::Array(a) => {
+            let (head, rest) = parts.split_first().expect("at least one segment");
+            let idx: usize = head
+                .parse()
+                .map_err(|_| format!("`{head}` is not an array index"))?;
+            if idx > a.len() {
+                return Err(format!("index {idx} skips entries (the array has {})", a.len()));
+            }
+            if idx == a.len() {
+                a.push(toml::Value::Table(toml::Table::new()));
+            }
+            if rest.is_empty() {
+                a[idx] = value;
+                Ok(())
+            } else {
+                set_in_value(&mut a[idx], rest, value)
+            }
+        }
+        _ => Err(format!("`{}` is inside a value that is not a table", parts[0])),
+    }
+}
+
+fn parse_env_value(value: &str) -> toml::Value {
+    let probe = format!("v = {value}");
+    match toml::from_str::<toml::Table>(&probe) {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(value.into())),
+        Err(_) => toml::Value::String(value.to_string()),
+    }
+}
+
+/// Re-exported so that docs and tests can list defaults.
+pub fn defaults_as_toml() -> String {
+    toml::to_string_pretty(&Config::default()).unwrap_or_default()
+}
+
+/// A map of model id → spec, in catalogue order.
+pub fn catalogue(config: &Config) -> BTreeMap<String, ModelSpec> {
+    config
+        .models
+        .iter()
+        .map(|m| (m.id.clone(), m.clone()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn missing_file_means_defaults_with_default_model() {
+        let c = Config::load_with_env(
+            Some(Path::new("/nonexistent/neuron.toml")),
+            env(&[("HELEXA_MODEL_DIR", "/srv/models"), ("HOME", "/home/x")]),
+        )
+        .unwrap();
+        assert_eq!(c.listen, DEFAULT_LISTEN);
+        assert_eq!(c.models.len(), 1);
+        let m = &c.models[0];
+        assert_eq!(m.id, DEFAULT_MODEL_ID);
+        assert_eq!(m.path, PathBuf::from("/srv/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+        assert!(m.preload);
+        assert_eq!((m.max_in_flight, m.max_queue_depth, m.max_wait_secs), (4, 32, 30));
+        assert!(c.auth.token.is_none());
+    }
+
+    #[test]
+    fn file_and_env_overrides() {
+        let f = write(
+            r#"
+listen = "0.0.0.0:9000"
+node = "box"
+[auth]
+token = "t"
+[[models]]
+id = "a"
+path = "/m/a.gguf"
+max_in_flight = 2
+device = "cuda:1"
+"#,
+        );
+        let c = Config::load_with_env(
+            Some(f.path()),
+            env(&[
+                ("NEURON_LISTEN", "127.0.0.1:1"),
+                ("NEURON_NODE", "other"),
+                ("NEURON_MODELS__0__MAX_QUEUE_DEPTH", "7"),
+                ("NEURON_AUTH__TOKEN", "sekret"),
+                ("NEURON_CONFIG", "/ignored"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.listen, "127.0.0.1:1");
+        assert_eq!(c.node_name(), "other");
+        assert_eq!(c.auth.token.as_deref(), Some("sekret"));
+        assert_eq!(c.models.len(), 1);
+        assert_eq!(c.models[0].max_in_flight, 2);
+        assert_eq!(c.models[0].max_queue_depth, 7);
+        assert_eq!(c.models[0].device_indexes(), vec![1]);
+        assert!(!c.models[0].preload);
+    }
+
+    #[test]
+    fn invalid_file_names_path_line_and_key() {
+        let f = write("listen = \"127.0.0.1:1\"\n[[models]]\nid = \"a\"\npath = \"/a\"\nmax_in_flight = \"many\"\n");
+        let e = Config::load_with_env(Some(f.path()), env(&[])).unwrap_err().to_string();
+        assert!(e.contains(&f.path().display().to_string()), "{e}");
+        assert!(e.contains("line 5"), "{e}");
+        assert!(e.contains("max_in_flight"), "{e}");
+        let f = write("lisen = \"x\"\n");
+        let e = Config::load_with_env(Some(f.path()), env(&[])).unwrap_err().to_string();
+        assert!(e.contains("lisen") && e.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn bad_env_and_bad_values_are_named() {
+        let e = Config::load_with_env(None, env(&[("NEURON_MAX_BODY_BYTES", "lots")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("NEURON_MAX_BODY_BYTES"), "{e}");
+        let e = Config::load_with_env(None, env(&[("NEURON_LISTEN", "nowhere")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listen"), "{e}");
+        let f = write("[[models]]\nid = \"a\"\npath = \"/a\"\n[[models]]\nid = \"a\"\npath = \"/b\"\n");
+        let e = Config::load_with_env(Some(f.path()), env(&[])).unwrap_err().to_string();
+        assert!(e.contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn tilde_expands() {
+        let f = write("[[models]]\nid = \"a\"\npath = \"~/m.gguf\"\n");
+        let c = Config::load_with_env(Some(f.path()), env(&[])).unwrap();
+        if let Some(home) = std::env::var_os("HOME") {
+            assert_eq!(c.models[0].path, PathBuf::from(home).join("m.gguf"));
+        }
+    }
+
+    #[test]
+    fn empty_models_list_is_allowed() {
+        let f = write("models = []\n");
+        let c = Config::load_with_env(Some(f.path()), env(&[])).unwrap();
+        assert!(c.models.is_empty());
+    }
+
+    #[test]
+    fn example_config_parses_and_matches_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/neuron.toml");
+        let c = Config::load_with_env(Some(&path), env(&[])).unwrap();
+        let d = Config::load_with_env(None, env(&[])).unwrap();
+        assert_eq!(
+            toml::to_string(&c).unwrap(),
+            toml::to_string(&d).unwrap(),
+            "config/neuron.toml shows every default"
+        );
+    }
+}

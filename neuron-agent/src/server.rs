@@ -1,0 +1,162 @@
+//! Start-up and shutdown of the agent: bind first, then pre-warm; on
+//! SIGTERM/SIGINT stop admitting, let running work finish within
+//! `drain_timeout_secs`, stop every engine, exit. Everything is bounded.
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::registry::Registry;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Flags of the agent mode (`neuron [--config PATH] [--listen ADDR]`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AgentArgs {
+    /// Config file (TOML). Missing file: defaults.
+    #[arg(long, env = "NEURON_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on; overrides `listen` from file and environment.
+    #[arg(long)]
+    pub listen: Option<String>,
+}
+
+/// How often memory and device figures are refreshed.
+const FIGURES_EVERY: Duration = Duration::from_secs(5);
+
+/// A running agent: its address, its state, and the way to stop it.
+pub struct Agent {
+    state: AppState,
+    addr: SocketAddr,
+    server: JoinHandle<()>,
+    stop_serving: CancellationToken,
+    figures: JoinHandle<()>,
+}
+
+impl Agent {
+    /// Binds the listener, starts serving, then starts pre-warming.
+    pub async fn start(config: Config) -> anyhow::Result<Agent> {
+        let addr = config.listen_addr().map_err(anyhow::Error::msg)?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        let addr = listener.local_addr()?;
+        let advertise = config
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| default_advertise_url(addr));
+        let registry = Registry::new(Arc::new(config));
+        let state = AppState::new(registry.clone(), advertise.trim_end_matches('/').to_string());
+        let app = api::router(state.clone());
+        let stop_serving = CancellationToken::new();
+        let stop = stop_serving.clone();
+        let server = tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        tracing::info!(%addr, node = %state.node, "neuron agent listening");
+        registry.spawn_preload();
+        let figures = tokio::spawn(state.clone().refresh_figures(FIGURES_EVERY));
+        Ok(Agent {
+            state,
+            addr,
+            server,
+            stop_serving,
+            figures,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`-style base URL of this agent.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.state.registry
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Graceful, bounded shutdown: new requests get `503 shutting_down`,
+    /// running ones may finish within `drain_timeout_secs`, engines are
+    /// stopped and reaped, then the listener closes.
+    pub async fn shutdown(self) {
+        self.shutdown_with(std::future::pending()).await
+    }
+
+    /// As [`Agent::shutdown`], but `hurry` resolving (a second signal) cuts
+    /// the drain short.
+    pub async fn shutdown_with(self, hurry: impl std::future::Future<Output = ()>) {
+        tracing::info!("shutting down: draining requests");
+        self.state.set_draining();
+        let drain = self.state.config.drain_timeout();
+        tokio::select! {
+            _ = self.state.registry.shutdown(drain) => {}
+            _ = hurry => {
+                tracing::warn!("second signal: stopping engines now");
+                self.state.registry.shutdown(Duration::ZERO).await;
+            }
+        }
+        self.stop_serving.cancel();
+        self.figures.abort();
+        let mut server = self.server;
+        if tokio::time::timeout(Duration::from_secs(2), &mut server)
+            .await
+            .is_err()
+        {
+            server.abort();
+        }
+        tracing::info!("neuron agent stopped");
+    }
+}
+
+/// `http://<listen>`, with an unspecified address replaced by the hostname.
+fn default_advertise_url(addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("http://{}:{}", crate::discovery::hostname(), addr.port())
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// Loads the configuration as the command line asks (flags beat env beat file).
+pub fn load_config(args: &AgentArgs) -> anyhow::Result<Config> {
+    let mut config = Config::load(args.config.as_deref())?;
+    if let Some(listen) = &args.listen {
+        config.listen = listen.clone();
+        config.listen_addr().map_err(anyhow::Error::msg)?;
+    }
+    Ok(config)
+}
+
+/// `neuron` (agent mode): runs until SIGTERM/SIGINT, then shuts down.
+pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
+    let config = load_config(&args)?;
+    crate::telemetry::init(&config.log_format);
+    let agent = Agent::start(config).await?;
+    wait_for_signal().await;
+    agent.shutdown_with(wait_for_signal()).await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
