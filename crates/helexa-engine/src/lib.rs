@@ -12,4 +12,5 @@ pub use api::*;
 
 mod engine;
 pub mod tokenizer;
+pub mod template;
 pub use engine::{Engine, GenerationStream};
