@@ -13,4 +13,5 @@ pub use api::*;
 mod engine;
 pub mod tokenizer;
 pub mod template;
+pub mod stop;
 pub use engine::{Engine, GenerationStream};
