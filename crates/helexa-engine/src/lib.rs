@@ -14,4 +14,5 @@ mod engine;
 pub mod tokenizer;
 pub mod template;
 pub mod stop;
+pub mod detok;
 pub use engine::{Engine, GenerationStream};
