@@ -15,4 +15,5 @@ pub mod tokenizer;
 pub mod template;
 pub mod stop;
 pub mod detok;
+pub mod sampling;
 pub use engine::{Engine, GenerationStream};

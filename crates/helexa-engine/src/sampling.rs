@@ -1,0 +1,395 @@
+//! Picks the next token from a sequence's logits: penalties, then greedy or
+//! top-k / temperature / top-p / min-p sampling with a per-sequence RNG.
+//!
+//! Runs once per generated token per sequence, so it reuses its buffers,
+//! never sorts the whole vocabulary when it can avoid it, and greedy decoding
+//! is one pass over the logits.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::api::SamplingParams;
+
+/// At or below this temperature, decoding is greedy.
+const GREEDY_TEMPERATURE: f32 = 1e-5;
+/// First partial sort size for top-p; grown 4x while the nucleus is larger.
+const TOP_P_FIRST_WINDOW: usize = 64;
+
+/// The sampling state of one sequence.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+    /// Scratch: (token id, logit, then unnormalised probability).
+    cand: Vec<(u32, f32)>,
+    /// Scratch for penalties: `stamp[t] == epoch` marks token t seen this call.
+    stamp: Vec<u32>,
+    count: Vec<u32>,
+    epoch: u32,
+}
+
+impl Sampler {
+    /// A seeded sampler is reproducible; without a seed it draws from OS entropy.
+    pub fn new(params: &SamplingParams) -> Sampler {
+        let rng = match params.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        Sampler {
+            params: params.clone(),
+            rng,
+            cand: Vec::new(),
+            stamp: Vec::new(),
+            count: Vec::new(),
+            epoch: 0,
+        }
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Whether this sampler always takes the most likely token.
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature <= GREEDY_TEMPERATURE || self.params.top_k == 1
+    }
+
+    /// Chooses the next token. `logits` (one per vocabulary entry) is modified
+    /// in place by the penalties; `context` is the prompt plus the generated
+    /// tokens (repetition penalty), `generated` only the generated ones
+    /// (frequency and presence penalties).
+    pub fn sample(&mut self, logits: &mut [f32], context: &[u32], generated: &[u32]) -> u32 {
+        self.apply_penalties(logits, context, generated);
+        if self.is_greedy() {
+            return argmax(logits);
+        }
+        self.sample_distribution(logits)
+    }
+
+    fn apply_penalties(&mut self, logits: &mut [f32], context: &[u32], generated: &[u32]) {
+        let n = logits.len();
+        let p = &self.params;
+        let rep = p.repetition_penalty;
+        let use_rep = rep > 0.0 && rep != 1.0 && !context.is_empty();
+        let (freq, pres) = (p.frequency_penalty, p.presence_penalty);
+        let use_fp = (freq != 0.0 || pres != 0.0) && !generated.is_empty();
+        if !use_rep && !use_fp {
+            return;
+        }
+        if self.stamp.len() < n {
+            self.stamp.resize(n, 0);
+            self.count.resize(n, 0);
+        }
+        if use_rep {
+            // llama.cpp: each distinct context token once; shrink its logit
+            // towards "less likely" whatever its sign.
+            let epoch = self.next_epoch();
+            for &t in context {
+                let t = t as usize;
+                if t >= n || self.stamp[t] == epoch {
+                    continue;
+                }
+                self.stamp[t] = epoch;
+                let l = &mut logits[t];
+                if *l > 0.0 {
+                    *l /= rep;
+                } else {
+                    *l *= rep;
+                }
+            }
+        }
+        if use_fp {
+            // OpenAI: logit -= count * frequency_penalty + (count > 0) * presence_penalty.
+            let epoch = self.next_epoch();
+            for &t in generated {
+                let t = t as usize;
+                if t >= n {
+                    continue;
+                }
+                if self.stamp[t] != epoch {
+                    self.stamp[t] = epoch;
+                    self.count[t] = 0;
+                }
+                self.count[t] += 1;
+            }
+            for &t in generated {
+                let t = t as usize;
+                if t >= n {
+                    continue;
+                }
+                let c = self.count[t];
+                if c > 0 {
+                    logits[t] -= c as f32 * freq + pres;
+                    self.count[t] = 0;
+                }
+            }
+        }
+    }
+
+    fn next_epoch(&mut self) -> u32 {
+        self.epoch = self.epoch.wrapping_add(1);
+        if self.epoch == 0 {
+            self.stamp.fill(0);
+            self.epoch = 1;
+        }
+        self.epoch
+    }
+
+    fn sample_distribution(&mut self, logits: &[f32]) -> u32 {
+        let n = logits.len();
+        let p = &self.params;
+        let temperature = p.temperature;
+        let top_p = p.top_p;
+        let min_p = p.min_p.min(1.0);
+        let k = if p.top_k > 0 && p.top_k < n {
+            p.top_k
+        } else {
+            n
+        };
+
+        let cand = &mut self.cand;
+        cand.clear();
+        cand.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| !l.is_nan() && **l != f32::NEG_INFINITY)
+                .map(|(i, &l)| (i as u32, l)),
+        );
+        if cand.is_empty() {
+            return argmax(logits);
+        }
+        // Higher first; equal values by lower id, so results are deterministic.
+        let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if k < cand.len() {
+            cand.select_nth_unstable_by(k - 1, desc);
+            cand.truncate(k);
+        }
+
+        let max = cand.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.1));
+        let mut sum = 0.0f32;
+        for c in cand.iter_mut() {
+            c.1 = ((c.1 - max) / temperature).exp();
+            sum += c.1;
+        }
+
+        if top_p > 0.0 && top_p < 1.0 && cand.len() > 1 {
+            // Smallest prefix, by probability, whose mass reaches top_p. Sort
+            // only a window of the best candidates, growing it if needed.
+            let target = top_p * sum;
+            let len = cand.len();
+            let mut window = TOP_P_FIRST_WINDOW.min(len);
+            loop {
+                if window < len {
+                    cand.select_nth_unstable_by(window - 1, desc);
+                }
+                cand[..window].sort_unstable_by(desc);
+                let mut cum = 0.0f32;
+                let cut = cand[..window].iter().position(|c| {
+                    cum += c.1;
+                    cum >= target
+                });
+                if let Some(j) = cut {
+                    cand.truncate(j + 1);
+                    break;
+                }
+                if window == len {
+                    break;
+                }
+                window = (window * 4).min(len);
+            }
+            sum = cand.iter().map(|c| c.1).sum();
+        }
+
+        if min_p > 0.0 {
+            // The most likely candidate has unnormalised probability 1.
+            cand.retain(|c| c.1 >= min_p);
+            sum = cand.iter().map(|c| c.1).sum();
+        }
+
+        let r = self.rng.random::<f32>() * sum;
+        let mut cum = 0.0f32;
+        for c in cand.iter() {
+            cum += c.1;
+            if r < cum {
+                return c.0;
+            }
+        }
+        cand.last().map_or_else(|| argmax(logits), |c| c.0)
+    }
+}
+
+/// Index of the largest logit; ties go to the lowest id, NaN is never chosen
+/// (all NaN or -inf gives 0).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0usize;
+    let mut best_v = f32::NEG_INFINITY;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > best_v {
+            best_v = v;
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
+        let mut p = SamplingParams {
+            seed: Some(7),
+            ..SamplingParams::default()
+        };
+        f(&mut p);
+        p
+    }
+
+    fn draws(p: &SamplingParams, logits: &[f32], n: usize) -> Vec<u32> {
+        let mut s = Sampler::new(p);
+        (0..n)
+            .map(|_| s.sample(&mut logits.to_vec(), &[], &[]))
+            .collect()
+    }
+
+    fn freqs(samples: &[u32], vocab: usize) -> Vec<f64> {
+        let mut c = vec![0usize; vocab];
+        for &s in samples {
+            c[s as usize] += 1;
+        }
+        c.iter().map(|&x| x as f64 / samples.len() as f64).collect()
+    }
+
+    fn ln(p: &[f64]) -> Vec<f32> {
+        p.iter().map(|x| x.ln() as f32).collect()
+    }
+
+    #[test]
+    fn greedy_takes_argmax_lowest_id_on_ties() {
+        let p = params(|p| p.temperature = 0.0);
+        let mut s = Sampler::new(&p);
+        assert_eq!(s.sample(&mut [0.1, 3.0, -1.0, 3.0], &[], &[]), 1);
+        assert_eq!(s.sample(&mut [f32::NAN, 0.5, 0.7], &[], &[]), 2);
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 3]), 0);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let logits = [1.0, 2.0, 1.9, 0.0];
+        let p = params(|p| p.top_k = 1);
+        assert!(draws(&p, &logits, 200).iter().all(|&t| t == 1));
+    }
+
+    #[test]
+    fn seeded_is_reproducible_and_seed_matters() {
+        let logits: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32 / 20.0).collect();
+        let a = draws(&params(|p| p.seed = Some(42)), &logits, 200);
+        let b = draws(&params(|p| p.seed = Some(42)), &logits, 200);
+        let c = draws(&params(|p| p.seed = Some(43)), &logits, 200);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        // Unseeded samplers differ from each other (with overwhelming probability).
+        let u1 = draws(&params(|p| p.seed = None), &logits, 200);
+        let u2 = draws(&params(|p| p.seed = None), &logits, 200);
+        assert_ne!(u1, u2);
+    }
+
+    #[test]
+    fn small_top_p_keeps_only_the_top_token() {
+        let logits = ln(&[0.1, 0.6, 0.3]);
+        let p = params(|p| p.top_p = 0.05);
+        assert!(draws(&p, &logits, 300).iter().all(|&t| t == 1));
+        // top_p = 0.85 keeps {1, 2} only.
+        let p = params(|p| p.top_p = 0.85);
+        let d = draws(&p, &logits, 2000);
+        assert!(d.iter().all(|&t| t != 0));
+        assert!(d.contains(&2));
+    }
+
+    #[test]
+    fn top_p_with_large_vocab_window_growth() {
+        // Flat distribution over 5000 tokens: the nucleus needs ~4500 of them,
+        // more than the first window.
+        let logits = vec![0.0f32; 5000];
+        let p = params(|p| p.top_p = 0.9);
+        let d = draws(&p, &logits, 3000);
+        assert!(d.iter().all(|&t| t < 4501), "{:?}", d.iter().max());
+        assert!(d.iter().any(|&t| t > 4000));
+    }
+
+    #[test]
+    fn min_p_filters_relative_to_max() {
+        let logits = ln(&[0.5, 0.3, 0.15, 0.05]);
+        // min_p 0.2: keeps p >= 0.1, i.e. tokens 0, 1, 2.
+        let d = draws(&params(|p| p.min_p = 0.2), &logits, 3000);
+        assert!(!d.contains(&3));
+        assert!(d.contains(&2));
+    }
+
+    #[test]
+    fn top_k_limits_candidates() {
+        let logits = ln(&[0.3, 0.05, 0.3, 0.05, 0.3]);
+        let d = draws(&params(|p| p.top_k = 3), &logits, 3000);
+        assert!(d.iter().all(|&t| t == 0 || t == 2 || t == 4));
+    }
+
+    #[test]
+    fn temperature_frequencies() {
+        let logits = ln(&[0.5, 0.3, 0.2]);
+        let f = freqs(&draws(&params(|p| p.temperature = 1.0), &logits, 20_000), 3);
+        for (got, want) in f.iter().zip([0.5, 0.3, 0.2]) {
+            assert!((got - want).abs() < 0.02, "{f:?}");
+        }
+        // T = 0.5 squares the probabilities: 0.25 : 0.09 : 0.04.
+        let f = freqs(&draws(&params(|p| p.temperature = 0.5), &logits, 20_000), 3);
+        for (got, want) in f.iter().zip([0.25 / 0.38, 0.09 / 0.38, 0.04 / 0.38]) {
+            assert!((got - want).abs() < 0.02, "{f:?}");
+        }
+    }
+
+    #[test]
+    fn repetition_penalty_llama_cpp_semantics() {
+        let p = params(|p| {
+            p.temperature = 0.0;
+            p.repetition_penalty = 2.0;
+        });
+        let mut s = Sampler::new(&p);
+        let mut logits = [3.0, 2.0, -1.0, 0.5];
+        // Token 0 seen (twice, penalised once), token 2 seen (negative: multiplied).
+        assert_eq!(s.sample(&mut logits, &[0, 2, 0], &[]), 1);
+        assert_eq!(logits, [1.5, 2.0, -2.0, 0.5]);
+    }
+
+    #[test]
+    fn frequency_and_presence_penalties() {
+        let p = params(|p| {
+            p.temperature = 0.0;
+            p.frequency_penalty = 0.5;
+            p.presence_penalty = 0.25;
+        });
+        let mut s = Sampler::new(&p);
+        let mut logits = [3.0, 2.5, 0.0];
+        // Token 0 generated three times: 3.0 - 1.5 - 0.25 = 1.25 < 2.5.
+        // Prompt-only tokens (context) are not penalised by these.
+        assert_eq!(s.sample(&mut logits, &[1, 1, 0, 0, 0], &[0, 0, 0]), 1);
+        assert_eq!(logits, [1.25, 2.5, 0.0]);
+        // Negative penalties encourage.
+        let p = params(|p| {
+            p.temperature = 0.0;
+            p.presence_penalty = -2.0;
+        });
+        let mut s = Sampler::new(&p);
+        assert_eq!(s.sample(&mut [3.0, 2.5, 0.0], &[], &[2]), 0);
+        assert_eq!(s.sample(&mut [3.0, 2.5, 1.5], &[], &[2]), 2);
+    }
+
+    #[test]
+    fn penalties_apply_to_sampling_too_and_ignore_out_of_range_ids() {
+        let p = params(|p| {
+            p.top_k = 1;
+            p.repetition_penalty = 10.0;
+        });
+        let mut s = Sampler::new(&p);
+        assert_eq!(s.sample(&mut [5.0, 1.0], &[0, 99], &[99]), 1);
+    }
+}
