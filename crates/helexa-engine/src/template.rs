@@ -261,6 +261,29 @@ mod tests {
         assert!(out.ends_with("<|im_end|>\n"), "{out}");
     }
 
+    /// Renders every case of tests/fixtures/chats.json (llama-cpp-python's
+    /// Jinja2 rendering of the GGUF template) identically.
+    #[test]
+    fn matches_llama_cpp_chat_fixtures() {
+        let path =
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/chats.json");
+        let v: Json = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let t = smollm_template();
+        let cases = v["cases"].as_array().unwrap();
+        assert!(!cases.is_empty());
+        for case in cases {
+            let messages: Vec<ChatMessage> =
+                serde_json::from_value(case["messages"].clone()).unwrap();
+            let add = case["add_generation_prompt"].as_bool().unwrap();
+            assert_eq!(
+                t.render(&messages, None, add).unwrap(),
+                case["prompt"].as_str().unwrap(),
+                "case {}",
+                case["name"]
+            );
+        }
+    }
+
     #[test]
     fn chatml_multi_turn() {
         let t = ChatTemplate::chatml_default();
