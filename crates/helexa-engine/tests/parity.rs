@@ -15,7 +15,9 @@
 //!   generated text must start with the decoding of llama.cpp's agreed ids.
 
 use helexa_api::chat::ChatMessage;
-use helexa_engine::{Engine, EngineConfig, FinishReason, GenEvent, GenerationRequest, SamplingParams};
+use helexa_engine::{
+    Engine, EngineConfig, FinishReason, GenEvent, GenerationRequest, SamplingParams,
+};
 use serde_json::Value;
 use std::path::PathBuf;
 
@@ -155,7 +157,11 @@ fn chat_template_matches_llama_cpp() {
         }
     }
     engine.shutdown();
-    assert!(failures.is_empty(), "chat template parity failures:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "chat template parity failures:\n{}",
+        failures.join("\n")
+    );
 }
 
 struct Generated {
@@ -165,7 +171,11 @@ struct Generated {
     completion_tokens: usize,
 }
 
-fn generate_greedy(engine: &Engine, prompt: Vec<u32>, max_new_tokens: usize) -> Result<Generated, String> {
+fn generate_greedy(
+    engine: &Engine,
+    prompt: Vec<u32>,
+    max_new_tokens: usize,
+) -> Result<Generated, String> {
     let req = GenerationRequest {
         prompt,
         params: SamplingParams {
@@ -197,7 +207,9 @@ fn generate_greedy(engine: &Engine, prompt: Vec<u32>, max_new_tokens: usize) -> 
                     completion_tokens,
                 })
             }
-            Some(GenEvent::Failed { message }) => return Err(format!("generation failed: {message}")),
+            Some(GenEvent::Failed { message }) => {
+                return Err(format!("generation failed: {message}"))
+            }
             None => return Err("event stream ended without Finished".into()),
         }
     }
@@ -214,7 +226,10 @@ fn greedy_generation_matches_llama_cpp() {
         .iter()
         .filter(|c| c["agreed_prefix_len"].as_u64().unwrap() >= 16)
         .count();
-    assert!(long_prefixes >= 3, "greedy.json: fewer than 3 cases with an agreed prefix of 16+ tokens");
+    assert!(
+        long_prefixes >= 3,
+        "greedy.json: fewer than 3 cases with an agreed prefix of 16+ tokens"
+    );
 
     let engine = load_engine();
     let mut failures = Vec::new();
@@ -279,5 +294,9 @@ fn greedy_generation_matches_llama_cpp() {
         }
     }
     engine.shutdown();
-    assert!(failures.is_empty(), "greedy parity failures:\n{}", failures.join("\n\n"));
+    assert!(
+        failures.is_empty(),
+        "greedy parity failures:\n{}",
+        failures.join("\n\n")
+    );
 }
