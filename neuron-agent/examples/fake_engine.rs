@@ -104,7 +104,10 @@ async fn main() {
         log: Mutex::new(log),
     });
     engine.log(&format!("pid {}", std::process::id()));
-    engine.log(&format!("args {}", std::env::args().skip(1).collect::<Vec<_>>().join(" ")));
+    engine.log(&format!(
+        "args {}",
+        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+    ));
     if b.ignore_sigterm {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
@@ -139,7 +142,11 @@ async fn main() {
 
 async fn health(State(e): State<S>) -> Response {
     if !e.ready.load(Ordering::SeqCst) {
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "loading"}))).into_response();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "loading"})),
+        )
+            .into_response();
     }
     Json(json!({
         "status": "ready",
@@ -236,7 +243,10 @@ async fn generate(State(e): State<S>, Json(body): Json<Value>) -> Response {
             }
             if i == chunks {
                 guard.complete = true;
-                return Some((Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"data: [DONE]\n\n")), (i + 1, guard)));
+                return Some((
+                    Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"data: [DONE]\n\n")),
+                    (i + 1, guard),
+                ));
             }
             if i > 0 {
                 tokio::time::sleep(delay).await;
@@ -244,7 +254,10 @@ async fn generate(State(e): State<S>, Json(body): Json<Value>) -> Response {
             guard.e.generated.fetch_add(1, Ordering::SeqCst);
             let ev = json!({"id": "c", "object": "chat.completion.chunk", "model": id,
                 "choices": [{"index": 0, "delta": {"content": format!("t{i} ")}, "finish_reason": null}]});
-            Some((Ok(bytes::Bytes::from(format!("data: {ev}\n\n"))), (i + 1, guard)))
+            Some((
+                Ok(bytes::Bytes::from(format!("data: {ev}\n\n"))),
+                (i + 1, guard),
+            ))
         }
     });
     Response::builder()

@@ -96,18 +96,17 @@ impl Admission {
         }
         // Reserve a place in the queue atomically, so that concurrent
         // arrivals cannot overshoot `max_queue_depth`.
-        let reserved = self
-            .counters
-            .waiting
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
-                (w < self.limits.max_queue_depth).then_some(w + 1)
-            });
+        let reserved =
+            self.counters
+                .waiting
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                    (w < self.limits.max_queue_depth).then_some(w + 1)
+                });
         if reserved.is_err() {
             return Err(self.refuse(Refusal::QueueFull));
         }
         let _guard = WaitGuard(&self.counters);
-        match tokio::time::timeout(self.limits.max_wait, self.slots.clone().acquire_owned()).await
-        {
+        match tokio::time::timeout(self.limits.max_wait, self.slots.clone().acquire_owned()).await {
             Ok(Ok(slot)) => Ok(self.admit(slot)),
             Ok(Err(_closed)) => Err(self.refuse(Refusal::Closed)),
             Err(_elapsed) => Err(self.refuse(Refusal::WaitTimeout)),

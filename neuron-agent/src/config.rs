@@ -260,7 +260,9 @@ impl Config {
             },
             None => (String::new(), None),
         };
-        let shown = origin.clone().unwrap_or_else(|| PathBuf::from("<defaults>"));
+        let shown = origin
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("<defaults>"));
         // First pass on the text itself, so that errors carry line and key.
         let _: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: shown.clone(),
@@ -298,13 +300,16 @@ impl Config {
                         message: e.message().to_string(),
                     })?;
         }
-        let mut config: Config = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Parse {
-                path: shown.clone(),
-                message: e.to_string(),
-            })?;
-        config.finish().map_err(|message| ConfigError::Invalid { origin, message })?;
+        let mut config: Config =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: shown.clone(),
+                    message: e.to_string(),
+                })?;
+        config
+            .finish()
+            .map_err(|message| ConfigError::Invalid { origin, message })?;
         Ok(config)
     }
 
@@ -415,7 +420,11 @@ fn apply_env(table: &mut toml::Table, var: &str, value: &str) -> Result<(), Conf
     })
 }
 
-fn set_in_table(table: &mut toml::Table, parts: &[String], value: toml::Value) -> Result<(), String> {
+fn set_in_table(
+    table: &mut toml::Table,
+    parts: &[String],
+    value: toml::Value,
+) -> Result<(), String> {
     let (head, rest) = parts.split_first().expect("at least one segment");
     if rest.is_empty() {
         table.insert(head.clone(), value);
@@ -444,7 +453,10 @@ fn set_in_value(cur: &mut toml::Value, parts: &[String], value: toml::Value) -> 
                 .parse()
                 .map_err(|_| format!("`{head}` is not an array index"))?;
             if idx > a.len() {
-                return Err(format!("index {idx} skips entries (the array has {})", a.len()));
+                return Err(format!(
+                    "index {idx} skips entries (the array has {})",
+                    a.len()
+                ));
             }
             if idx == a.len() {
                 a.push(toml::Value::Table(toml::Table::new()));
@@ -456,14 +468,19 @@ fn set_in_value(cur: &mut toml::Value, parts: &[String], value: toml::Value) -> 
                 set_in_value(&mut a[idx], rest, value)
             }
         }
-        _ => Err(format!("`{}` is inside a value that is not a table", parts[0])),
+        _ => Err(format!(
+            "`{}` is inside a value that is not a table",
+            parts[0]
+        )),
     }
 }
 
 fn parse_env_value(value: &str) -> toml::Value {
     let probe = format!("v = {value}");
     match toml::from_str::<toml::Table>(&probe) {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(value.into())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(value.into())),
         Err(_) => toml::Value::String(value.to_string()),
     }
 }
@@ -510,9 +527,15 @@ mod tests {
         assert_eq!(c.models.len(), 1);
         let m = &c.models[0];
         assert_eq!(m.id, DEFAULT_MODEL_ID);
-        assert_eq!(m.path, PathBuf::from("/srv/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+        assert_eq!(
+            m.path,
+            PathBuf::from("/srv/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        );
         assert!(m.preload);
-        assert_eq!((m.max_in_flight, m.max_queue_depth, m.max_wait_secs), (4, 32, 30));
+        assert_eq!(
+            (m.max_in_flight, m.max_queue_depth, m.max_wait_secs),
+            (4, 32, 30)
+        );
         assert!(c.auth.token.is_none());
     }
 
@@ -556,12 +579,16 @@ device = "cuda:1"
     #[test]
     fn invalid_file_names_path_line_and_key() {
         let f = write("listen = \"127.0.0.1:1\"\n[[models]]\nid = \"a\"\npath = \"/a\"\nmax_in_flight = \"many\"\n");
-        let e = Config::load_with_env(Some(f.path()), env(&[])).unwrap_err().to_string();
+        let e = Config::load_with_env(Some(f.path()), env(&[]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(&f.path().display().to_string()), "{e}");
         assert!(e.contains("line 5"), "{e}");
         assert!(e.contains("max_in_flight"), "{e}");
         let f = write("lisen = \"x\"\n");
-        let e = Config::load_with_env(Some(f.path()), env(&[])).unwrap_err().to_string();
+        let e = Config::load_with_env(Some(f.path()), env(&[]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("lisen") && e.contains("line 1"), "{e}");
     }
 
@@ -575,8 +602,11 @@ device = "cuda:1"
             .unwrap_err()
             .to_string();
         assert!(e.contains("listen"), "{e}");
-        let f = write("[[models]]\nid = \"a\"\npath = \"/a\"\n[[models]]\nid = \"a\"\npath = \"/b\"\n");
-        let e = Config::load_with_env(Some(f.path()), env(&[])).unwrap_err().to_string();
+        let f =
+            write("[[models]]\nid = \"a\"\npath = \"/a\"\n[[models]]\nid = \"a\"\npath = \"/b\"\n");
+        let e = Config::load_with_env(Some(f.path()), env(&[]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("twice"), "{e}");
     }
 

@@ -58,7 +58,11 @@ pub(crate) fn parse_cpuinfo(text: &str) -> CpuInfo {
         } else {
             model
         },
-        cores: if processors > 0 { processors.max(cores) } else { cores },
+        cores: if processors > 0 {
+            processors.max(cores)
+        } else {
+            cores
+        },
     }
 }
 
@@ -109,7 +113,8 @@ mod tests {
 
     #[test]
     fn meminfo() {
-        let text = "MemTotal:       24576000 kB\nMemFree:         1000 kB\nMemAvailable:   12288000 kB\n";
+        let text =
+            "MemTotal:       24576000 kB\nMemFree:         1000 kB\nMemAvailable:   12288000 kB\n";
         let m = parse_meminfo(text);
         assert_eq!(m.total, 24000);
         assert_eq!(m.available, 12000);

@@ -64,10 +64,7 @@ pub enum StartError {
     #[error("cannot start engine program {program}: {reason}")]
     Spawn { program: PathBuf, reason: String },
     #[error("engine exited during start-up ({status}){}", tail_suffix(.stderr_tail))]
-    Exited {
-        status: String,
-        stderr_tail: String,
-    },
+    Exited { status: String, stderr_tail: String },
     #[error("engine not ready after {secs}s{}", tail_suffix(.stderr_tail))]
     Timeout { secs: u64, stderr_tail: String },
     #[error("engine start cancelled")]
@@ -203,9 +200,8 @@ impl EngineProcess {
                 proc.stop(config.engine_stop_timeout()).await;
                 let tail = proc.stderr_tail();
                 match &mut e {
-                    StartError::Exited { stderr_tail, .. } | StartError::Timeout { stderr_tail, .. } => {
-                        *stderr_tail = tail
-                    }
+                    StartError::Exited { stderr_tail, .. }
+                    | StartError::Timeout { stderr_tail, .. } => *stderr_tail = tail,
                     _ => {}
                 }
                 Err(e)
@@ -292,7 +288,9 @@ impl EngineProcess {
             .send()
             .await
         {
-            Ok(resp) if resp.status().is_success() => resp.json::<EngineInfo>().await.unwrap_or_default(),
+            Ok(resp) if resp.status().is_success() => {
+                resp.json::<EngineInfo>().await.unwrap_or_default()
+            }
             _ => EngineInfo::default(),
         };
         Ok(info)

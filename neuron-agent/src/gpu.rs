@@ -85,7 +85,10 @@ fn cuda() -> Option<&'static Cuda> {
             let init: unsafe extern "C" fn(c_uint) -> CuResult = sym(lib, c"cuInit")?;
             let rc = init(0);
             if rc != 0 {
-                tracing::info!(code = rc, "CUDA driver present but cuInit failed; CPU-only node");
+                tracing::info!(
+                    code = rc,
+                    "CUDA driver present but cuInit failed; CPU-only node"
+                );
                 return None;
             }
             Some(Cuda {

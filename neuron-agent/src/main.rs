@@ -7,7 +7,12 @@ use neuron_agent::engine_server::EngineArgs;
 use neuron_agent::AgentArgs;
 
 #[derive(Debug, Parser)]
-#[command(name = "neuron", version, about, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "neuron",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(flatten)]
     agent: AgentArgs,

@@ -384,7 +384,11 @@ impl Registry {
     }
 
     pub fn activation(&self) -> Activation {
-        self.inner.activation.lock().expect("activation lock").clone()
+        self.inner
+            .activation
+            .lock()
+            .expect("activation lock")
+            .clone()
     }
 
     fn update_activation(&self, f: impl FnOnce(&mut Activation)) {
@@ -498,8 +502,7 @@ impl Registry {
     ) {
         let config = self.inner.config.clone();
         let id = slot.spec.id.clone();
-        let first =
-            EngineProcess::start(&config, &slot.spec, &self.inner.client, &stop).await;
+        let first = EngineProcess::start(&config, &slot.spec, &self.inner.client, &stop).await;
         let (mut proc, info) = match first {
             Ok(p) => p,
             Err(e) => {
@@ -582,8 +585,7 @@ impl Registry {
                     _ = tokio::time::sleep(delay) => {}
                     _ = stop.cancelled() => return,
                 }
-                match EngineProcess::start(&config, &slot.spec, &self.inner.client, &stop).await
-                {
+                match EngineProcess::start(&config, &slot.spec, &self.inner.client, &stop).await {
                     Ok((p, info)) => {
                         proc = p;
                         poll_stop = self.install_engine(&slot, &proc, info, None);

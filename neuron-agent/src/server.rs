@@ -49,7 +49,10 @@ impl Agent {
             .clone()
             .unwrap_or_else(|| default_advertise_url(addr));
         let registry = Registry::new(Arc::new(config));
-        let state = AppState::new(registry.clone(), advertise.trim_end_matches('/').to_string());
+        let state = AppState::new(
+            registry.clone(),
+            advertise.trim_end_matches('/').to_string(),
+        );
         let app = api::router(state.clone());
         let stop_serving = CancellationToken::new();
         let stop = stop_serving.clone();

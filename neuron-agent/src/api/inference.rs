@@ -53,7 +53,9 @@ async fn forward(state: AppState, path: &'static str, req: Request) -> Response 
         headers.insert(NODE, v);
     }
     if let Some(id) = request_id {
-        headers.entry(HeaderName::from_static(REQUEST_ID)).or_insert(id);
+        headers
+            .entry(HeaderName::from_static(REQUEST_ID))
+            .or_insert(id);
     }
     resp
 }

@@ -141,7 +141,9 @@ async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Respon
         });
     match presented {
         Some(p) if constant_time_eq(p.as_bytes(), token.as_bytes()) => next.run(req).await,
-        Some(_) => ApiError::new(ErrorCode::InvalidApiKey, "Incorrect API key provided").into_response(),
+        Some(_) => {
+            ApiError::new(ErrorCode::InvalidApiKey, "Incorrect API key provided").into_response()
+        }
         None => ApiError::new(
             ErrorCode::InvalidApiKey,
             "You didn't provide an API key. Send `Authorization: Bearer <token>`",
@@ -182,6 +184,10 @@ async fn method_not_allowed(req: Request) -> Response {
     envelope(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
-        format!("Method {} is not allowed on {}", req.method(), req.uri().path()),
+        format!(
+            "Method {} is not allowed on {}",
+            req.method(),
+            req.uri().path()
+        ),
     )
 }
