@@ -21,6 +21,8 @@ pub struct Sampler {
     rng: StdRng,
     /// Scratch: (token id, logit, then unnormalised probability).
     cand: Vec<(u32, f32)>,
+    /// Scratch: unnormalised probabilities over the whole vocabulary.
+    probs: Vec<f32>,
     /// Scratch for penalties: `stamp[t] == epoch` marks token t seen this call.
     stamp: Vec<u32>,
     count: Vec<u32>,
@@ -38,6 +40,7 @@ impl Sampler {
             params: params.clone(),
             rng,
             cand: Vec::new(),
+            probs: Vec::new(),
             stamp: Vec::new(),
             count: Vec::new(),
             epoch: 0,
@@ -137,7 +140,7 @@ impl Sampler {
     fn sample_distribution(&mut self, logits: &[f32]) -> u32 {
         let n = logits.len();
         let p = &self.params;
-        let temperature = p.temperature;
+        let inv_t = 1.0 / p.temperature;
         let top_p = p.top_p;
         let min_p = p.min_p.min(1.0);
         let k = if p.top_k > 0 && p.top_k < n {
@@ -145,34 +148,73 @@ impl Sampler {
         } else {
             n
         };
+        let use_top_p = top_p > 0.0 && top_p < 1.0;
+        // Higher first; equal values by lower id, so results are deterministic.
+        let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
 
+        let max = logits
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &l| if l > m { l } else { m });
+        if max == f32::NEG_INFINITY {
+            return argmax(logits);
+        }
         let cand = &mut self.cand;
         cand.clear();
-        cand.extend(
-            logits
-                .iter()
-                .enumerate()
-                .filter(|(_, l)| !l.is_nan() && **l != f32::NEG_INFINITY)
-                .map(|(i, &l)| (i as u32, l)),
-        );
+        let mut sum = 0.0f32;
+        if k < n {
+            top_k_into(logits, k, cand, desc);
+            for c in cand.iter_mut() {
+                c.1 = fast_exp((c.1 - max) * inv_t);
+                sum += c.1;
+            }
+            if min_p > 0.0 {
+                cand.retain(|c| c.1 >= min_p);
+                sum = cand.iter().map(|c| c.1).sum();
+            }
+        } else {
+            // Whole vocabulary: probabilities in a flat buffer (vectorised exp).
+            let probs = &mut self.probs;
+            probs.clear();
+            probs.extend(logits.iter().map(|&l| {
+                if l.is_nan() {
+                    0.0
+                } else {
+                    fast_exp((l - max) * inv_t)
+                }
+            }));
+            if !use_top_p && min_p <= 0.0 {
+                let total: f32 = probs.iter().sum();
+                let r = self.rng.random::<f32>() * total;
+                let mut cum = 0.0f32;
+                for (i, &q) in probs.iter().enumerate() {
+                    cum += q;
+                    if r < cum && q > 0.0 {
+                        return i as u32;
+                    }
+                }
+                return argmax(logits);
+            }
+            // The most likely token has unnormalised probability 1, so min_p
+            // is a plain threshold; apply it while collecting candidates.
+            let floor = if min_p > 0.0 {
+                min_p
+            } else {
+                f32::MIN_POSITIVE
+            };
+            cand.extend(
+                probs
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &q)| q >= floor)
+                    .map(|(i, &q)| (i as u32, q)),
+            );
+            sum = cand.iter().map(|c| c.1).sum();
+        }
         if cand.is_empty() {
             return argmax(logits);
         }
-        // Higher first; equal values by lower id, so results are deterministic.
-        let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if k < cand.len() {
-            cand.select_nth_unstable_by(k - 1, desc);
-            cand.truncate(k);
-        }
 
-        let max = cand.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.1));
-        let mut sum = 0.0f32;
-        for c in cand.iter_mut() {
-            c.1 = ((c.1 - max) / temperature).exp();
-            sum += c.1;
-        }
-
-        if top_p > 0.0 && top_p < 1.0 && cand.len() > 1 {
+        if use_top_p && cand.len() > 1 {
             // Smallest prefix, by probability, whose mass reaches top_p. Sort
             // only a window of the best candidates, growing it if needed.
             let target = top_p * sum;
@@ -200,12 +242,6 @@ impl Sampler {
             sum = cand.iter().map(|c| c.1).sum();
         }
 
-        if min_p > 0.0 {
-            // The most likely candidate has unnormalised probability 1.
-            cand.retain(|c| c.1 >= min_p);
-            sum = cand.iter().map(|c| c.1).sum();
-        }
-
         let r = self.rng.random::<f32>() * sum;
         let mut cum = 0.0f32;
         for c in cand.iter() {
@@ -216,6 +252,76 @@ impl Sampler {
         }
         cand.last().map_or_else(|| argmax(logits), |c| c.0)
     }
+}
+
+/// The `k` best (id, logit) pairs of `logits` (NaN and -inf excluded), in no
+/// particular order. Small `k` keeps a bounded buffer (one comparison for most
+/// logits); large `k` uses a linear-time selection.
+fn top_k_into(
+    logits: &[f32],
+    k: usize,
+    out: &mut Vec<(u32, f32)>,
+    desc: impl Fn(&(u32, f32), &(u32, f32)) -> std::cmp::Ordering,
+) {
+    let valid = |l: f32| !l.is_nan() && l != f32::NEG_INFINITY;
+    if k > 256 {
+        out.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, &l)| valid(l))
+                .map(|(i, &l)| (i as u32, l)),
+        );
+        if k < out.len() {
+            out.select_nth_unstable_by(k - 1, desc);
+            out.truncate(k);
+        }
+        return;
+    }
+    // `out[worst]` is the smallest kept logit (the highest id among equals).
+    let mut worst = 0usize;
+    for (i, &l) in logits.iter().enumerate() {
+        if !valid(l) {
+            continue;
+        }
+        if out.len() < k {
+            out.push((i as u32, l));
+            if out.len() == k {
+                worst = index_of_worst(out);
+            }
+        } else if l > out[worst].1 {
+            // Ids ascend, so an equal logit later never beats a kept one.
+            out[worst] = (i as u32, l);
+            worst = index_of_worst(out);
+        }
+    }
+}
+
+fn index_of_worst(v: &[(u32, f32)]) -> usize {
+    let mut w = 0;
+    for (j, c) in v.iter().enumerate().skip(1) {
+        if c.1 < v[w].1 || (c.1 == v[w].1 && c.0 > v[w].0) {
+            w = j;
+        }
+    }
+    w
+}
+
+/// e^x for x <= 0 (probabilities relative to the best token), to ~2e-6
+/// relative error; written so the compiler vectorises it.
+#[inline(always)]
+fn fast_exp(x: f32) -> f32 {
+    let y = x.max(-87.0) * std::f32::consts::LOG2_E;
+    let n = y.floor();
+    let f = y - n;
+    // 2^f on [0, 1): Taylor series of e^(f ln 2) to degree 7.
+    let p = 1.0
+        + f * (0.693_147_2
+            + f * (0.240_226_5
+                + f * (0.055_504_11
+                    + f * (0.009_618_129
+                        + f * (0.001_333_355_8 + f * (0.000_154_035_3 + f * 0.000_015_252_73))))));
+    f32::from_bits(((n as i32 + 127) as u32) << 23) * p
 }
 
 /// Index of the largest logit; ties go to the lowest id, NaN is never chosen
@@ -271,6 +377,39 @@ mod tests {
         assert_eq!(s.sample(&mut [0.1, 3.0, -1.0, 3.0], &[], &[]), 1);
         assert_eq!(s.sample(&mut [f32::NAN, 0.5, 0.7], &[], &[]), 2);
         assert_eq!(argmax(&[f32::NEG_INFINITY; 3]), 0);
+    }
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        let mut x = -87.0f32;
+        while x <= 0.0 {
+            let (a, b) = (fast_exp(x), x.exp());
+            assert!((a - b).abs() <= 1e-5 * b + 1e-37, "x={x}: {a} vs {b}");
+            x += 0.013;
+        }
+        assert_eq!(fast_exp(0.0), 1.0);
+        assert_eq!(fast_exp(f32::NEG_INFINITY), fast_exp(-87.0));
+    }
+
+    #[test]
+    fn bounded_top_k_matches_selection() {
+        let logits: Vec<f32> = (0..3000)
+            .map(|i| ((i * 7919) % 997) as f32 / 10.0)
+            .collect();
+        for k in [1, 2, 40, 256, 300] {
+            let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+            let mut got = Vec::new();
+            top_k_into(&logits, k, &mut got, desc);
+            got.sort_by(desc);
+            let mut all: Vec<(u32, f32)> = logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, l))
+                .collect();
+            all.sort_by(desc);
+            all.truncate(k);
+            assert_eq!(got, all, "k={k}");
+        }
     }
 
     #[test]
