@@ -247,6 +247,17 @@ def greedy(llm: Llama, prompt_ids: list[int], eog: set[int]) -> list[dict]:
     return steps
 
 
+def agreed_text(llm: Llama, ids: list[int]) -> str:
+    """llama.cpp's text of ids, cut before a trailing incomplete UTF-8 sequence."""
+    raw = llm.detokenize(ids)
+    for cut in range(4):
+        try:
+            return raw[: len(raw) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return raw.decode("utf-8", errors="replace")
+
+
 def gen_greedy(llm: Llama, meta: dict, cases: list[tuple[str, list[dict[str, str]] | str]]) -> dict:
     fmt = make_formatter(llm)
     eog = {i for i in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(llm._model.vocab, i)}
@@ -256,6 +267,7 @@ def gen_greedy(llm: Llama, meta: dict, cases: list[tuple[str, list[dict[str, str
         prompt = render(fmt, spec) if messages is not None else spec
         ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
         steps = greedy(llm, ids, eog)
+        ids_ = [s["id"] for s in steps]
         agreed = len(steps)
         for i, s in enumerate(steps):
             if s["margin"] < NEAR_TIE_NATS:
@@ -271,6 +283,7 @@ def gen_greedy(llm: Llama, meta: dict, cases: list[tuple[str, list[dict[str, str
             "ids": [s["id"] for s in steps],
             "ended_with_eog": bool(steps) and steps[-1]["id"] in eog,
             "agreed_prefix_len": agreed,
+            "agreed_text": agreed_text(llm, [t for t in ids_[:agreed] if t not in eog]),
             "text": llm.detokenize([s["id"] for s in steps if s["id"] not in eog]).decode("utf-8", errors="replace"),
         })
         print(f"greedy {name}: {len(steps)} steps, agreed prefix {agreed}, min margin "
@@ -285,7 +298,9 @@ def gen_greedy(llm: Llama, meta: dict, cases: list[tuple[str, list[dict[str, str
             "token (which is included in steps/ids). Each step has the chosen id, its "
             "log-softmax logprob, the runner-up and the margin in nats. agreed_prefix_len "
             f"is the number of steps before the first with margin < {NEAR_TIE_NATS}: an "
-            "implementation should match ids[:agreed_prefix_len] exactly."
+            "implementation should match ids[:agreed_prefix_len] exactly. agreed_text is "
+            "llama.cpp's detokenization of those ids (end-of-generation ids left out, a "
+            "trailing incomplete UTF-8 sequence cut off)."
         ),
         "near_tie_nats": NEAR_TIE_NATS,
         "max_new_tokens": MAX_NEW_TOKENS,

@@ -12,7 +12,8 @@
 //! - greedy: greedy generation agrees with llama.cpp token for token up to the
 //!   first step where llama.cpp's two best candidates are within 0.5 nats.
 //!   `GenEvent::Text` carries text, not ids, so the check is on text: the
-//!   generated text must start with the decoding of llama.cpp's agreed ids.
+//!   generated text must start with llama.cpp's text of its agreed ids (and
+//!   `Engine::decode` of those ids must give that text).
 
 use helexa_api::chat::ChatMessage;
 use helexa_engine::{
@@ -245,14 +246,15 @@ fn greedy_generation_matches_llama_cpp() {
             .copied()
             .filter(|t| !eog.contains(t))
             .collect();
-        let want_prefix = match engine.decode(&agreed_ids) {
-            Ok(s) => s,
-            Err(e) => {
-                failures.push(format!("{name}: decode error {e}"));
-                continue;
-            }
-        };
-        let want_prefix = complete_utf8_prefix(&want_prefix);
+        // llama.cpp's own text of the agreed ids.
+        let want_prefix = case["agreed_text"].as_str().unwrap();
+        match engine.decode(&agreed_ids) {
+            Ok(s) if complete_utf8_prefix(&s) == want_prefix => {}
+            Ok(s) => failures.push(format!(
+                "{name}: decode of llama.cpp's ids differs\n  llama.cpp: {want_prefix:?}\n  helexa:    {s:?}"
+            )),
+            Err(e) => failures.push(format!("{name}: decode error {e}")),
+        }
 
         let got = match generate_greedy(&engine, prompt, max_new_tokens) {
             Ok(g) => g,
@@ -261,6 +263,10 @@ fn greedy_generation_matches_llama_cpp() {
                 continue;
             }
         };
+        eprintln!(
+            "{name}: llama.cpp agreed prefix {agreed} tokens; helexa {} tokens, {:?}: {:?}",
+            got.completion_tokens, got.reason, got.text
+        );
         if !got.text.starts_with(want_prefix) {
             failures.push(format!(
                 "{name}: greedy output diverges within llama.cpp's confident prefix ({agreed} tokens)\n  \
