@@ -1,11 +1,25 @@
-//! `Engine`: a loaded model behind a scheduler thread.
-//!
-//! PLACEHOLDER SIGNATURES — being implemented; the bodies below are replaced
-//! by the real loader and scheduler.
+//! `Engine`: a loaded model, its tokenizer and chat template, behind the
+//! scheduler thread that runs every sequence.
 
 use crate::api::*;
+use crate::model::{gguf, safetensors, Model};
+use crate::scheduler::{Scheduler, Submission, WorkerConfig};
+use crate::template::ChatTemplate;
+use candle_core::quantized::gguf_file::Value;
 use helexa_api::chat::ChatMessage;
+use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
+use tokenizers::Tokenizer;
+
+/// Tokens that end a turn in the chat formats we know, besides the model's EOS.
+const EXTRA_EOS: &[&str] = &[
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<end_of_turn>",
+];
 
 /// A loaded model. Cheap to clone; all clones share one scheduler.
 #[derive(Clone)]
@@ -15,14 +29,133 @@ pub struct Engine {
 
 struct Inner {
     meta: ModelMeta,
+    tokenizer: Arc<Tokenizer>,
+    template: ChatTemplate,
+    /// Whether `tokenize(.., true)` prepends BOS.
+    add_bos: Option<u32>,
+    scheduler: Scheduler,
+}
+
+fn load_err(path: &Path, message: impl Into<String>) -> EngineError {
+    EngineError::ModelLoad {
+        path: path.display().to_string(),
+        message: message.into(),
+    }
+}
+
+fn md_u32(md: &HashMap<String, Value>, key: &str) -> Option<u32> {
+    md.get(key).and_then(|v| v.to_u32().ok())
 }
 
 impl Engine {
     /// Loads weights, tokenizer and template, and starts the scheduler thread.
     /// Blocking: call from `spawn_blocking` or before the runtime starts.
     pub fn load(cfg: EngineConfig) -> Result<Engine, EngineError> {
-        let _ = cfg;
-        Err(EngineError::Inference("not implemented yet".into()))
+        let path = cfg.model_path.clone();
+        match cfg.device {
+            DeviceSpec::Cpu => {}
+            DeviceSpec::Cuda(i) => {
+                // GGUF runs on our CPU kernels; CUDA needs the dense path.
+                if !path.is_dir() {
+                    return Err(load_err(
+                        &path,
+                        format!("CUDA device {i} requested, but GGUF models run on the CPU only; use DeviceSpec::Cpu"),
+                    ));
+                }
+            }
+        }
+        if path.is_dir() {
+            return Err(load_err(&path, safetensors::unsupported(&path)));
+        }
+        if !path.exists() {
+            return Err(load_err(&path, "no such file (run scripts/fetch-model?)"));
+        }
+        let threads = cfg
+            .threads
+            .filter(|&t| t > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let slots = cfg.max_batch.max(1);
+        let loaded =
+            gguf::load(&path, cfg.max_context, slots, threads).map_err(|m| load_err(&path, m))?;
+        let md = &loaded.metadata;
+
+        let tokenizer = match &cfg.tokenizer_path {
+            Some(p) => crate::tokenizer::tokenizer_from_file(p)?,
+            None => crate::tokenizer::tokenizer_from_gguf(md)?,
+        };
+        let tok_str = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i));
+        let bos_id = md_u32(md, "tokenizer.ggml.bos_token_id");
+        let eos_id = md_u32(md, "tokenizer.ggml.eos_token_id");
+        let bos_token = tok_str(bos_id);
+        let eos_token = tok_str(eos_id);
+        let mut eos_token_ids: Vec<u32> = eos_id.into_iter().collect();
+        for t in EXTRA_EOS {
+            if let Some(id) = tokenizer.token_to_id(t) {
+                if !eos_token_ids.contains(&id) {
+                    eos_token_ids.push(id);
+                }
+            }
+        }
+        let add_bos = md
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false)
+            .then_some(bos_id)
+            .flatten();
+
+        let gguf_template = md
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+            .cloned();
+        let has_chat_template = cfg.chat_template.is_some() || gguf_template.is_some();
+        let template = match cfg.chat_template.as_ref().or(gguf_template.as_ref()) {
+            Some(src) => ChatTemplate::new(src, bos_token.clone(), eos_token.clone())?,
+            None => ChatTemplate::chatml_default(),
+        };
+
+        let model_vocab = loaded.model.config().vocab_size;
+        let meta = ModelMeta {
+            name: loaded.name.clone().unwrap_or_else(|| {
+                path.file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            }),
+            architecture: loaded.architecture.clone(),
+            context_length: loaded.model.context_length(),
+            vocab_size: model_vocab,
+            bos_token,
+            eos_token,
+            eos_token_ids: eos_token_ids.clone(),
+            has_chat_template,
+            weights_bytes: loaded.weights_bytes,
+        };
+        tracing::info!(
+            model = %meta.name,
+            arch = %meta.architecture,
+            context = meta.context_length,
+            trained_context = loaded.trained_context,
+            threads,
+            slots,
+            "model loaded"
+        );
+        let tokenizer = Arc::new(tokenizer);
+        let model: Box<dyn Model> = Box::new(loaded.model);
+        let scheduler = Scheduler::start(
+            model,
+            WorkerConfig {
+                tokenizer: tokenizer.clone(),
+                eos_token_ids,
+            },
+        )?;
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                meta,
+                tokenizer,
+                template,
+                add_bos,
+                scheduler,
+            }),
+        })
     }
 
     pub fn meta(&self) -> &ModelMeta {
@@ -31,20 +164,37 @@ impl Engine {
 
     /// The tokenizer in Hugging Face `tokenizer.json` form.
     pub fn tokenizer_json(&self) -> String {
-        unimplemented!()
+        self.inner
+            .tokenizer
+            .to_string(false)
+            .unwrap_or_else(|e| format!("{{\"error\": {:?}}}", e.to_string()))
     }
 
     /// Token ids of `text`. Special tokens written in the text (such as
     /// `<|im_start|>`) become their single ids. `add_special_tokens` adds BOS
     /// where the model wants one.
     pub fn tokenize(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, EngineError> {
-        let _ = (text, add_special_tokens);
-        unimplemented!()
+        let enc = self
+            .inner
+            .tokenizer
+            .encode(text, add_special_tokens)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let mut ids = enc.get_ids().to_vec();
+        if add_special_tokens {
+            if let Some(bos) = self.inner.add_bos {
+                if ids.first() != Some(&bos) {
+                    ids.insert(0, bos);
+                }
+            }
+        }
+        Ok(ids)
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String, EngineError> {
-        let _ = ids;
-        unimplemented!()
+        self.inner
+            .tokenizer
+            .decode(ids, false)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))
     }
 
     /// Renders the model's chat template.
@@ -54,23 +204,44 @@ impl Engine {
         tools: Option<&[serde_json::Value]>,
         add_generation_prompt: bool,
     ) -> Result<String, EngineError> {
-        let _ = (messages, tools, add_generation_prompt);
-        unimplemented!()
+        self.inner
+            .template
+            .render(messages, tools, add_generation_prompt)
     }
 
     /// Queues a sequence; never blocks. Events arrive on the returned stream;
     /// dropping it cancels the sequence within one decode step.
     pub fn submit(&self, req: GenerationRequest) -> Result<GenerationStream, EngineError> {
-        let _ = req;
-        unimplemented!()
+        let meta = &self.inner.meta;
+        if req.prompt.is_empty() {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= meta.vocab_size) {
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary of {} tokens",
+                meta.vocab_size
+            )));
+        }
+        if req.prompt.len() + req.max_new_tokens > meta.context_length {
+            return Err(EngineError::ContextLength {
+                max: meta.context_length,
+                prompt: req.prompt.len(),
+                requested: req.max_new_tokens,
+            });
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.inner.scheduler.submit(Submission { req, tx })?;
+        Ok(GenerationStream { rx })
     }
 
     pub fn stats(&self) -> EngineStats {
-        unimplemented!()
+        self.inner.scheduler.stats()
     }
 
     /// Stops the scheduler: running sequences fail with `Shutdown`.
-    pub fn shutdown(&self) {}
+    pub fn shutdown(&self) {
+        self.inner.scheduler.shutdown();
+    }
 }
 
 /// Events of one sequence. Dropping it cancels the sequence.

@@ -10,10 +10,13 @@ mod api;
 
 pub use api::*;
 
-mod engine;
-pub mod tokenizer;
-pub mod template;
-pub mod stop;
 pub mod detok;
+mod engine;
+mod kernels;
+mod model;
 pub mod sampling;
+mod scheduler;
+pub mod stop;
+pub mod template;
+pub mod tokenizer;
 pub use engine::{Engine, GenerationStream};

@@ -1,0 +1,432 @@
+//! Weight matrices (memory-mapped GGUF blocks or owned f32) and the parallel
+//! `y = x · Wᵀ` over them.
+//!
+//! Activations are quantized once per call to the int8 format that pairs with
+//! the weight type (as llama.cpp does), then every output column is one dot
+//! product of a weight row with an activation row. Work is split over weight
+//! rows with rayon; several matrices sharing one input (q/k/v, gate/up) go in
+//! one parallel region. Each output element is computed the same way whatever
+//! else is in the batch, so batched and single-sequence results are identical.
+
+use super::quant::{self, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QK};
+use candle_core::quantized::{k_quants, GgmlDType, GgmlType};
+use memmap2::Mmap;
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Bytes of a tensor inside a memory-mapped file.
+#[derive(Clone)]
+pub struct Mapped {
+    map: Arc<Mmap>,
+    offset: usize,
+    len: usize,
+}
+
+impl Mapped {
+    pub fn new(map: Arc<Mmap>, offset: usize, len: usize) -> Option<Mapped> {
+        (offset.checked_add(len)? <= map.len()).then_some(Mapped { map, offset, len })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.map[self.offset..self.offset + self.len]
+    }
+
+    /// Views the bytes as blocks of `T`.
+    fn blocks<T>(&self) -> &[T] {
+        let b = self.bytes();
+        let size = std::mem::size_of::<T>();
+        debug_assert_eq!(b.len() % size, 0);
+        debug_assert_eq!(b.as_ptr() as usize % std::mem::align_of::<T>(), 0);
+        // SAFETY: `T` is a `repr(C)` block of plain integers / f16 whose
+        // alignment was checked at load time (`QMatrix::new`); the length is a
+        // whole number of blocks; the map lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(b.as_ptr() as *const T, b.len() / size) }
+    }
+}
+
+enum Data {
+    F32(Vec<f32>),
+    Q4_0(Mapped),
+    Q4_1(Mapped),
+    Q8_0(Mapped),
+    /// Any other ggml block type, through candle's `GgmlType` kernels.
+    Ggml(GgmlDType, Mapped),
+}
+
+/// A `rows × cols` weight matrix, row-major (one output feature per row).
+pub struct QMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    data: Data,
+}
+
+macro_rules! with_ggml {
+    ($dt:expr, $T:ident, $body:block, $other:block) => {
+        match $dt {
+            GgmlDType::Q5_0 => {
+                type $T = k_quants::BlockQ5_0;
+                $body
+            }
+            GgmlDType::Q5_1 => {
+                type $T = k_quants::BlockQ5_1;
+                $body
+            }
+            GgmlDType::Q2K => {
+                type $T = k_quants::BlockQ2K;
+                $body
+            }
+            GgmlDType::Q3K => {
+                type $T = k_quants::BlockQ3K;
+                $body
+            }
+            GgmlDType::Q4K => {
+                type $T = k_quants::BlockQ4K;
+                $body
+            }
+            GgmlDType::Q5K => {
+                type $T = k_quants::BlockQ5K;
+                $body
+            }
+            GgmlDType::Q6K => {
+                type $T = k_quants::BlockQ6K;
+                $body
+            }
+            _ => $other,
+        }
+    };
+}
+
+impl QMatrix {
+    /// A quantized matrix over mapped bytes. Errors name what is unsupported.
+    pub fn new(
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+        bytes: Mapped,
+    ) -> Result<QMatrix, String> {
+        let bs = dtype.block_size();
+        if !cols.is_multiple_of(bs) {
+            return Err(format!(
+                "{cols} columns is not a multiple of the {dtype:?} block size {bs}"
+            ));
+        }
+        let want = rows * cols / bs * dtype.type_size();
+        if bytes.len != want {
+            return Err(format!(
+                "{dtype:?} {rows}x{cols} needs {want} bytes, found {}",
+                bytes.len
+            ));
+        }
+        let conv = |f: &dyn Fn(&[u8], &mut [f32])| {
+            let mut out = vec![0f32; rows * cols];
+            f(bytes.bytes(), &mut out);
+            out
+        };
+        let data = match dtype {
+            GgmlDType::F32 => Data::F32(conv(&|b, o| {
+                for (v, c) in o.iter_mut().zip(b.chunks_exact(4)) {
+                    *v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            })),
+            GgmlDType::F16 => Data::F32(conv(&|b, o| {
+                for (v, c) in o.iter_mut().zip(b.chunks_exact(2)) {
+                    *v = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            })),
+            GgmlDType::BF16 => Data::F32(conv(&|b, o| {
+                for (v, c) in o.iter_mut().zip(b.chunks_exact(2)) {
+                    *v = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            })),
+            GgmlDType::Q4_0 => Data::Q4_0(bytes),
+            GgmlDType::Q4_1 => Data::Q4_1(bytes),
+            GgmlDType::Q8_0 => Data::Q8_0(bytes),
+            GgmlDType::Q5_0
+            | GgmlDType::Q5_1
+            | GgmlDType::Q2K
+            | GgmlDType::Q3K
+            | GgmlDType::Q4K
+            | GgmlDType::Q5K
+            | GgmlDType::Q6K => Data::Ggml(dtype, bytes),
+            other => return Err(format!("weight type {other:?} is not supported")),
+        };
+        if let Data::Q4_0(m) | Data::Q4_1(m) | Data::Q8_0(m) | Data::Ggml(_, m) = &data {
+            // Blocks hold f16 (and f32 for some k-quants); GGUF aligns tensors to 32.
+            if !(m.bytes().as_ptr() as usize).is_multiple_of(4) {
+                return Err("tensor data is not 4-byte aligned".into());
+            }
+        }
+        Ok(QMatrix { rows, cols, data })
+    }
+
+    /// Row `n` as f32 (embedding lookup).
+    pub fn row_f32(&self, n: usize, out: &mut [f32]) {
+        let k = self.cols;
+        let kb = k / QK;
+        match &self.data {
+            Data::F32(v) => out.copy_from_slice(&v[n * k..(n + 1) * k]),
+            Data::Q4_0(m) => {
+                quant::dequantize_q4_0(&m.blocks::<BlockQ4_0>()[n * kb..(n + 1) * kb], out)
+            }
+            Data::Q4_1(m) => {
+                quant::dequantize_q4_1(&m.blocks::<BlockQ4_1>()[n * kb..(n + 1) * kb], out)
+            }
+            Data::Q8_0(m) => {
+                quant::dequantize_q8_0(&m.blocks::<BlockQ8_0>()[n * kb..(n + 1) * kb], out)
+            }
+            Data::Ggml(dt, m) => with_ggml!(
+                *dt,
+                T,
+                {
+                    let kb = k / T::BLCK_SIZE;
+                    T::to_float(&m.blocks::<T>()[n * kb..(n + 1) * kb], out);
+                },
+                { unreachable!() }
+            ),
+        }
+    }
+}
+
+/// Activations quantized for the weight types in use; filled on demand.
+#[derive(Default)]
+struct ActCache {
+    q8_0: Option<Vec<BlockQ8_0>>,
+    q8_1: Option<Vec<BlockQ8_1>>,
+}
+
+/// A raw output pointer shared by tasks writing disjoint columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (their own weight rows' columns).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Activation rows per cache tile in the prefill loop.
+const M_TILE: usize = 64;
+
+/// `outs[i] = x · ws[i]ᵀ` for `m` rows of `x` (`m × cols`), each output
+/// `m × ws[i].rows`. All matrices must share `cols`.
+pub fn matmul_multi(ws: &[&QMatrix], x: &[f32], m: usize, outs: &mut [&mut [f32]]) {
+    assert_eq!(ws.len(), outs.len());
+    let k = ws[0].cols;
+    assert_eq!(x.len(), m * k);
+    let mut acts = ActCache::default();
+    for w in ws {
+        assert_eq!(w.cols, k);
+        match w.data {
+            Data::Q4_1(_) if acts.q8_1.is_none() => {
+                let mut q = vec![BlockQ8_1::ZERO; m * k / QK];
+                for (xr, qr) in x.chunks_exact(k).zip(q.chunks_exact_mut(k / QK)) {
+                    quant::quantize_q8_1(xr, qr);
+                }
+                acts.q8_1 = Some(q);
+            }
+            Data::Q4_0(_) | Data::Q8_0(_) if acts.q8_0.is_none() => {
+                let mut q = vec![BlockQ8_0::ZERO; m * k / QK];
+                for (xr, qr) in x.chunks_exact(k).zip(q.chunks_exact_mut(k / QK)) {
+                    quant::quantize_q8_0(xr, qr);
+                }
+                acts.q8_0 = Some(q);
+            }
+            _ => {}
+        }
+    }
+    // Generic ggml types quantize their own activations (rare path).
+    let generic: Vec<Option<GenericActs>> = ws
+        .iter()
+        .map(|w| match &w.data {
+            Data::Ggml(dt, _) => Some(GenericActs::new(*dt, x, m, k)),
+            _ => None,
+        })
+        .collect();
+
+    let threads = rayon::current_num_threads().max(1);
+    let total_rows: usize = ws.iter().map(|w| w.rows).sum();
+    // Enough tasks for balance, few enough to keep dispatch overhead low.
+    let target_tasks = (threads * 4).max(1);
+    let chunk = (total_rows.div_ceil(target_tasks))
+        .clamp(4, 512)
+        .next_multiple_of(4);
+    let mut tasks = Vec::new();
+    for (i, w) in ws.iter().enumerate() {
+        let mut r = 0;
+        while r < w.rows {
+            let e = (r + chunk).min(w.rows);
+            tasks.push((i, r, e));
+            r = e;
+        }
+    }
+    let ptrs: Vec<(OutPtr, usize)> = outs
+        .iter_mut()
+        .zip(ws)
+        .map(|(o, w)| {
+            assert_eq!(o.len(), m * w.rows);
+            (OutPtr(o.as_mut_ptr()), o.len())
+        })
+        .collect();
+    let run = |&(i, r0, r1): &(usize, usize, usize)| {
+        let w = ws[i];
+        let (ptr, _) = ptrs[i];
+        let n_out = w.rows;
+        let kb = k / QK;
+        let store = |row: usize, col: usize, v: f32| {
+            // SAFETY: `row < m`, `col` in this task's own range `r0..r1`, so no
+            // other task writes this element; the buffer is `m * n_out` long.
+            unsafe { *ptr.0.add(row * n_out + col) = v };
+        };
+        match &w.data {
+            Data::Q4_1(mm) => {
+                let wb = mm.blocks::<BlockQ4_1>();
+                let a = acts.q8_1.as_deref().expect("q8_1 acts");
+                tiled(
+                    m,
+                    r0,
+                    r1,
+                    |n, m0, cnt, out| {
+                        let rows: [&[BlockQ8_1]; 4] =
+                            std::array::from_fn(|j| &a[(m0 + j.min(cnt - 1)) * kb..][..kb]);
+                        quant::dot_q4_1(&wb[n * kb..(n + 1) * kb], &rows[..cnt], out);
+                    },
+                    store,
+                );
+            }
+            Data::Q4_0(mm) => {
+                let wb = mm.blocks::<BlockQ4_0>();
+                let a = acts.q8_0.as_deref().expect("q8_0 acts");
+                tiled(
+                    m,
+                    r0,
+                    r1,
+                    |n, m0, cnt, out| {
+                        let rows: [&[BlockQ8_0]; 4] =
+                            std::array::from_fn(|j| &a[(m0 + j.min(cnt - 1)) * kb..][..kb]);
+                        quant::dot_q4_0(&wb[n * kb..(n + 1) * kb], &rows[..cnt], out);
+                    },
+                    store,
+                );
+            }
+            Data::Q8_0(mm) => {
+                let wb = mm.blocks::<BlockQ8_0>();
+                let a = acts.q8_0.as_deref().expect("q8_0 acts");
+                tiled(
+                    m,
+                    r0,
+                    r1,
+                    |n, m0, cnt, out| {
+                        let rows: [&[BlockQ8_0]; 4] =
+                            std::array::from_fn(|j| &a[(m0 + j.min(cnt - 1)) * kb..][..kb]);
+                        quant::dot_q8_0(&wb[n * kb..(n + 1) * kb], &rows[..cnt], out);
+                    },
+                    store,
+                );
+            }
+            Data::F32(v) => {
+                tiled(
+                    m,
+                    r0,
+                    r1,
+                    |n, m0, cnt, out| {
+                        let wr = &v[n * k..(n + 1) * k];
+                        for j in 0..cnt {
+                            out[j] = super::ops::dot(wr, &x[(m0 + j) * k..(m0 + j + 1) * k]);
+                        }
+                    },
+                    store,
+                );
+            }
+            Data::Ggml(_, mm) => {
+                let g = generic[i].as_ref().expect("generic acts");
+                for n in r0..r1 {
+                    for row in 0..m {
+                        store(row, n, g.dot(mm, n, row));
+                    }
+                }
+            }
+        }
+    };
+    if tasks.len() == 1 || threads == 1 {
+        tasks.iter().for_each(run);
+    } else {
+        tasks.par_iter().for_each(run);
+    }
+}
+
+/// The loop nest of one task: activation rows in tiles of `M_TILE`, weight
+/// rows `r0..r1`, then up to 4 activation rows per kernel call.
+#[inline]
+fn tiled(
+    m: usize,
+    r0: usize,
+    r1: usize,
+    mut kern: impl FnMut(usize, usize, usize, &mut [f32]),
+    store: impl Fn(usize, usize, f32),
+) {
+    let mut out = [0f32; 4];
+    let mut t0 = 0;
+    while t0 < m {
+        let t1 = (t0 + M_TILE).min(m);
+        for n in r0..r1 {
+            let mut m0 = t0;
+            while m0 < t1 {
+                let cnt = (t1 - m0).min(4);
+                kern(n, m0, cnt, &mut out[..cnt]);
+                for (j, &v) in out[..cnt].iter().enumerate() {
+                    store(m0 + j, n, v);
+                }
+                m0 += cnt;
+            }
+        }
+        t0 = t1;
+    }
+}
+
+/// Activations quantized for a candle `GgmlType` weight.
+struct GenericActs {
+    dtype: GgmlDType,
+    k: usize,
+    /// `m` rows of `T::VecDotType` blocks (a `Vec<V>`), type-erased.
+    q: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl GenericActs {
+    fn new(dtype: GgmlDType, x: &[f32], m: usize, k: usize) -> GenericActs {
+        with_ggml!(
+            dtype,
+            T,
+            {
+                type V = <T as GgmlType>::VecDotType;
+                let per_row = k / V::BLCK_SIZE;
+                let mut q: Vec<V> = (0..m * per_row).map(|_| V::zeros()).collect();
+                for (xr, qr) in x.chunks_exact(k).zip(q.chunks_exact_mut(per_row)) {
+                    V::from_float(xr, qr);
+                }
+                GenericActs {
+                    dtype,
+                    k,
+                    q: Box::new(q),
+                }
+            },
+            { unreachable!() }
+        )
+    }
+
+    fn dot(&self, w: &Mapped, n: usize, row: usize) -> f32 {
+        let k = self.k;
+        with_ggml!(
+            self.dtype,
+            T,
+            {
+                type V = <T as GgmlType>::VecDotType;
+                let kb = k / T::BLCK_SIZE;
+                let vb = k / V::BLCK_SIZE;
+                let q = self.q.downcast_ref::<Vec<V>>().expect("activation type");
+                T::vec_dot(
+                    k,
+                    &w.blocks::<T>()[n * kb..(n + 1) * kb],
+                    &q[row * vb..(row + 1) * vb],
+                )
+            },
+            { unreachable!() }
+        )
+    }
+}

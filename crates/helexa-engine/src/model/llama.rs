@@ -1,0 +1,374 @@
+//! The llama-family decoder (llama, SmolLM, Mistral, Qwen2, Qwen3) on the CPU,
+//! over memory-mapped quantized weights.
+//!
+//! Our own forward pass rather than candle-transformers' `quantized_llama`:
+//! that one caps the context at 4096, re-concatenates its KV cache every
+//! step and holds a single sequence. Here every slot has a preallocated KV
+//! cache of the full served context, and one `forward` runs a mixed batch —
+//! prompt chunks and single decode tokens of different sequences — through
+//! each weight matrix once.
+
+use super::{Chunk, Model};
+use crate::kernels::matmul::{matmul_multi, QMatrix};
+use crate::kernels::ops;
+use rayon::prelude::*;
+
+/// How RoPE pairs the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// (2i, 2i+1): llama GGUFs (q/k rows permuted by the converter).
+    Interleaved,
+    /// (i, i + d/2): Qwen and other NeoX-style models.
+    Neox,
+}
+
+#[derive(Debug, Clone)]
+pub struct LlamaConfig {
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_ff: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub rope_dim: usize,
+    pub rope_theta: f32,
+    pub rope_style: RopeStyle,
+    pub rms_eps: f32,
+    pub vocab_size: usize,
+    /// The context served (cache size per sequence).
+    pub context: usize,
+}
+
+pub struct Layer {
+    pub attn_norm: Vec<f32>,
+    pub wq: QMatrix,
+    pub wk: QMatrix,
+    pub wv: QMatrix,
+    pub wo: QMatrix,
+    pub bq: Option<Vec<f32>>,
+    pub bk: Option<Vec<f32>>,
+    pub bv: Option<Vec<f32>>,
+    /// Qwen3: RMS norm of each q/k head before RoPE.
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
+    pub ffn_norm: Vec<f32>,
+    pub w_gate: QMatrix,
+    pub w_up: QMatrix,
+    pub w_down: QMatrix,
+}
+
+pub struct Weights {
+    pub tok_embd: QMatrix,
+    /// `None`: tied to `tok_embd`.
+    pub output: Option<QMatrix>,
+    pub output_norm: Vec<f32>,
+    pub layers: Vec<Layer>,
+    /// Per-frequency divisors (llama 3 `rope_freqs.weight`).
+    pub rope_freqs: Option<Vec<f32>>,
+}
+
+/// K and V of one sequence, all layers: `[layer][kv_head][pos][head_dim]`.
+struct KvCache {
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+pub struct LlamaModel {
+    cfg: LlamaConfig,
+    w: Weights,
+    /// `[pos][rope_dim / 2]`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    caches: Vec<Option<KvCache>>,
+    pool: std::sync::Arc<rayon::ThreadPool>,
+}
+
+impl LlamaModel {
+    pub fn new(
+        cfg: LlamaConfig,
+        w: Weights,
+        slots: usize,
+        threads: usize,
+    ) -> Result<LlamaModel, String> {
+        let half = cfg.rope_dim / 2;
+        let mut inv = vec![0f64; half];
+        for (i, f) in inv.iter_mut().enumerate() {
+            *f = (cfg.rope_theta as f64).powf(-(2.0 * i as f64) / cfg.rope_dim as f64);
+            if let Some(ff) = &w.rope_freqs {
+                *f /= ff.get(i).copied().unwrap_or(1.0) as f64;
+            }
+        }
+        let mut cos = vec![0f32; cfg.context * half];
+        let mut sin = vec![0f32; cfg.context * half];
+        for p in 0..cfg.context {
+            for i in 0..half {
+                let a = p as f64 * inv[i];
+                cos[p * half + i] = a.cos() as f32;
+                sin[p * half + i] = a.sin() as f32;
+            }
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(|i| format!("helexa-mm-{i}"))
+            .build()
+            .map_err(|e| format!("thread pool: {e}"))?;
+        Ok(LlamaModel {
+            cfg,
+            w,
+            cos,
+            sin,
+            caches: (0..slots).map(|_| None).collect(),
+            pool: std::sync::Arc::new(pool),
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    fn cache_len(&self) -> usize {
+        self.cfg.n_layer * self.cfg.n_kv_head * self.cfg.context * self.cfg.head_dim
+    }
+
+    fn forward_inner(&mut self, chunks: &[Chunk]) -> Result<Vec<Vec<f32>>, String> {
+        let c = self.cfg.clone();
+        let (d, hd, nh, nkv) = (c.n_embd, c.head_dim, c.n_head, c.n_kv_head);
+        let qd = nh * hd;
+        let kvd = nkv * hd;
+        let group = nh / nkv;
+        // Validate and lay out rows.
+        let mut rows: Vec<(usize, usize)> = Vec::new(); // (slot, pos) of each row
+        let mut tokens: Vec<u32> = Vec::new();
+        for ch in chunks {
+            if ch.tokens.is_empty() {
+                return Err("empty chunk".into());
+            }
+            if ch.slot >= self.caches.len() {
+                return Err(format!("slot {} out of range", ch.slot));
+            }
+            if ch.pos + ch.tokens.len() > c.context {
+                return Err(format!(
+                    "positions {}..{} exceed the context of {}",
+                    ch.pos,
+                    ch.pos + ch.tokens.len(),
+                    c.context
+                ));
+            }
+            for (i, &t) in ch.tokens.iter().enumerate() {
+                if t as usize >= self.w.tok_embd.rows {
+                    return Err(format!(
+                        "token id {t} out of the vocabulary ({})",
+                        self.w.tok_embd.rows
+                    ));
+                }
+                rows.push((ch.slot, ch.pos + i));
+                tokens.push(t);
+            }
+        }
+        for ch in chunks {
+            if self.caches[ch.slot].is_none() {
+                let n = self.cache_len();
+                // Zeroed allocation: pages are committed only as positions fill.
+                self.caches[ch.slot] = Some(KvCache {
+                    k: vec![0f32; n],
+                    v: vec![0f32; n],
+                });
+            }
+        }
+        let m = rows.len();
+        let mut x = vec![0f32; m * d];
+        for (r, &t) in tokens.iter().enumerate() {
+            self.w
+                .tok_embd
+                .row_f32(t as usize, &mut x[r * d..(r + 1) * d]);
+        }
+        let mut xn = vec![0f32; m * d];
+        let mut q = vec![0f32; m * qd];
+        let mut k = vec![0f32; m * kvd];
+        let mut v = vec![0f32; m * kvd];
+        let mut att = vec![0f32; m * qd];
+        let mut o = vec![0f32; m * d];
+        let mut g = vec![0f32; m * c.n_ff];
+        let mut u = vec![0f32; m * c.n_ff];
+        let scale = 1.0 / (hd as f32).sqrt();
+        let ctx = c.context;
+
+        for (l, layer) in self.w.layers.iter().enumerate() {
+            for r in 0..m {
+                ops::rms_norm(
+                    &x[r * d..(r + 1) * d],
+                    &layer.attn_norm,
+                    c.rms_eps,
+                    &mut xn[r * d..(r + 1) * d],
+                );
+            }
+            matmul_multi(
+                &[&layer.wq, &layer.wk, &layer.wv],
+                &xn,
+                m,
+                &mut [&mut q, &mut k, &mut v],
+            );
+            for r in 0..m {
+                let qr = &mut q[r * qd..(r + 1) * qd];
+                let kr = &mut k[r * kvd..(r + 1) * kvd];
+                let vr = &mut v[r * kvd..(r + 1) * kvd];
+                if let Some(b) = &layer.bq {
+                    ops::add_inplace(qr, b);
+                }
+                if let Some(b) = &layer.bk {
+                    ops::add_inplace(kr, b);
+                }
+                if let Some(b) = &layer.bv {
+                    ops::add_inplace(vr, b);
+                }
+                if let Some(nw) = &layer.q_norm {
+                    for h in qr.chunks_exact_mut(hd) {
+                        ops::rms_norm_inplace(h, nw, c.rms_eps);
+                    }
+                }
+                if let Some(nw) = &layer.k_norm {
+                    for h in kr.chunks_exact_mut(hd) {
+                        ops::rms_norm_inplace(h, nw, c.rms_eps);
+                    }
+                }
+            }
+            // RoPE (needs &self for the tables; the buffers are locals).
+            {
+                let half = c.rope_dim / 2;
+                let (cos, sin) = (&self.cos, &self.sin);
+                let rope = |buf: &mut [f32], heads: usize, pos: usize| {
+                    let cs = &cos[pos * half..(pos + 1) * half];
+                    let sn = &sin[pos * half..(pos + 1) * half];
+                    for h in 0..heads {
+                        let vv = &mut buf[h * hd..(h + 1) * hd];
+                        match c.rope_style {
+                            RopeStyle::Interleaved => {
+                                for i in 0..half {
+                                    let (a, b) = (vv[2 * i], vv[2 * i + 1]);
+                                    vv[2 * i] = a * cs[i] - b * sn[i];
+                                    vv[2 * i + 1] = a * sn[i] + b * cs[i];
+                                }
+                            }
+                            RopeStyle::Neox => {
+                                for i in 0..half {
+                                    let (a, b) = (vv[i], vv[i + half]);
+                                    vv[i] = a * cs[i] - b * sn[i];
+                                    vv[i + half] = a * sn[i] + b * cs[i];
+                                }
+                            }
+                        }
+                    }
+                };
+                for (r, &(_, pos)) in rows.iter().enumerate() {
+                    rope(&mut q[r * qd..(r + 1) * qd], nh, pos);
+                    rope(&mut k[r * kvd..(r + 1) * kvd], nkv, pos);
+                }
+            }
+            // Store K/V at their positions.
+            for (r, &(slot, pos)) in rows.iter().enumerate() {
+                let cache = self.caches[slot].as_mut().expect("cache allocated");
+                for h in 0..nkv {
+                    let off = ((l * nkv + h) * ctx + pos) * hd;
+                    cache.k[off..off + hd]
+                        .copy_from_slice(&k[r * kvd + h * hd..r * kvd + (h + 1) * hd]);
+                    cache.v[off..off + hd]
+                        .copy_from_slice(&v[r * kvd + h * hd..r * kvd + (h + 1) * hd]);
+                }
+            }
+            // Causal attention of every (row, head) over its own sequence.
+            {
+                let caches = &self.caches;
+                let q = &q;
+                let rows = &rows;
+                let work = |i: usize, out: &mut [f32], scores: &mut Vec<f32>| {
+                    let (r, h) = (i / nh, i % nh);
+                    let (slot, pos) = rows[r];
+                    let cache = caches[slot].as_ref().expect("cache allocated");
+                    let kvh = h / group;
+                    let base = (l * nkv + kvh) * ctx * hd;
+                    let qv = &q[r * qd + h * hd..r * qd + (h + 1) * hd];
+                    let n = pos + 1;
+                    scores.clear();
+                    scores.extend((0..n).map(|p| {
+                        ops::dot(qv, &cache.k[base + p * hd..base + (p + 1) * hd]) * scale
+                    }));
+                    ops::softmax_inplace(scores);
+                    out.fill(0.0);
+                    for (p, &w) in scores.iter().enumerate() {
+                        ops::axpy(w, &cache.v[base + p * hd..base + (p + 1) * hd], out);
+                    }
+                };
+                if m * nh > 1 {
+                    att.par_chunks_mut(hd)
+                        .enumerate()
+                        .for_each_init(Vec::new, |s, (i, out)| work(i, out, s));
+                } else {
+                    let mut s = Vec::new();
+                    att.chunks_mut(hd)
+                        .enumerate()
+                        .for_each(|(i, out)| work(i, out, &mut s));
+                }
+            }
+            matmul_multi(&[&layer.wo], &att, m, &mut [&mut o]);
+            ops::add_inplace(&mut x, &o);
+            for r in 0..m {
+                ops::rms_norm(
+                    &x[r * d..(r + 1) * d],
+                    &layer.ffn_norm,
+                    c.rms_eps,
+                    &mut xn[r * d..(r + 1) * d],
+                );
+            }
+            matmul_multi(&[&layer.w_gate, &layer.w_up], &xn, m, &mut [&mut g, &mut u]);
+            ops::silu_mul(&mut g, &u);
+            matmul_multi(&[&layer.w_down], &g, m, &mut [&mut o]);
+            ops::add_inplace(&mut x, &o);
+        }
+
+        // Logits of each chunk's last row only.
+        let mut last = Vec::with_capacity(chunks.len());
+        let mut r = 0;
+        for ch in chunks {
+            r += ch.tokens.len();
+            last.push(r - 1);
+        }
+        let ml = last.len();
+        let mut xl = vec![0f32; ml * d];
+        for (i, &r) in last.iter().enumerate() {
+            ops::rms_norm(
+                &x[r * d..(r + 1) * d],
+                &self.w.output_norm,
+                c.rms_eps,
+                &mut xl[i * d..(i + 1) * d],
+            );
+        }
+        let out_w = self.w.output.as_ref().unwrap_or(&self.w.tok_embd);
+        let vocab = out_w.rows;
+        let mut logits = vec![0f32; ml * vocab];
+        matmul_multi(&[out_w], &xl, ml, &mut [&mut logits]);
+        Ok(logits.chunks_exact(vocab).map(|c| c.to_vec()).collect())
+    }
+}
+
+impl Model for LlamaModel {
+    fn context_length(&self) -> usize {
+        self.cfg.context
+    }
+
+    fn slots(&self) -> usize {
+        self.caches.len()
+    }
+
+    fn forward(&mut self, chunks: &[Chunk]) -> Result<Vec<Vec<f32>>, String> {
+        if chunks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pool = self.pool.clone();
+        pool.install(|| self.forward_inner(chunks))
+    }
+
+    fn release(&mut self, _slot: usize) {
+        // The cache is kept for the slot's next sequence (positions are
+        // overwritten before they are read).
+    }
+}

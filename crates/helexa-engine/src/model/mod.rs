@@ -1,0 +1,31 @@
+//! Models behind one small trait the scheduler drives: run a batch of token
+//! chunks of several sequences, each at its own position in its own KV-cache
+//! slot, and get the next-token logits of each chunk.
+
+pub mod gguf;
+pub mod llama;
+pub mod safetensors;
+
+/// Tokens of one sequence to run: written to `slot`'s cache at positions
+/// `pos..pos + tokens.len()`, attending to everything before them.
+#[derive(Debug, Clone, Copy)]
+pub struct Chunk<'a> {
+    pub slot: usize,
+    pub pos: usize,
+    pub tokens: &'a [u32],
+}
+
+pub trait Model: Send {
+    /// Positions each slot holds.
+    fn context_length(&self) -> usize;
+    /// Sequences that can be cached at once.
+    fn slots(&self) -> usize;
+    /// Logits (vocab-sized) after the last token of each chunk, in order.
+    /// Several chunks may not share a slot.
+    fn forward(&mut self, chunks: &[Chunk]) -> Result<Vec<Vec<f32>>, String>;
+    /// The slot's sequence is done; its cache may be reused.
+    fn release(&mut self, slot: usize);
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,358 @@
+//! The engine on the real model (SmolLM2-135M-Instruct Q4_1): generation,
+//! batching, cancellation, limits, long prompts.
+//!
+//! The model is found in `$HELEXA_MODEL_DIR` (default `~/.cache/helexa/models`);
+//! run `scripts/fetch-model` first. These tests fail, never skip, without it.
+
+use helexa_api::chat::ChatMessage;
+use helexa_engine::*;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+fn model_path() -> PathBuf {
+    let dir = std::env::var_os("HELEXA_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/helexa/models")
+        });
+    let p = dir.join(MODEL_FILE);
+    assert!(
+        p.is_file(),
+        "test model {} not found: run scripts/fetch-model (or set HELEXA_MODEL_DIR)",
+        p.display()
+    );
+    p
+}
+
+/// One engine shared by the tests of this binary (loading is cheap, but the
+/// tests also check that sequences from different tests don't interfere).
+fn engine() -> &'static Engine {
+    static E: OnceLock<Engine> = OnceLock::new();
+    E.get_or_init(|| {
+        let mut cfg = EngineConfig::new(model_path());
+        cfg.max_batch = 4;
+        Engine::load(cfg).expect("model loads")
+    })
+}
+
+fn greedy() -> SamplingParams {
+    SamplingParams {
+        temperature: 0.0,
+        ..SamplingParams::default()
+    }
+}
+
+fn chatml(user: &str) -> String {
+    format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+}
+
+#[derive(Debug, Default)]
+struct Run {
+    text: String,
+    text_tokens: usize,
+    prefilled: Option<usize>,
+    finish: Option<(FinishReason, usize, usize)>,
+    failed: Option<String>,
+}
+
+fn collect(mut s: GenerationStream) -> Run {
+    let mut r = Run::default();
+    while let Some(ev) = s.blocking_next() {
+        match ev {
+            GenEvent::Prefilled { prompt_tokens } => {
+                assert!(r.prefilled.is_none(), "Prefilled twice");
+                assert!(r.text.is_empty(), "Prefilled after text");
+                r.prefilled = Some(prompt_tokens);
+            }
+            GenEvent::Text { text, tokens } => {
+                assert!(r.prefilled.is_some(), "text before Prefilled");
+                r.text.push_str(&text);
+                r.text_tokens += tokens;
+            }
+            GenEvent::Finished {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                r.finish = Some((reason, prompt_tokens, completion_tokens));
+                break;
+            }
+            GenEvent::Failed { message } => {
+                r.failed = Some(message);
+                break;
+            }
+        }
+    }
+    assert!(s.blocking_next().is_none(), "events after the end");
+    r
+}
+
+fn generate(e: &Engine, prompt: &str, max_new: usize, stop: Vec<String>) -> Run {
+    let ids = e.tokenize(prompt, true).unwrap();
+    let s = e
+        .submit(GenerationRequest {
+            prompt: ids,
+            params: greedy(),
+            max_new_tokens: max_new,
+            stop,
+        })
+        .unwrap();
+    collect(s)
+}
+
+#[test]
+fn meta_comes_from_the_gguf() {
+    let m = engine().meta();
+    assert_eq!(m.architecture, "llama");
+    assert_eq!(m.context_length, 8192);
+    assert_eq!(m.vocab_size, 49152);
+    assert!(m.has_chat_template);
+    assert_eq!(m.eos_token.as_deref(), Some("<|im_end|>"));
+    assert!(m.eos_token_ids.contains(&2), "{:?}", m.eos_token_ids); // <|im_end|>
+    assert!(m.eos_token_ids.contains(&0), "{:?}", m.eos_token_ids); // <|endoftext|>
+    assert!(m.weights_bytes > 90_000_000, "{}", m.weights_bytes);
+    assert!(!m.name.is_empty());
+}
+
+#[test]
+fn greedy_answer_is_sensible_and_deterministic() {
+    let e = engine();
+    let a = generate(e, &chatml("What is the capital of France?"), 24, vec![]);
+    assert!(a.failed.is_none(), "{:?}", a.failed);
+    assert!(a.text.contains("Paris"), "answer: {:?}", a.text);
+    let (_, prompt_tokens, completion) = a.finish.unwrap();
+    assert_eq!(Some(prompt_tokens), a.prefilled);
+    assert!((1..=24).contains(&completion));
+    let b = generate(e, &chatml("What is the capital of France?"), 24, vec![]);
+    assert_eq!(a.text, b.text);
+    assert_eq!(a.finish, b.finish);
+}
+
+#[test]
+fn chat_template_renders_and_generates() {
+    let e = engine();
+    let prompt = e
+        .render_chat(
+            &[ChatMessage::new("user", "What is the capital of France?")],
+            None,
+            true,
+        )
+        .unwrap();
+    assert!(prompt.ends_with("<|im_start|>assistant\n"), "{prompt:?}");
+    let r = generate(e, &prompt, 24, vec![]);
+    assert!(r.text.contains("Paris"), "answer: {:?}", r.text);
+}
+
+#[test]
+fn batched_decode_matches_single_runs() {
+    let e = engine();
+    let prompts = [
+        chatml("Write a short poem about the sea."),
+        chatml("List three colours."),
+        chatml("Explain what a CPU does in one sentence."),
+    ];
+    let alone: Vec<Run> = prompts.iter().map(|p| generate(e, p, 40, vec![])).collect();
+    let streams: Vec<GenerationStream> = prompts
+        .iter()
+        .map(|p| {
+            e.submit(GenerationRequest {
+                prompt: e.tokenize(p, true).unwrap(),
+                params: greedy(),
+                max_new_tokens: 40,
+                stop: vec![],
+            })
+            .unwrap()
+        })
+        .collect();
+    let handles: Vec<_> = streams
+        .into_iter()
+        .map(|s| std::thread::spawn(move || collect(s)))
+        .collect();
+    let together: Vec<Run> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (a, b) in alone.iter().zip(&together) {
+        assert!(a.failed.is_none() && b.failed.is_none());
+        assert!(!a.text.is_empty());
+        assert_eq!(a.text, b.text);
+        assert_eq!(a.finish, b.finish);
+    }
+}
+
+#[test]
+fn max_new_tokens_gives_length() {
+    let r = generate(
+        engine(),
+        &chatml("Count from one to one hundred in words."),
+        5,
+        vec![],
+    );
+    let (reason, _, completion) = r.finish.unwrap();
+    assert_eq!(reason, FinishReason::Length);
+    assert_eq!(completion, 5);
+    assert!(r.text_tokens <= 5);
+}
+
+#[test]
+fn stop_string_ends_with_stop_and_is_not_emitted() {
+    let e = engine();
+    let full = generate(e, &chatml("What is the capital of France?"), 24, vec![]);
+    assert!(full.text.contains("Paris"));
+    let r = generate(
+        e,
+        &chatml("What is the capital of France?"),
+        24,
+        vec!["Paris".into()],
+    );
+    let (reason, ..) = r.finish.unwrap();
+    assert_eq!(reason, FinishReason::Stop);
+    assert!(!r.text.contains("Paris"), "{:?}", r.text);
+    assert!(
+        full.text.starts_with(&r.text),
+        "{:?} vs {:?}",
+        r.text,
+        full.text
+    );
+}
+
+#[test]
+fn dropping_the_stream_cancels_and_frees_the_slot() {
+    // Its own engine, so that `in_flight` counts only this sequence.
+    let mut cfg = EngineConfig::new(model_path());
+    cfg.max_batch = 1;
+    let e = &Engine::load(cfg).expect("model loads");
+    let mut s = e
+        .submit(GenerationRequest {
+            prompt: e
+                .tokenize(&chatml("Tell me a very long story about dragons."), true)
+                .unwrap(),
+            params: SamplingParams {
+                temperature: 0.8,
+                seed: Some(7),
+                ..SamplingParams::default()
+            },
+            max_new_tokens: 2000,
+            stop: vec![],
+        })
+        .unwrap();
+    // Wait until it is decoding.
+    loop {
+        match s.blocking_next().expect("events") {
+            GenEvent::Text { .. } => break,
+            GenEvent::Prefilled { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(e.stats().in_flight >= 1);
+    drop(s);
+    let t = Instant::now();
+    while e.stats().in_flight > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "in_flight stuck at {}",
+            e.stats().in_flight
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let st = e.stats();
+    assert!(st.tokens_generated_total > 0);
+    assert!(st.prompt_tokens_total > 0);
+    assert!(st.tok_s_decode > 0.0);
+    // The slot is free again: a new sequence runs to completion.
+    let r = generate(e, &chatml("Say hi."), 3, vec![]);
+    assert!(r.finish.is_some(), "{r:?}");
+    e.shutdown();
+    assert!(matches!(
+        e.submit(GenerationRequest {
+            prompt: vec![1, 2, 3],
+            params: greedy(),
+            max_new_tokens: 1,
+            stop: vec![],
+        }),
+        Err(EngineError::Shutdown)
+    ));
+}
+
+#[test]
+fn limits_are_checked_at_submit() {
+    let e = engine();
+    let err = e
+        .submit(GenerationRequest {
+            prompt: vec![1; 8000],
+            params: greedy(),
+            max_new_tokens: 500,
+            stop: vec![],
+        })
+        .err()
+        .expect("too long");
+    match err {
+        EngineError::ContextLength {
+            max,
+            prompt,
+            requested,
+        } => {
+            assert_eq!((max, prompt, requested), (8192, 8000, 500));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(err_msg_starts(&e.submit(GenerationRequest {
+        prompt: vec![1; 8000],
+        params: greedy(),
+        max_new_tokens: 500,
+        stop: vec![],
+    })));
+    let err = e
+        .submit(GenerationRequest {
+            prompt: vec![],
+            params: greedy(),
+            max_new_tokens: 5,
+            stop: vec![],
+        })
+        .err()
+        .expect("empty");
+    assert!(matches!(err, EngineError::InvalidRequest(_)), "{err:?}");
+}
+
+fn err_msg_starts(r: &Result<GenerationStream, EngineError>) -> bool {
+    match r {
+        Err(e) => e
+            .to_string()
+            .starts_with("This model's maximum context length is 8192 tokens."),
+        Ok(_) => false,
+    }
+}
+
+#[test]
+fn prompt_longer_than_4096_tokens_works() {
+    let e = engine();
+    let para = "The quick brown fox jumps over the lazy dog while the river runs to the sea. ";
+    let mut ids = e.tokenize("<|im_start|>user\n", true).unwrap();
+    let p = e.tokenize(para, false).unwrap();
+    while ids.len() + p.len() < 5000 {
+        ids.extend_from_slice(&p);
+    }
+    ids.extend(
+        e.tokenize(
+            "\nWhat animal jumps?<|im_end|>\n<|im_start|>assistant\n",
+            false,
+        )
+        .unwrap(),
+    );
+    assert!(ids.len() > 4096);
+    let n = ids.len();
+    let r = collect(
+        e.submit(GenerationRequest {
+            prompt: ids,
+            params: greedy(),
+            max_new_tokens: 4,
+            stop: vec![],
+        })
+        .unwrap(),
+    );
+    assert!(r.failed.is_none(), "{:?}", r.failed);
+    let (_, prompt_tokens, completion) = r.finish.unwrap();
+    assert_eq!(prompt_tokens, n);
+    assert!((1..=4).contains(&completion));
+    assert!(!r.text.trim().is_empty(), "{:?}", r.text);
+}
