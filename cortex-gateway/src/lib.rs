@@ -1,1 +1,24 @@
+//! cortex: the OpenAI-compatible gateway in front of a fleet of neurons.
+//!
+//! `server::start` builds exactly what the `cortex` binary runs, so tests
+//! drive the real thing in-process on `127.0.0.1:0`.
 
+pub mod advice;
+pub mod api;
+pub mod config;
+pub mod fleet;
+pub mod inference;
+pub mod loader;
+pub mod metrics;
+pub mod poller;
+pub mod prevalidate;
+pub mod proxy;
+pub mod relay;
+pub mod router;
+pub mod server;
+pub mod shutdown;
+pub mod state;
+pub mod tokens;
+
+pub use config::Config;
+pub use server::{start, Running, StartError};

@@ -1,0 +1,450 @@
+//! The `/v1/*` POST handlers: parse once, resolve, pre-validate, route,
+//! try replicas in order until one accepts, and relay its answer.
+//!
+//! Holding a request while a model loads on demand lives here too, because
+//! it wraps the same dispatch in a keep-alive SSE stream.
+
+use crate::advice;
+use crate::config::ms;
+use crate::prevalidate::{self, RequestHead};
+use crate::proxy::{self, Outcome, Refusal};
+use crate::relay::{status_str, Accounting, InFlight, Relay};
+use crate::router::{self, Candidate};
+use crate::state::Gateway;
+use crate::tokens::Counter;
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use helexa_api::error::{ApiError, ErrorCode, ErrorEnvelope};
+use helexa_api::extract::{check_content_type, parse_json, read_body};
+use http::{header, HeaderValue};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The OpenAI endpoints cortex proxies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Chat,
+    Completions,
+    Responses,
+    Embeddings,
+}
+
+impl Route {
+    pub fn path(self) -> &'static str {
+        match self {
+            Route::Chat => "/v1/chat/completions",
+            Route::Completions => "/v1/completions",
+            Route::Responses => "/v1/responses",
+            Route::Embeddings => "/v1/embeddings",
+        }
+    }
+
+    /// Streams of these end with `data: [DONE]`.
+    fn expects_done(self) -> bool {
+        matches!(self, Route::Chat | Route::Completions)
+    }
+}
+
+/// Per-request facts the later steps need.
+struct Ctx {
+    gw: Arc<Gateway>,
+    route: Route,
+    model: String,
+    request_id: HeaderValue,
+    accept: Option<HeaderValue>,
+    user_agent: Option<String>,
+    started: Instant,
+}
+
+pub async fn handle(gw: Arc<Gateway>, route: Route, req: Request) -> Response {
+    let started = Instant::now();
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .cloned()
+        .unwrap_or(HeaderValue::from_static("-"));
+    let accept = req.headers().get(header::ACCEPT).cloned();
+    let user_agent = req
+        .headers()
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let mut ctx = Ctx {
+        gw,
+        route,
+        model: String::new(),
+        request_id,
+        accept,
+        user_agent,
+        started,
+    };
+    if let Err(e) = check_content_type(req.headers()) {
+        return ctx.reject(e);
+    }
+    let limit = ctx.gw.config.gateway.max_body_bytes;
+    let body = match read_body(req, Some(limit)).await {
+        Ok(b) => b,
+        Err(e) => return ctx.reject(e),
+    };
+    let head: RequestHead = match parse_json(&body) {
+        Ok(h) => h,
+        Err(e) => return ctx.reject(e),
+    };
+    if head.model.is_empty() {
+        return ctx.reject(ApiError::missing_model());
+    }
+    let resolved = router::resolve_alias(&ctx.gw.config.aliases, &head.model);
+    let body = if resolved != head.model {
+        match rewrite_model(&body, resolved) {
+            Ok(b) => b,
+            Err(e) => return ctx.reject(e),
+        }
+    } else {
+        body
+    };
+    ctx.model = resolved.to_string();
+
+    let snap = ctx.gw.fleet.snapshot();
+    let candidates = router::rank(&ctx.gw.fleet, &snap, &ctx.model);
+    if candidates.is_empty() {
+        let gw = &ctx.gw;
+        let loadable =
+            gw.config.loading.enabled && snap.nodes.iter().any(|v| v.can_load(&ctx.model));
+        if loadable {
+            return hold_for_load(ctx, head, body).await;
+        }
+        let err = if router::known_anywhere(&snap, &ctx.model) {
+            ApiError::new(
+                ErrorCode::NoCapacity,
+                format!("no healthy neuron can serve `{}` now", ctx.model),
+            )
+            .with_retry_after(2)
+        } else {
+            ApiError::model_not_found(&ctx.model)
+        };
+        return ctx.reject(err);
+    }
+    drop(snap);
+    if let Err(resp) = ctx.prevalidate(&head).await {
+        return resp;
+    }
+    match ctx.dispatch(candidates, body).await {
+        Ok(r) => r,
+        Err(Failure::Api(e)) => ctx.reject(e),
+        Err(Failure::Refused(r)) => ctx.all_refused(&r),
+    }
+}
+
+fn rewrite_model(body: &Bytes, model: &str) -> Result<Bytes, ApiError> {
+    let mut v: serde_json::Value = parse_json(body)?;
+    v["model"] = serde_json::Value::String(model.to_string());
+    Ok(Bytes::from(
+        serde_json::to_vec(&v).expect("json re-serialises"),
+    ))
+}
+
+enum Failure {
+    Api(ApiError),
+    Refused(Refusal),
+}
+
+impl Ctx {
+    fn model_label(&self) -> &str {
+        if self.model.is_empty() {
+            "-"
+        } else {
+            &self.model
+        }
+    }
+
+    /// An error answered by cortex itself: logged once, counted, enveloped.
+    fn reject(&self, e: ApiError) -> Response {
+        self.count_local(e.status().as_u16());
+        tracing::warn!(request_id = ?self.request_id, model = %self.model_label(),
+            code = e.code.as_str(), error = %e.message, "request refused");
+        e.into_response()
+    }
+
+    fn count_local(&self, status: u16) {
+        let m = &self.gw.metrics;
+        m.requests_total
+            .with_label_values(&[self.model_label(), "-", status_str(status)])
+            .inc();
+        m.request_duration
+            .with_label_values(&[self.model_label()])
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+
+    /// Smallest known context window over the replicas; 0 = unknown.
+    fn context_limit(&self) -> u64 {
+        let snap = self.gw.fleet.snapshot();
+        snap.nodes
+            .iter()
+            .filter(|v| v.healthy)
+            .filter_map(|v| v.models.get(&self.model))
+            .map(|m| m.limit.context as u64)
+            .filter(|c| *c > 0)
+            .min()
+            .unwrap_or(0)
+    }
+
+    async fn check_prompt(&self, head: &RequestHead) -> Result<(), ApiError> {
+        let cfg = &self.gw.config.prevalidation;
+        if !cfg.enabled || self.route == Route::Embeddings {
+            return Ok(());
+        }
+        let context = self.context_limit();
+        if context == 0 {
+            return Ok(());
+        }
+        let tokenizer = if cfg.fetch_tokenizer {
+            self.gw.tokenizers.get(&self.gw, &self.model).await
+        } else {
+            None
+        };
+        let counter = match &tokenizer {
+            Some(t) => Counter::Exact(t),
+            None => Counter::Estimate {
+                chars_per_token: cfg.chars_per_token,
+            },
+        };
+        let res = prevalidate::check(head, context, &counter, cfg);
+        if res.is_err() {
+            self.gw
+                .metrics
+                .prevalidation_rejections
+                .with_label_values(&[self.model.as_str()])
+                .inc();
+        }
+        res
+    }
+
+    async fn prevalidate(&self, head: &RequestHead) -> Result<(), Response> {
+        match self.check_prompt(head).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let max = e.extras.get("max").and_then(|v| v.as_u64()).unwrap_or(0);
+                let mut resp = self.reject(e);
+                if let Some(text) = advice::for_context_refusal(self.user_agent.as_deref(), max) {
+                    if let Ok(v) = HeaderValue::from_str(&text) {
+                        resp.headers_mut().insert(advice::HEADER, v);
+                    }
+                }
+                Err(resp)
+            }
+        }
+    }
+
+    /// Tries the candidates best first; the first that does not refuse wins.
+    async fn dispatch(&self, candidates: Vec<Candidate>, body: Bytes) -> Result<Response, Failure> {
+        let gw = &self.gw;
+        let mut last: Option<Refusal> = None;
+        for (i, c) in candidates.iter().enumerate() {
+            if i > 0 {
+                gw.metrics.upstream_retries.inc();
+            }
+            let neuron = &gw.fleet.neurons[c.node];
+            let in_flight = InFlight::new(neuron.local_counter(&self.model));
+            let outcome = proxy::attempt(
+                gw,
+                c.node,
+                &self.model,
+                self.route.path(),
+                body.clone(),
+                &self.request_id,
+                self.accept.as_ref(),
+            )
+            .await;
+            match outcome {
+                Outcome::Response(resp) => return Ok(self.relay(resp, c.node, in_flight)),
+                Outcome::Refused(r) => {
+                    tracing::info!(request_id = ?self.request_id, model = %self.model,
+                        node = %neuron.name, reason = %r.reason, "replica refused; trying the next");
+                    last = Some(r);
+                }
+                Outcome::Failed(e) => return Err(Failure::Api(e)),
+            }
+        }
+        Err(match last {
+            Some(r) => Failure::Refused(r),
+            None => Failure::Api(ApiError::new(
+                ErrorCode::NoCapacity,
+                format!("no replica of `{}` is available", self.model),
+            )),
+        })
+    }
+
+    fn all_refused(&self, r: &Refusal) -> Response {
+        let status = r.status.map(|s| s.as_u16()).unwrap_or(502);
+        self.count_local(status);
+        tracing::warn!(request_id = ?self.request_id, model = %self.model,
+            status, reason = %r.reason, "every replica refused");
+        proxy::refusal_response(r, &self.model)
+    }
+
+    fn relay(&self, resp: reqwest::Response, node: usize, in_flight: InFlight) -> Response {
+        let gw = &self.gw;
+        let neuron = &gw.fleet.neurons[node];
+        let status = resp.status();
+        let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
+        let retry_after = resp.headers().get(header::RETRY_AFTER).cloned();
+        let is_sse = content_type
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|s| s.starts_with("text/event-stream"));
+        let acct = Accounting {
+            metrics: gw.metrics.clone(),
+            model: self.model.clone(),
+            node: neuron.name.clone(),
+            status: status.as_u16(),
+            started: self.started,
+            request_id: self.request_id.to_str().unwrap_or("-").to_string(),
+        };
+        let relay = Relay::new(
+            Box::pin(resp.bytes_stream()),
+            is_sse,
+            self.route.expects_done(),
+            ms(gw.config.upstream.idle_timeout_ms),
+            acct,
+            in_flight,
+        );
+        let mut out = Response::new(Body::from_stream(relay));
+        *out.status_mut() = status;
+        let h = out.headers_mut();
+        if let Some(ct) = content_type {
+            h.insert(header::CONTENT_TYPE, ct);
+        }
+        if let Some(ra) = retry_after {
+            h.insert(header::RETRY_AFTER, ra);
+        }
+        if is_sse {
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        }
+        h.insert("x-helexa-node", neuron.header.clone());
+        out
+    }
+
+    /// After a load: re-rank (falling back to the neuron that loaded it),
+    /// pre-validate with the now-known limit, dispatch.
+    async fn after_load(
+        &self,
+        idx: usize,
+        head: &RequestHead,
+        body: Bytes,
+    ) -> Result<Response, Failure> {
+        let snap = self.gw.fleet.snapshot();
+        let mut candidates = router::rank(&self.gw.fleet, &snap, &self.model);
+        if candidates.is_empty() {
+            candidates.push(Candidate {
+                node: idx,
+                score: 0,
+            });
+        }
+        drop(snap);
+        self.check_prompt(head).await.map_err(Failure::Api)?;
+        self.dispatch(candidates, body).await
+    }
+}
+
+/// No replica is loaded but one can be: load it and hold the request. A
+/// streaming request gets its SSE head at once and keep-alive comments
+/// while it waits; a plain one just waits (up to `loading.timeout_ms`).
+async fn hold_for_load(ctx: Ctx, head: RequestHead, body: Bytes) -> Response {
+    if !head.stream {
+        let res = match ctx.gw.loader.load(&ctx.gw, &ctx.model).await {
+            Ok(idx) => ctx.after_load(idx, &head, body).await,
+            Err(e) => Err(Failure::Api(e)),
+        };
+        return match res {
+            Ok(r) => r,
+            Err(Failure::Api(e)) => ctx.reject(e),
+            Err(Failure::Refused(r)) => ctx.all_refused(&r),
+        };
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    let keepalive = ms(ctx.gw.config.loading.keepalive_interval_ms.max(1));
+    tokio::spawn(async move {
+        let load = ctx.gw.loader.load(&ctx.gw, &ctx.model);
+        tokio::pin!(load);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+        let loaded = loop {
+            tokio::select! {
+                r = &mut load => break r,
+                _ = tick.tick() => {
+                    if tx.send(Ok(helexa_api::sse::keep_alive())).await.is_err() {
+                        return; // the client went away
+                    }
+                }
+            }
+        };
+        let res = match loaded {
+            Ok(idx) => ctx.after_load(idx, &head, body).await,
+            Err(e) => Err(Failure::Api(e)),
+        };
+        let resp = match res {
+            Ok(r) => r,
+            Err(Failure::Api(e)) => {
+                ctx.count_local(e.status().as_u16());
+                tracing::warn!(request_id = ?ctx.request_id, model = %ctx.model,
+                    code = e.code.as_str(), error = %e.message, "held request failed");
+                let _ = tx.send(Ok(helexa_api::sse::error_events(&e))).await;
+                return;
+            }
+            Err(Failure::Refused(r)) => {
+                ctx.count_local(r.status.map(|s| s.as_u16()).unwrap_or(502));
+                let e = refusal_error(&r, &ctx.model);
+                let _ = tx.send(Ok(helexa_api::sse::error_events(&e))).await;
+                return;
+            }
+        };
+        let ok = resp.status().is_success();
+        let mut stream = resp.into_body().into_data_stream();
+        if !ok {
+            // The head is already sent: the upstream error becomes an event.
+            let mut text = Vec::new();
+            while let Some(Ok(chunk)) = stream.next().await {
+                text.extend_from_slice(&chunk);
+            }
+            let e = match serde_json::from_slice::<ErrorEnvelope>(&text) {
+                Ok(env) => ApiError::new(ErrorCode::UpstreamError, env.error.message),
+                Err(_) => ApiError::new(
+                    ErrorCode::UpstreamError,
+                    String::from_utf8_lossy(&text).into_owned(),
+                ),
+            };
+            let _ = tx.send(Ok(helexa_api::sse::error_events(&e))).await;
+            return;
+        }
+        while let Some(item) = stream.next().await {
+            let item = item.map_err(std::io::Error::other);
+            if tx.send(item).await.is_err() {
+                return; // the client went away; dropping `stream` drops upstream
+            }
+        }
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+fn refusal_error(r: &Refusal, model: &str) -> ApiError {
+    let msg = serde_json::from_slice::<ErrorEnvelope>(&r.body)
+        .map(|e| e.error.message)
+        .unwrap_or_else(|_| format!("every replica of `{model}` refused: {}", r.reason));
+    let code = match r.status.map(|s| s.as_u16()) {
+        Some(429) => ErrorCode::RateLimitExceeded,
+        Some(_) => ErrorCode::ModelBusy,
+        None => ErrorCode::UpstreamError,
+    };
+    ApiError::new(code, msg)
+}

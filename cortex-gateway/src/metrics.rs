@@ -1,0 +1,166 @@
+//! cortex's Prometheus metrics, registered once, served on `metrics_listen`.
+//!
+//! Histograms have explicit buckets (never summaries); text exposition is
+//! the prometheus crate's encoder, never hand-written.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+const DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0,
+];
+const TTFT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+];
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests_total: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub ttft: HistogramVec,
+    pub tokens_total: IntCounterVec,
+    pub upstream_retries: IntCounter,
+    pub prevalidation_rejections: IntCounterVec,
+    pub neuron_up: IntGaugeVec,
+    pub model_in_flight: IntGaugeVec,
+    pub model_queue_depth: IntGaugeVec,
+    pub model_loads: IntCounterVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests_total = IntCounterVec::new(
+            Opts::new(
+                "cortex_requests_total",
+                "Requests answered, by model, node and status",
+            ),
+            &["model", "node", "status"],
+        )
+        .expect("metric");
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "cortex_request_duration_seconds",
+                "Time from request to the end of the response (stream included)",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["model"],
+        )
+        .expect("metric");
+        let ttft = HistogramVec::new(
+            HistogramOpts::new(
+                "cortex_time_to_first_token_seconds",
+                "Time from request to the first content token",
+            )
+            .buckets(TTFT_BUCKETS.to_vec()),
+            &["model"],
+        )
+        .expect("metric");
+        let tokens_total = IntCounterVec::new(
+            Opts::new("cortex_tokens_total", "Tokens reported by upstream usage"),
+            &["kind"],
+        )
+        .expect("metric");
+        let upstream_retries = IntCounter::new(
+            "cortex_upstream_retries_total",
+            "Replicas skipped because they refused before the first byte",
+        )
+        .expect("metric");
+        let prevalidation_rejections = IntCounterVec::new(
+            Opts::new(
+                "cortex_prevalidation_rejections_total",
+                "Requests refused at the edge because the prompt cannot fit",
+            ),
+            &["model"],
+        )
+        .expect("metric");
+        let neuron_up = IntGaugeVec::new(
+            Opts::new("cortex_neuron_up", "1 while the neuron is healthy"),
+            &["node"],
+        )
+        .expect("metric");
+        let model_in_flight = IntGaugeVec::new(
+            Opts::new(
+                "cortex_model_in_flight",
+                "Polled in-flight requests per replica",
+            ),
+            &["model", "node"],
+        )
+        .expect("metric");
+        let model_queue_depth = IntGaugeVec::new(
+            Opts::new("cortex_model_queue_depth", "Polled queue depth per replica"),
+            &["model", "node"],
+        )
+        .expect("metric");
+        let model_loads = IntCounterVec::new(
+            Opts::new(
+                "cortex_model_loads_total",
+                "On-demand loads cortex asked for, by result",
+            ),
+            &["model", "node", "result"],
+        )
+        .expect("metric");
+        for c in [
+            Box::new(requests_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(request_duration.clone()),
+            Box::new(ttft.clone()),
+            Box::new(tokens_total.clone()),
+            Box::new(upstream_retries.clone()),
+            Box::new(prevalidation_rejections.clone()),
+            Box::new(neuron_up.clone()),
+            Box::new(model_in_flight.clone()),
+            Box::new(model_queue_depth.clone()),
+            Box::new(model_loads.clone()),
+        ] {
+            registry.register(c).expect("unique metric");
+        }
+        Metrics {
+            registry,
+            requests_total,
+            request_duration,
+            ttft,
+            tokens_total,
+            upstream_retries,
+            prevalidation_rejections,
+            neuron_up,
+            model_in_flight,
+            model_queue_depth,
+            model_loads,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding");
+        String::from_utf8(buf).expect("utf-8 exposition")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_have_explicit_buckets() {
+        let m = Metrics::new();
+        m.request_duration.with_label_values(&["m"]).observe(0.003);
+        let text = m.render();
+        assert!(text.contains("cortex_request_duration_seconds_bucket{model=\"m\",le=\"0.005\"} 1"));
+        assert!(
+            text.contains("cortex_request_duration_seconds_bucket{model=\"m\",le=\"0.0025\"} 0")
+        );
+    }
+}

@@ -1,0 +1,188 @@
+//! Sends one request to one replica and classifies what came back before
+//! the first byte: a response to relay, a refusal to retry elsewhere, or a
+//! failure to report.
+//!
+//! Refusals are connection refused/reset, `503` and `429`: the neuron did
+//! no work, so the next-best replica may take the request.
+
+use crate::config::ms;
+use crate::state::Gateway;
+use bytes::Bytes;
+use helexa_api::error::{ApiError, ErrorCode};
+use helexa_protocol::EndpointResponse;
+use http::{header, HeaderMap, HeaderValue, StatusCode};
+use std::sync::Arc;
+
+/// A refusal as the replica sent it, kept to pass on if all refuse.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// `None` for a connection-level refusal.
+    pub status: Option<StatusCode>,
+    pub retry_after: Option<HeaderValue>,
+    pub content_type: Option<HeaderValue>,
+    pub body: Bytes,
+    pub reason: String,
+}
+
+pub enum Outcome {
+    Response(reqwest::Response),
+    Refused(Refusal),
+    Failed(ApiError),
+}
+
+/// The base URL for `/v1/*` of `model` on neuron `idx` (cached).
+async fn endpoint(gw: &Gateway, idx: usize, model: &str) -> Result<Arc<str>, String> {
+    let neuron = &gw.fleet.neurons[idx];
+    if let Some(u) = neuron.cached_endpoint(model) {
+        return Ok(u);
+    }
+    let url = format!("{}/models/{}/endpoint", neuron.endpoint, model);
+    let resp = gw
+        .control
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(format!("{url}: HTTP {}", resp.status()));
+    }
+    let ep: EndpointResponse = resp.json().await.map_err(|e| format!("{url}: {e}"))?;
+    if ep.url.is_empty() {
+        return Err(format!("{url}: empty url"));
+    }
+    Ok(neuron.cache_endpoint(model, &ep.url))
+}
+
+/// POSTs `body` to `path` of `model` on neuron `idx`.
+pub async fn attempt(
+    gw: &Gateway,
+    idx: usize,
+    model: &str,
+    path: &str,
+    body: Bytes,
+    request_id: &HeaderValue,
+    accept: Option<&HeaderValue>,
+) -> Outcome {
+    let neuron = &gw.fleet.neurons[idx];
+    let base = match endpoint(gw, idx, model).await {
+        Ok(b) => b,
+        Err(reason) => {
+            return Outcome::Refused(Refusal {
+                status: None,
+                retry_after: None,
+                content_type: None,
+                body: Bytes::new(),
+                reason: format!("endpoint lookup failed: {reason}"),
+            })
+        }
+    };
+    let mut url = String::with_capacity(base.len() + path.len());
+    url.push_str(&base);
+    url.push_str(path);
+    let mut req = gw
+        .upstream
+        .post(url)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header("x-request-id", request_id.clone());
+    if let Some(a) = accept {
+        req = req.header(header::ACCEPT, a.clone());
+    }
+    let sent = tokio::time::timeout(
+        ms(gw.config.upstream.first_byte_timeout_ms),
+        req.body(body).send(),
+    )
+    .await;
+    let resp = match sent {
+        Err(_) => {
+            return Outcome::Failed(ApiError::new(
+                ErrorCode::UpstreamTimeout,
+                format!(
+                    "neuron `{}` sent no response within {} ms",
+                    neuron.name, gw.config.upstream.first_byte_timeout_ms
+                ),
+            ))
+        }
+        Ok(Err(e)) => {
+            if e.is_connect() {
+                // The cached endpoint may be stale; look it up again next time.
+                neuron.forget_endpoint(model);
+            }
+            if e.is_timeout() {
+                return Outcome::Failed(ApiError::new(
+                    ErrorCode::UpstreamTimeout,
+                    format!("neuron `{}` timed out: {e}", neuron.name),
+                ));
+            }
+            return Outcome::Refused(Refusal {
+                status: None,
+                retry_after: None,
+                content_type: None,
+                body: Bytes::new(),
+                reason: format!("{e}"),
+            });
+        }
+        Ok(Ok(r)) => r,
+    };
+    let status = resp.status();
+    if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
+        let retry_after = resp.headers().get(header::RETRY_AFTER).cloned();
+        let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
+        let body = read_capped(resp, gw.config.upstream.max_refusal_body_bytes).await;
+        return Outcome::Refused(Refusal {
+            status: Some(status),
+            retry_after,
+            content_type,
+            body,
+            reason: format!("HTTP {status}"),
+        });
+    }
+    Outcome::Response(resp)
+}
+
+async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Bytes {
+    let mut out = Vec::new();
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        let room = cap.saturating_sub(out.len());
+        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if out.len() >= cap {
+            break;
+        }
+    }
+    Bytes::from(out)
+}
+
+/// The client's answer when every replica refused: the last refusal intact
+/// (status, body, `Retry-After`), or `502 upstream_error` when it was a
+/// connection failure.
+pub fn refusal_response(r: &Refusal, model: &str) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match r.status {
+        Some(status) => {
+            let mut resp = (status, axum::body::Body::from(r.body.clone())).into_response();
+            let h: &mut HeaderMap = resp.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                r.content_type
+                    .clone()
+                    .unwrap_or(HeaderValue::from_static("application/json")),
+            );
+            match &r.retry_after {
+                Some(v) => {
+                    h.insert(header::RETRY_AFTER, v.clone());
+                }
+                None => {
+                    h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                }
+            }
+            resp
+        }
+        None => ApiError::new(
+            ErrorCode::UpstreamError,
+            format!(
+                "no replica of `{model}` could be reached (last error: {})",
+                r.reason
+            ),
+        )
+        .into_response(),
+    }
+}

@@ -1,0 +1,309 @@
+//! Pipes an upstream body to the client chunk by chunk, never buffering.
+//!
+//! On the side it watches the stream (SSE via eventsource-stream) for the
+//! first content token and usage, turns an upstream death or idle timeout
+//! into an SSE error event + `[DONE]`, and records metrics when it ends or
+//! when the client goes away (dropping it drops the upstream connection).
+
+use crate::metrics::Metrics;
+use bytes::Bytes;
+use eventsource_stream::{EventStream, Eventsource};
+use futures_util::{Stream, StreamExt};
+use helexa_api::error::{ApiError, ErrorCode};
+use serde_json::Value;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+type Upstream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+/// The chunks handed to the SSE parser: a queue the relay pushes into and
+/// the parser drains; `Pending` (never woken) when empty, since the relay
+/// polls the parser itself right after each push.
+#[derive(Clone, Default)]
+struct Feed(Arc<std::sync::Mutex<std::collections::VecDeque<Bytes>>>);
+
+impl Stream for Feed {
+    type Item = Result<Bytes, std::convert::Infallible>;
+
+    fn poll_next(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.0.lock().unwrap_or_else(|p| p.into_inner()).pop_front() {
+            Some(b) => Poll::Ready(Some(Ok(b))),
+            None => Poll::Pending,
+        }
+    }
+}
+
+/// Decrements cortex's open-request count for a replica when dropped.
+pub struct InFlight(Arc<AtomicU32>);
+
+impl InFlight {
+    pub fn new(counter: Arc<AtomicU32>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What is known about the request for the metrics recorded at the end.
+pub struct Accounting {
+    pub metrics: Metrics,
+    pub model: String,
+    pub node: String,
+    pub status: u16,
+    pub started: Instant,
+    pub request_id: String,
+}
+
+struct SseWatch {
+    feed: Feed,
+    events: EventStream<Feed>,
+    /// `[DONE]` is expected (chat/completions), not for `/v1/responses`.
+    expects_done: bool,
+    saw_done: bool,
+}
+
+/// Largest non-streamed body copied aside to read its `usage`.
+const USAGE_COPY_LIMIT: usize = 1 << 20;
+
+pub struct Relay {
+    upstream: Upstream,
+    idle: Duration,
+    idle_timer: Pin<Box<tokio::time::Sleep>>,
+    sse: Option<SseWatch>,
+    json_copy: Option<Vec<u8>>,
+    first_token: bool,
+    usage: Option<(u64, u64)>,
+    finished: bool,
+    outcome: Option<u16>,
+    acct: Accounting,
+    _in_flight: InFlight,
+}
+
+impl Relay {
+    pub fn new(
+        upstream: Upstream,
+        is_sse: bool,
+        expects_done: bool,
+        idle: Duration,
+        acct: Accounting,
+        in_flight: InFlight,
+    ) -> Self {
+        let sse = is_sse.then(|| {
+            let feed = Feed::default();
+            SseWatch {
+                events: feed.clone().eventsource(),
+                feed,
+                expects_done,
+                saw_done: false,
+            }
+        });
+        Relay {
+            upstream,
+            idle,
+            idle_timer: Box::pin(tokio::time::sleep(idle)),
+            json_copy: (!is_sse).then(Vec::new),
+            sse,
+            first_token: false,
+            usage: None,
+            finished: false,
+            outcome: None,
+            acct,
+            _in_flight: in_flight,
+        }
+    }
+
+    fn watch(&mut self, chunk: &Bytes) {
+        if let Some(sse) = &mut self.sse {
+            sse.feed
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push_back(chunk.clone());
+            let waker = futures_util::task::noop_waker_ref();
+            let mut cx = Context::from_waker(waker);
+            while let Poll::Ready(Some(Ok(ev))) = sse.events.poll_next_unpin(&mut cx) {
+                let data = ev.data.as_str();
+                if data == "[DONE]" {
+                    sse.saw_done = true;
+                    continue;
+                }
+                let wants_token = !self.first_token;
+                let wants_usage = data.contains("\"usage\"");
+                if !wants_token && !wants_usage {
+                    continue;
+                }
+                let Ok(v) = serde_json::from_str::<Value>(data) else {
+                    continue;
+                };
+                if wants_token && has_content(&v) {
+                    self.first_token = true;
+                    self.acct
+                        .metrics
+                        .ttft
+                        .with_label_values(&[self.acct.model.as_str()])
+                        .observe(self.acct.started.elapsed().as_secs_f64());
+                }
+                if wants_usage {
+                    if let Some(u) = usage_of(&v) {
+                        self.usage = Some(u);
+                    }
+                }
+            }
+        } else if let Some(copy) = &mut self.json_copy {
+            if copy.len() + chunk.len() <= USAGE_COPY_LIMIT {
+                copy.extend_from_slice(chunk);
+            } else {
+                self.json_copy = None;
+            }
+        }
+    }
+
+    /// Ends the stream: an SSE error event for SSE, an aborted body otherwise.
+    fn fail(&mut self, err: ApiError) -> Poll<Option<Result<Bytes, std::io::Error>>> {
+        self.finished = true;
+        self.outcome = Some(err.status().as_u16());
+        tracing::warn!(request_id = %self.acct.request_id, model = %self.acct.model,
+            node = %self.acct.node, error = %err.message, "upstream stream failed");
+        if self.sse.is_some() {
+            Poll::Ready(Some(Ok(helexa_api::sse::error_events(&err))))
+        } else {
+            Poll::Ready(Some(Err(std::io::Error::other(err.message))))
+        }
+    }
+}
+
+fn has_content(v: &Value) -> bool {
+    let nonempty = |x: &Value| x.as_str().is_some_and(|s| !s.is_empty());
+    if let Some(choices) = v.get("choices").and_then(Value::as_array) {
+        return choices.iter().any(|c| {
+            let d = &c["delta"];
+            nonempty(&d["content"])
+                || nonempty(&d["reasoning_content"])
+                || d.get("tool_calls").is_some_and(|t| !t.is_null())
+                || nonempty(&c["text"])
+        });
+    }
+    v["type"].as_str().is_some_and(|t| t.ends_with(".delta")) && nonempty(&v["delta"])
+}
+
+fn usage_of(v: &Value) -> Option<(u64, u64)> {
+    let u = v
+        .get("usage")
+        .filter(|u| u.is_object())
+        .or_else(|| v.get("response").and_then(|r| r.get("usage")))?;
+    let p = u["prompt_tokens"].as_u64().or(u["input_tokens"].as_u64())?;
+    let c = u["completion_tokens"]
+        .as_u64()
+        .or(u["output_tokens"].as_u64())
+        .unwrap_or(0);
+    Some((p, c))
+}
+
+impl Stream for Relay {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.finished {
+            return Poll::Ready(None);
+        }
+        match this.upstream.as_mut().poll_next(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                let deadline = tokio::time::Instant::now() + this.idle;
+                this.idle_timer.as_mut().reset(deadline);
+                this.watch(&chunk);
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            Poll::Ready(Some(Err(e))) => this.fail(ApiError::new(
+                ErrorCode::UpstreamError,
+                format!("the upstream neuron failed mid-stream: {e}"),
+            )),
+            Poll::Ready(None) => {
+                let cut = this
+                    .sse
+                    .as_ref()
+                    .is_some_and(|s| s.expects_done && !s.saw_done);
+                if cut {
+                    return this.fail(ApiError::new(
+                        ErrorCode::UpstreamError,
+                        "the upstream neuron ended the stream without [DONE]",
+                    ));
+                }
+                this.finished = true;
+                this.outcome = Some(this.acct.status);
+                Poll::Ready(None)
+            }
+            Poll::Pending => match this.idle_timer.as_mut().poll(cx) {
+                Poll::Ready(()) => this.fail(ApiError::new(
+                    ErrorCode::UpstreamTimeout,
+                    format!(
+                        "the upstream neuron sent nothing for {} ms",
+                        this.idle.as_millis()
+                    ),
+                )),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let a = &self.acct;
+        let m = &a.metrics;
+        let model = a.model.as_str();
+        // 499: the client went away before the end (nginx's convention).
+        let status = self.outcome.unwrap_or(499);
+        if self.json_copy.is_some() && self.outcome == Some(a.status) {
+            if let Some(copy) = self.json_copy.take() {
+                if let Ok(v) = serde_json::from_slice::<Value>(&copy) {
+                    self.usage = usage_of(&v);
+                }
+                if (200..300).contains(&a.status) {
+                    m.ttft
+                        .with_label_values(&[model])
+                        .observe(a.started.elapsed().as_secs_f64());
+                }
+            }
+        }
+        if let Some((p, c)) = self.usage {
+            m.tokens_total.with_label_values(&["prompt"]).inc_by(p);
+            m.tokens_total.with_label_values(&["completion"]).inc_by(c);
+        }
+        m.request_duration
+            .with_label_values(&[model])
+            .observe(a.started.elapsed().as_secs_f64());
+        m.requests_total
+            .with_label_values(&[model, a.node.as_str(), status_str(status)])
+            .inc();
+    }
+}
+
+/// Status label without allocating for the common codes.
+pub fn status_str(code: u16) -> &'static str {
+    match code {
+        200 => "200",
+        400 => "400",
+        404 => "404",
+        413 => "413",
+        415 => "415",
+        429 => "429",
+        499 => "499",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        _ if (200..300).contains(&code) => "2xx",
+        _ if (400..500).contains(&code) => "4xx",
+        _ => "5xx",
+    }
+}

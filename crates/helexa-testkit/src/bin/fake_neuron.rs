@@ -1,0 +1,59 @@
+//! `fake-neuron`: the mock neuron as a process, for benchmarks and demos.
+//!
+//! Serves one loaded model with instant answers (or a set number of chunks),
+//! both the control routes cortex polls and the OpenAI `/v1/*` routes.
+
+use helexa_testkit::{Behaviour, MockModel, MockNeuron};
+use std::time::Duration;
+
+fn main() {
+    let mut listen = "127.0.0.1:13131".to_string();
+    let mut model = "fake-model".to_string();
+    let mut chunks = 16usize;
+    let mut chunk_delay_us = 0u64;
+    let mut threads = 1usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || args.next().unwrap_or_else(|| usage(&a));
+        match a.as_str() {
+            "--listen" => listen = val(),
+            "--model" => model = val(),
+            "--chunks" => chunks = val().parse().unwrap_or_else(|_| usage("--chunks")),
+            "--chunk-delay-us" => {
+                chunk_delay_us = val().parse().unwrap_or_else(|_| usage("--chunk-delay-us"))
+            }
+            "--threads" => threads = val().parse().unwrap_or_else(|_| usage("--threads")),
+            _ => usage(&a),
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let behaviour = Behaviour {
+            chunks: (0..chunks).map(|i| format!("tok{i} ")).collect(),
+            chunk_delay: Duration::from_micros(chunk_delay_us),
+            record: false,
+            ..Behaviour::default()
+        };
+        let addr = listen.parse().unwrap_or_else(|_| usage("--listen"));
+        let mock =
+            MockNeuron::start_on(addr, "fake", vec![MockModel::loaded(&model, 0)], behaviour)
+                .await
+                .unwrap_or_else(|e| {
+                    eprintln!("fake-neuron: cannot listen on {listen}: {e}");
+                    std::process::exit(1)
+                });
+        eprintln!("fake-neuron listening on {}", mock.url());
+        tokio::signal::ctrl_c().await.ok();
+    });
+}
+
+fn usage(arg: &str) -> ! {
+    eprintln!(
+        "fake-neuron: bad argument {arg}\nusage: fake-neuron [--listen ADDR] [--model ID] [--chunks N] [--chunk-delay-us N] [--threads N]"
+    );
+    std::process::exit(2)
+}
