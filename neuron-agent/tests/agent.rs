@@ -771,3 +771,111 @@ async fn control_routes_stay_fast_while_engines_are_busy() {
     }
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unload_drains_running_and_refuses_queued() {
+    let fx = Fixture::new();
+    let mut m = fx.model("m", json!({}));
+    m.preload = true;
+    m.max_in_flight = 1;
+    m.max_queue_depth = 4;
+    let agent = start(config(vec![m])).await;
+    eventually(20, "loaded", || async {
+        model_health(&agent, "m").await["status"] == "loaded"
+    })
+    .await;
+    let running = post(
+        &agent,
+        "/v1/chat/completions",
+        chat("m", json!({"chunks": 8, "delay_ms": 100}), true),
+    )
+    .await;
+    let url = agent.url();
+    let queued = tokio::spawn(async move {
+        let r = client()
+            .post(format!("{url}/v1/chat/completions"))
+            .json(&chat("m", json!({}), false))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    });
+    eventually(5, "queued", || async {
+        model_health(&agent, "m").await["queue_depth"] == 1
+    })
+    .await;
+    let t = Instant::now();
+    let unload = async {
+        let r = post_json(&agent, "/models/unload", json!({"model": "m"})).await;
+        (r, t.elapsed())
+    };
+    let reader = async {
+        let text = running.text().await.unwrap();
+        (text, t.elapsed())
+    };
+    let (((s, _), unloaded_at), (text, finished_at)) = tokio::join!(unload, reader);
+    assert_eq!(s, 200);
+    assert!(
+        unloaded_at + Duration::from_millis(50) >= finished_at,
+        "unload answered ({unloaded_at:?}) before the running stream ended ({finished_at:?})"
+    );
+    assert!(finished_at >= Duration::from_millis(500), "{finished_at:?}");
+    assert!(
+        text.ends_with("data: [DONE]\n\n") && !text.contains("\"error\""),
+        "{text}"
+    );
+    let (qs, qv) = queued.await.unwrap();
+    assert_eq!(qs, 503);
+    assert_eq!(qv["error"]["code"], "model_busy");
+    assert_eq!(
+        fx.log("m")
+            .iter()
+            .filter(|l| l.starts_with("start"))
+            .count(),
+        1
+    );
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_failing_loads_share_one_answer_and_unload_cancels_a_load() {
+    let fx = Fixture::new();
+    let bad = fx.model("bad", json!({"ready_delay_ms": 300, "fail_load": "boom"}));
+    let slow = fx.model("slow", json!({"ready_delay_ms": 5000}));
+    let agent = start(config(vec![bad, slow])).await;
+    let (a, b) = tokio::join!(
+        post_json(&agent, "/models/load", json!({"model": "bad"})),
+        post_json(&agent, "/models/load", json!({"model": "bad"}))
+    );
+    assert_eq!(a.0, 502);
+    assert_eq!(a, b, "both callers get the same answer");
+    assert_eq!(fx.pids("bad").len(), 1);
+
+    // Unloading a model while it loads cancels the load and stops its engine.
+    let url = agent.url();
+    let load = tokio::spawn(async move {
+        let r = client()
+            .post(format!("{url}/models/load"))
+            .json(&json!({"model": "slow"}))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    });
+    eventually(5, "slow engine started", || async {
+        fx.pids("slow").len() == 1
+    })
+    .await;
+    let pid = fx.pids("slow")[0];
+    let (s, _) = post_json(&agent, "/models/unload", json!({"model": "slow"})).await;
+    assert_eq!(s, 200);
+    let (ls, lv) = load.await.unwrap();
+    assert_eq!(ls, 503, "{lv}");
+    assert_eq!(lv["error"]["code"], "model_loading");
+    assert!(
+        !alive(pid),
+        "the half-started engine was stopped and reaped"
+    );
+    assert_eq!(model_health(&agent, "slow").await, Value::Null);
+    agent.shutdown().await;
+}
