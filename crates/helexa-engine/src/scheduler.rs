@@ -24,6 +24,8 @@ use tokio::sync::mpsc::UnboundedSender;
 
 /// Prompt tokens run per step at most (across prefilling sequences).
 pub const PREFILL_CHUNK: usize = 512;
+/// Prompts at least this long are prefilled through f32 GEMM.
+pub const DENSE_MIN_PROMPT: usize = 64;
 /// Window over which `tok_s_*` are computed.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
 
@@ -480,10 +482,16 @@ impl Worker {
             |model: &mut Box<dyn Model>, slots: &[Option<Seq>], part: &[(usize, usize, usize)]| {
                 let chunks: Vec<Chunk> = part
                     .iter()
-                    .map(|&(slot, from, to)| Chunk {
-                        slot,
-                        pos: from,
-                        tokens: &slots[slot].as_ref().expect("active").tokens[from..to],
+                    .map(|&(slot, from, to)| {
+                        let seq = slots[slot].as_ref().expect("active");
+                        Chunk {
+                            slot,
+                            pos: from,
+                            tokens: &seq.tokens[from..to],
+                            // Decided per sequence so that batching never
+                            // changes a sequence's numerics.
+                            dense: from < seq.prompt_len && seq.prompt_len >= DENSE_MIN_PROMPT,
+                        }
                     })
                     .collect();
                 match catch_unwind(AssertUnwindSafe(|| model.forward(&chunks))) {

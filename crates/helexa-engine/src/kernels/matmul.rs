@@ -430,3 +430,41 @@ impl GenericActs {
         )
     }
 }
+
+/// `outs[i] = x · ws[i]ᵀ` through f32 GEMM: each weight is dequantized once
+/// per call (parallel over rows), then multiplied with candle's CPU matmul.
+/// Worth it for many rows (prompt prefill), where int8 dot products are
+/// bound by their per-block overhead rather than by memory.
+pub fn matmul_dense(
+    ws: &[&QMatrix],
+    x: &[f32],
+    m: usize,
+    outs: &mut [&mut [f32]],
+) -> Result<(), String> {
+    use candle_core::{Device, Tensor};
+    assert_eq!(ws.len(), outs.len());
+    let k = ws[0].cols;
+    assert_eq!(x.len(), m * k);
+    let xt = Tensor::from_slice(x, (m, k), &Device::Cpu).map_err(|e| e.to_string())?;
+    for (w, out) in ws.iter().zip(outs.iter_mut()) {
+        assert_eq!(w.cols, k);
+        assert_eq!(out.len(), m * w.rows);
+        let mut wf = vec![0f32; w.rows * k];
+        let rows_per = 64;
+        wf.par_chunks_mut(rows_per * k)
+            .enumerate()
+            .for_each(|(c, buf)| {
+                for (j, row) in buf.chunks_exact_mut(k).enumerate() {
+                    w.row_f32(c * rows_per + j, row);
+                }
+            });
+        let wt = Tensor::from_vec(wf, (w.rows, k), &Device::Cpu).map_err(|e| e.to_string())?;
+        let y = xt
+            .matmul(&wt.t().map_err(|e| e.to_string())?)
+            .and_then(|y| y.flatten_all())
+            .and_then(|y| y.to_vec1::<f32>())
+            .map_err(|e| e.to_string())?;
+        out.copy_from_slice(&y);
+    }
+    Ok(())
+}

@@ -90,6 +90,53 @@ pub fn softmax_inplace(xs: &mut [f32]) {
     }
 }
 
+/// Causal attention of one query head over `n` cached positions:
+/// `out = softmax(q·Kᵀ · scale) · V`, with `keys`/`values` holding `n` rows of
+/// `q.len()` floats. `scores` is scratch.
+pub fn attend(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    n: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    debug_assert!(keys.len() >= n * hd && values.len() >= n * hd);
+    scores.clear();
+    scores.resize(n, 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() && (hd == 64 || hd == 128) {
+        // SAFETY: AVX2/FMA present; lengths checked above.
+        unsafe {
+            if hd == 64 {
+                avx2::scores::<8>(q, keys, scale, scores);
+            } else {
+                avx2::scores::<16>(q, keys, scale, scores);
+            }
+        }
+        softmax_inplace(scores);
+        // SAFETY: as above.
+        unsafe {
+            if hd == 64 {
+                avx2::weighted_sum::<8>(scores, values, out);
+            } else {
+                avx2::weighted_sum::<16>(scores, values, out);
+            }
+        }
+        return;
+    }
+    for (p, s) in scores.iter_mut().enumerate() {
+        *s = dot(q, &keys[p * hd..(p + 1) * hd]) * scale;
+    }
+    softmax_inplace(scores);
+    out.fill(0.0);
+    for (p, &w) in scores.iter().enumerate() {
+        axpy(w, &values[p * hd..(p + 1) * hd], out);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -138,6 +185,58 @@ mod avx2 {
         s
     }
 
+    /// `scores[p] = q · keys[p] * scale` for a head of `V * 8` floats, `q` kept
+    /// in registers.
+    ///
+    /// # Safety
+    /// AVX2/FMA; `q.len() == V * 8`, `keys.len() >= scores.len() * V * 8`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scores<const V: usize>(q: &[f32], keys: &[f32], scale: f32, scores: &mut [f32]) {
+        let hd = V * 8;
+        let mut qv = [_mm256_setzero_ps(); V];
+        unsafe {
+            for (i, r) in qv.iter_mut().enumerate() {
+                *r = _mm256_loadu_ps(q.as_ptr().add(i * 8));
+            }
+            let kp = keys.as_ptr();
+            for (p, s) in scores.iter_mut().enumerate() {
+                let row = kp.add(p * hd);
+                let mut a0 = _mm256_mul_ps(qv[0], _mm256_loadu_ps(row));
+                let mut a1 = _mm256_mul_ps(qv[1], _mm256_loadu_ps(row.add(8)));
+                let mut i = 2;
+                while i + 1 < V {
+                    a0 = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(row.add(i * 8)), a0);
+                    a1 = _mm256_fmadd_ps(qv[i + 1], _mm256_loadu_ps(row.add(i * 8 + 8)), a1);
+                    i += 2;
+                }
+                *s = hsum(_mm256_add_ps(a0, a1)) * scale;
+            }
+        }
+    }
+
+    /// `out = Σ_p w[p] · values[p]`, `out` kept in registers.
+    ///
+    /// # Safety
+    /// AVX2/FMA; `out.len() == V * 8`, `values.len() >= w.len() * V * 8`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_sum<const V: usize>(w: &[f32], values: &[f32], out: &mut [f32]) {
+        let hd = V * 8;
+        let mut acc = [_mm256_setzero_ps(); V];
+        unsafe {
+            let vp = values.as_ptr();
+            for (p, &wp) in w.iter().enumerate() {
+                let row = vp.add(p * hd);
+                let b = _mm256_set1_ps(wp);
+                for (i, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(b, _mm256_loadu_ps(row.add(i * 8)), *a);
+                }
+            }
+            for (i, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.as_mut_ptr().add(i * 8), *a);
+            }
+        }
+    }
+
     /// # Safety
     /// AVX2/FMA; equal lengths.
     #[target_feature(enable = "avx2,fma")]
@@ -174,6 +273,28 @@ mod tests {
         axpy(0.5, &a, &mut y);
         for i in 0..70 {
             assert!((y[i] - (b[i] + 0.5 * a[i])).abs() < 1e-6);
+        }
+        // The register-held attention kernel against plain loops.
+        for hd in [64usize, 128, 32] {
+            let n = 37;
+            let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.13).sin()).collect();
+            let k: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.071).cos()).collect();
+            let v: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.029).sin()).collect();
+            let mut sc = Vec::new();
+            let mut out = vec![0f32; hd];
+            attend(&q, &k, &v, n, 0.125, &mut sc, &mut out);
+            let mut w: Vec<f32> = (0..n)
+                .map(|p| (0..hd).map(|i| q[i] * k[p * hd + i]).sum::<f32>() * 0.125)
+                .collect();
+            softmax_inplace(&mut w);
+            for i in 0..hd {
+                let e: f32 = (0..n).map(|p| w[p] * v[p * hd + i]).sum();
+                assert!(
+                    (out[i] - e).abs() < 1e-4,
+                    "hd {hd} dim {i}: {} vs {e}",
+                    out[i]
+                );
+            }
         }
         let mut s = vec![1.0, 2.0, 3.0];
         softmax_inplace(&mut s);

@@ -145,7 +145,11 @@ pub fn load(
     let context = max_context
         .map_or(trained_context, |c| c.min(trained_context))
         .max(1);
-    if n_kv_head == 0 || !n_head.is_multiple_of(n_kv_head) || rope_dim > head_dim || !rope_dim.is_multiple_of(2) {
+    if n_kv_head == 0
+        || !n_head.is_multiple_of(n_kv_head)
+        || rope_dim > head_dim
+        || !rope_dim.is_multiple_of(2)
+    {
         return Err(format!(
             "inconsistent attention shape: {n_head} heads, {n_kv_head} kv heads, head dim {head_dim}, rope dim {rope_dim}"
         ));

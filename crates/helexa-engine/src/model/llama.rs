@@ -9,7 +9,7 @@
 //! each weight matrix once.
 
 use super::{Chunk, Model};
-use crate::kernels::matmul::{matmul_multi, QMatrix};
+use crate::kernels::matmul::{matmul_dense, matmul_multi, QMatrix};
 use crate::kernels::ops;
 use rayon::prelude::*;
 
@@ -139,7 +139,14 @@ impl LlamaModel {
         // Validate and lay out rows.
         let mut rows: Vec<(usize, usize)> = Vec::new(); // (slot, pos) of each row
         let mut tokens: Vec<u32> = Vec::new();
-        for ch in chunks {
+        // Dense chunks' rows first, so both paths get contiguous row ranges.
+        let order: Vec<usize> = (0..chunks.len())
+            .filter(|&i| chunks[i].dense)
+            .chain((0..chunks.len()).filter(|&i| !chunks[i].dense))
+            .collect();
+        let mut last_row = vec![0usize; chunks.len()];
+        for &ci in &order {
+            let ch = &chunks[ci];
             if ch.tokens.is_empty() {
                 return Err("empty chunk".into());
             }
@@ -164,7 +171,13 @@ impl LlamaModel {
                 rows.push((ch.slot, ch.pos + i));
                 tokens.push(t);
             }
+            last_row[ci] = rows.len() - 1;
         }
+        let md: usize = chunks
+            .iter()
+            .filter(|c| c.dense)
+            .map(|c| c.tokens.len())
+            .sum();
         for ch in chunks {
             if self.caches[ch.slot].is_none() {
                 let n = self.cache_len();
@@ -202,12 +215,13 @@ impl LlamaModel {
                     &mut xn[r * d..(r + 1) * d],
                 );
             }
-            matmul_multi(
+            mm(
                 &[&layer.wq, &layer.wk, &layer.wv],
                 &xn,
                 m,
+                md,
                 &mut [&mut q, &mut k, &mut v],
-            );
+            )?;
             for r in 0..m {
                 let qr = &mut q[r * qd..(r + 1) * qd];
                 let kr = &mut k[r * kvd..(r + 1) * kvd];
@@ -288,15 +302,15 @@ impl LlamaModel {
                     let base = (l * nkv + kvh) * ctx * hd;
                     let qv = &q[r * qd + h * hd..r * qd + (h + 1) * hd];
                     let n = pos + 1;
-                    scores.clear();
-                    scores.extend((0..n).map(|p| {
-                        ops::dot(qv, &cache.k[base + p * hd..base + (p + 1) * hd]) * scale
-                    }));
-                    ops::softmax_inplace(scores);
-                    out.fill(0.0);
-                    for (p, &w) in scores.iter().enumerate() {
-                        ops::axpy(w, &cache.v[base + p * hd..base + (p + 1) * hd], out);
-                    }
+                    ops::attend(
+                        qv,
+                        &cache.k[base..base + n * hd],
+                        &cache.v[base..base + n * hd],
+                        n,
+                        scale,
+                        scores,
+                        out,
+                    );
                 };
                 if m * nh > 1 {
                     att.par_chunks_mut(hd)
@@ -309,7 +323,7 @@ impl LlamaModel {
                         .for_each(|(i, out)| work(i, out, &mut s));
                 }
             }
-            matmul_multi(&[&layer.wo], &att, m, &mut [&mut o]);
+            mm(&[&layer.wo], &att, m, md, &mut [&mut o])?;
             ops::add_inplace(&mut x, &o);
             for r in 0..m {
                 ops::rms_norm(
@@ -319,19 +333,20 @@ impl LlamaModel {
                     &mut xn[r * d..(r + 1) * d],
                 );
             }
-            matmul_multi(&[&layer.w_gate, &layer.w_up], &xn, m, &mut [&mut g, &mut u]);
+            mm(
+                &[&layer.w_gate, &layer.w_up],
+                &xn,
+                m,
+                md,
+                &mut [&mut g, &mut u],
+            )?;
             ops::silu_mul(&mut g, &u);
-            matmul_multi(&[&layer.w_down], &g, m, &mut [&mut o]);
+            mm(&[&layer.w_down], &g, m, md, &mut [&mut o])?;
             ops::add_inplace(&mut x, &o);
         }
 
         // Logits of each chunk's last row only.
-        let mut last = Vec::with_capacity(chunks.len());
-        let mut r = 0;
-        for ch in chunks {
-            r += ch.tokens.len();
-            last.push(r - 1);
-        }
+        let last = last_row;
         let ml = last.len();
         let mut xl = vec![0f32; ml * d];
         for (i, &r) in last.iter().enumerate() {
@@ -348,6 +363,34 @@ impl LlamaModel {
         matmul_multi(&[out_w], &xl, ml, &mut [&mut logits]);
         Ok(logits.chunks_exact(vocab).map(|c| c.to_vec()).collect())
     }
+}
+
+/// `matmul` with the first `md` rows through the dense path.
+fn mm(
+    ws: &[&QMatrix],
+    x: &[f32],
+    m: usize,
+    md: usize,
+    outs: &mut [&mut [f32]],
+) -> Result<(), String> {
+    if md == 0 {
+        matmul_multi(ws, x, m, outs);
+        return Ok(());
+    }
+    let k = ws[0].cols;
+    let (xd, xq) = x.split_at(md * k);
+    let mut dense_outs = Vec::with_capacity(ws.len());
+    let mut q_outs = Vec::with_capacity(ws.len());
+    for (w, o) in ws.iter().zip(outs.iter_mut()) {
+        let (a, b) = o.split_at_mut(md * w.rows);
+        dense_outs.push(a);
+        q_outs.push(b);
+    }
+    matmul_dense(ws, xd, md, &mut dense_outs)?;
+    if m > md {
+        matmul_multi(ws, xq, m - md, &mut q_outs);
+    }
+    Ok(())
 }
 
 impl Model for LlamaModel {

@@ -13,6 +13,10 @@ pub struct Chunk<'a> {
     pub slot: usize,
     pub pos: usize,
     pub tokens: &'a [u32],
+    /// Run through dequantized f32 GEMM instead of int8 dot products: faster
+    /// for long prompts. Results differ slightly between the two paths, so
+    /// the caller decides per sequence, never per batch.
+    pub dense: bool,
 }
 
 pub trait Model: Send {

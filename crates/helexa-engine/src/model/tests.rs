@@ -58,6 +58,7 @@ fn logits_match_candle_quantized_llama() {
             slot: 0,
             pos: 0,
             tokens: PROMPT,
+            dense: false,
         }])
         .unwrap()
         .remove(0);
@@ -77,6 +78,20 @@ fn logits_match_candle_quantized_llama() {
     assert!(c > 0.999, "cosine {c}");
     assert_eq!(argmax(&a), argmax(&b));
 
+    // The dense (f32 GEMM) prefill path agrees too.
+    let d = ours
+        .forward(&[Chunk {
+            slot: 1,
+            pos: 0,
+            tokens: PROMPT,
+            dense: true,
+        }])
+        .unwrap()
+        .remove(0);
+    let cd = cosine(&d, &b);
+    assert!(cd > 0.999, "dense cosine {cd}");
+    assert_eq!(argmax(&d), argmax(&b));
+
     // A few decode steps, each feeding the shared greedy token.
     let mut tok = argmax(&a) as u32;
     for i in 0..10 {
@@ -86,6 +101,7 @@ fn logits_match_candle_quantized_llama() {
                 slot: 0,
                 pos,
                 tokens: &[tok],
+                dense: false,
             }])
             .unwrap()
             .remove(0);
@@ -123,6 +139,7 @@ fn batching_and_chunking_do_not_change_results() {
             slot: 0,
             pos: 0,
             tokens: PROMPT,
+            dense: false,
         }])
         .unwrap()
         .remove(0);
@@ -133,11 +150,13 @@ fn batching_and_chunking_do_not_change_results() {
             slot: 1,
             pos: 0,
             tokens: p1,
+            dense: false,
         },
         Chunk {
             slot: 2,
             pos: 0,
             tokens: &other,
+            dense: false,
         },
     ])
     .unwrap();
@@ -147,11 +166,13 @@ fn batching_and_chunking_do_not_change_results() {
                 slot: 2,
                 pos: other.len(),
                 tokens: &[7],
+                dense: false,
             },
             Chunk {
                 slot: 1,
                 pos: p1.len(),
                 tokens: p2,
+                dense: false,
             },
         ])
         .unwrap();
@@ -167,11 +188,13 @@ fn batching_and_chunking_do_not_change_results() {
                 slot: 0,
                 pos: PROMPT.len(),
                 tokens: &[t],
+                dense: false,
             },
             Chunk {
                 slot: 1,
                 pos: PROMPT.len(),
                 tokens: &[t],
+                dense: false,
             },
         ])
         .unwrap();
@@ -181,21 +204,83 @@ fn batching_and_chunking_do_not_change_results() {
         .forward(&[Chunk {
             slot: 9,
             pos: 0,
-            tokens: &[1]
+            tokens: &[1],
+            dense: false
         }])
         .is_err());
     assert!(m
         .forward(&[Chunk {
             slot: 0,
             pos: 255,
-            tokens: &[1, 2]
+            tokens: &[1, 2],
+            dense: false
         }])
         .is_err());
     assert!(m
         .forward(&[Chunk {
             slot: 0,
             pos: 0,
-            tokens: &[1_000_000]
+            tokens: &[1_000_000],
+            dense: false
         }])
         .is_err());
+}
+
+/// Process CPU seconds (user + system), to time runs on a busy machine.
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let f: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Timing breakdown; `cargo test -p helexa-engine --lib -- --ignored bench_forward --nocapture`.
+/// Reports wall-clock and CPU-time rates (the latter for a shared machine).
+#[test]
+#[ignore]
+fn bench_forward() {
+    let path = model_path();
+    let threads: usize = std::env::var("BENCH_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(1);
+    let mut m = gguf::load(&path, Some(2048), 2, threads).unwrap().model;
+    let prompt: Vec<u32> = (0..512).map(|i| 100 + (i * 7) % 5000).collect();
+    for dense in [false, true] {
+        let (t, c) = (std::time::Instant::now(), cpu_secs());
+        m.forward(&[Chunk {
+            slot: 0,
+            pos: 0,
+            tokens: &prompt,
+            dense,
+        }])
+        .unwrap();
+        let (pf, pc) = (t.elapsed().as_secs_f64(), cpu_secs() - c);
+        eprintln!(
+            "threads {threads} dense {dense}: prefill 512: {:.0} tok/s wall, {:.0} tok/CPU-s",
+            512.0 / pf,
+            512.0 / pc
+        );
+    }
+    let (t, c) = (std::time::Instant::now(), cpu_secs());
+    for i in 0..64 {
+        m.forward(&[Chunk {
+            slot: 0,
+            pos: 512 + i,
+            tokens: &[200],
+            dense: false,
+        }])
+        .unwrap();
+    }
+    let (dw, dc) = (t.elapsed().as_secs_f64(), cpu_secs() - c);
+    eprintln!(
+        "threads {threads}: decode {:.1} tok/s wall, {:.1} tok/CPU-s",
+        64.0 / dw,
+        64.0 / dc
+    );
 }
