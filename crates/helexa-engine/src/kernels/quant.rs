@@ -279,16 +279,33 @@ mod avx2 {
     /// `ys[i].len() >= xs.len()`.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_q4_1_multi(xs: &[BlockQ4_1], ys: &[&[BlockQ8_1]], out: &mut [f32]) {
-        let n = ys.len();
-        debug_assert!(n <= MAX_ROWS && out.len() == n);
-        let mut acc = [_mm256_setzero_ps(); MAX_ROWS];
-        let mut mins = [0f32; MAX_ROWS];
+        // Row counts as constants keep the accumulators in registers.
+        unsafe {
+            match ys.len() {
+                1 => dot_q4_1_r::<1>(xs, ys, out),
+                2 => dot_q4_1_r::<2>(xs, ys, out),
+                3 => dot_q4_1_r::<3>(xs, ys, out),
+                _ => dot_q4_1_r::<4>(xs, ys, out),
+            }
+        }
+    }
+
+    /// # Safety
+    /// As [`dot_q4_1_multi`], with `ys.len() == out.len() == R`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_q4_1_r<const R: usize>(xs: &[BlockQ4_1], ys: &[&[BlockQ8_1]], out: &mut [f32]) {
+        let n = R;
+        debug_assert!(n <= MAX_ROWS && out.len() == n && ys.len() == n);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let yrows: [&[_]; R] = std::array::from_fn(|r| ys[r]);
+        let mut mins = [0f32; R];
         for (b, x) in xs.iter().enumerate() {
             let xd = x.d.to_f32();
             let xm = x.m.to_f32();
             let qx = unsafe { unpack_nibbles(x.qs.as_ptr()) };
             for r in 0..n {
-                let y = unsafe { ys.get_unchecked(r).get_unchecked(b) };
+                let y = unsafe { yrows[r].get_unchecked(b) };
                 let qy = unsafe { _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i) };
                 let p = madd_u8_i8(qx, qy);
                 let d = _mm256_set1_ps(xd * y.d.to_f32());
@@ -305,15 +322,32 @@ mod avx2 {
     /// As [`dot_q4_1_multi`].
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_q4_0_multi(xs: &[BlockQ4_0], ys: &[&[BlockQ8_0]], out: &mut [f32]) {
-        let n = ys.len();
-        debug_assert!(n <= MAX_ROWS && out.len() == n);
-        let mut acc = [_mm256_setzero_ps(); MAX_ROWS];
+        // Row counts as constants keep the accumulators in registers.
+        unsafe {
+            match ys.len() {
+                1 => dot_q4_0_r::<1>(xs, ys, out),
+                2 => dot_q4_0_r::<2>(xs, ys, out),
+                3 => dot_q4_0_r::<3>(xs, ys, out),
+                _ => dot_q4_0_r::<4>(xs, ys, out),
+            }
+        }
+    }
+
+    /// # Safety
+    /// As [`dot_q4_0_multi`], with `ys.len() == out.len() == R`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_q4_0_r<const R: usize>(xs: &[BlockQ4_0], ys: &[&[BlockQ8_0]], out: &mut [f32]) {
+        let n = R;
+        debug_assert!(n <= MAX_ROWS && out.len() == n && ys.len() == n);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let yrows: [&[_]; R] = std::array::from_fn(|r| ys[r]);
         let eight = _mm256_set1_epi8(8);
         for (b, x) in xs.iter().enumerate() {
             let xd = x.d.to_f32();
             let qx = _mm256_sub_epi8(unsafe { unpack_nibbles(x.qs.as_ptr()) }, eight);
             for r in 0..n {
-                let y = unsafe { ys.get_unchecked(r).get_unchecked(b) };
+                let y = unsafe { yrows[r].get_unchecked(b) };
                 let qy = unsafe { _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i) };
                 let p = madd_i8_i8(qx, qy);
                 let d = _mm256_set1_ps(xd * y.d.to_f32());
@@ -329,16 +363,33 @@ mod avx2 {
     /// As [`dot_q4_1_multi`].
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_q8_0_multi(xs: &[BlockQ8_0], ys: &[&[BlockQ8_0]], out: &mut [f32]) {
-        let n = ys.len();
-        debug_assert!(n <= MAX_ROWS && out.len() == n);
-        let mut acc = [_mm256_setzero_ps(); MAX_ROWS];
+        // Row counts as constants keep the accumulators in registers.
+        unsafe {
+            match ys.len() {
+                1 => dot_q8_0_r::<1>(xs, ys, out),
+                2 => dot_q8_0_r::<2>(xs, ys, out),
+                3 => dot_q8_0_r::<3>(xs, ys, out),
+                _ => dot_q8_0_r::<4>(xs, ys, out),
+            }
+        }
+    }
+
+    /// # Safety
+    /// As [`dot_q8_0_multi`], with `ys.len() == out.len() == R`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_q8_0_r<const R: usize>(xs: &[BlockQ8_0], ys: &[&[BlockQ8_0]], out: &mut [f32]) {
+        let n = R;
+        debug_assert!(n <= MAX_ROWS && out.len() == n && ys.len() == n);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let yrows: [&[_]; R] = std::array::from_fn(|r| ys[r]);
         for (b, x) in xs.iter().enumerate() {
             let xd = x.d.to_f32();
             let qx = unsafe { _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i) };
             // |x| and sign(y, x) once per weight block.
             let ax = _mm256_sign_epi8(qx, qx);
             for r in 0..n {
-                let y = unsafe { ys.get_unchecked(r).get_unchecked(b) };
+                let y = unsafe { yrows[r].get_unchecked(b) };
                 let qy = unsafe { _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i) };
                 let sy = _mm256_sign_epi8(qy, qx);
                 let p = madd_u8_i8(ax, sy);

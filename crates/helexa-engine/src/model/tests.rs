@@ -251,7 +251,12 @@ fn bench_forward() {
         .unwrap_or(1);
     let mut m = gguf::load(&path, Some(2048), 2, threads).unwrap().model;
     let prompt: Vec<u32> = (0..512).map(|i| 100 + (i * 7) % 5000).collect();
-    for dense in [false, true] {
+    let variants: &[bool] = match std::env::var("BENCH_PREFILL").as_deref() {
+        Ok("dense") => &[true],
+        Ok("int8") => &[false],
+        _ => &[false, true],
+    };
+    for &dense in variants {
         let (t, c) = (std::time::Instant::now(), cpu_secs());
         m.forward(&[Chunk {
             slot: 0,
@@ -268,7 +273,8 @@ fn bench_forward() {
         );
     }
     let (t, c) = (std::time::Instant::now(), cpu_secs());
-    for i in 0..64 {
+    let mut lap = std::time::Instant::now();
+    for i in 0..256 {
         m.forward(&[Chunk {
             slot: 0,
             pos: 512 + i,
@@ -276,11 +282,20 @@ fn bench_forward() {
             dense: false,
         }])
         .unwrap();
+        if i % 32 == 31 {
+            eprintln!(
+                "  steps {}..{}: {:.1} ms/step",
+                i - 31,
+                i + 1,
+                lap.elapsed().as_secs_f64() * 1000.0 / 32.0
+            );
+            lap = std::time::Instant::now();
+        }
     }
     let (dw, dc) = (t.elapsed().as_secs_f64(), cpu_secs() - c);
     eprintln!(
         "threads {threads}: decode {:.1} tok/s wall, {:.1} tok/CPU-s",
-        64.0 / dw,
-        64.0 / dc
+        256.0 / dw,
+        256.0 / dc
     );
 }
