@@ -72,6 +72,7 @@ class Server:
     log_path: str
     proc: subprocess.Popen | None = None
     log: object = None
+    model_id: str = ""
     results: dict = field(default_factory=dict)
 
 
@@ -154,9 +155,24 @@ def proc_status(pid: int, key: str) -> int | None:
     return None
 
 
+def api_post(srv: Server, path: str, body: dict) -> dict:
+    return post_json(srv.port, path, dict(body, model=srv.model_id))
+
+
+def api_stream(srv: Server, path: str, body: dict):
+    return stream(srv.port, path, dict(body, model=srv.model_id))
+
+
+def served_model_id(srv: Server) -> str:
+    status, raw = request(srv.port, "GET", "/v1/models")
+    if status != 200:
+        raise RuntimeError(f"{srv.name}: GET /v1/models -> {status}: {raw[:300]!r}")
+    return json.loads(raw)["data"][0]["id"]
+
+
 def warm_up(srv: Server) -> None:
-    post_json(srv.port, "/v1/completions", {"prompt": long_prompt(10_000, 8), "max_tokens": 4, "temperature": 0})
-    for _ in stream(srv.port, "/v1/chat/completions", {
+    api_post(srv, "/v1/completions", {"prompt": long_prompt(10_000, 8), "max_tokens": 4, "temperature": 0})
+    for _ in api_stream(srv, "/v1/chat/completions", {
             "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "temperature": 0,
             "stream": True}):
         pass
@@ -165,7 +181,7 @@ def warm_up(srv: Server) -> None:
 def one_prefill(srv: Server, args, i: int) -> tuple[int, float]:
     prompt = long_prompt(i + 1 + args.seed_offset, args.prefill_sentences)
     t0 = time.perf_counter()
-    r = post_json(srv.port, "/v1/completions", {"prompt": prompt, "max_tokens": 1, "temperature": 0})
+    r = api_post(srv, "/v1/completions", {"prompt": prompt, "max_tokens": 1, "temperature": 0})
     return r["usage"]["prompt_tokens"], time.perf_counter() - t0
 
 
@@ -176,7 +192,7 @@ def one_ttft(srv: Server, args, i: int) -> float:
         "max_tokens": 8, "temperature": 0, "stream": True}
     t0 = time.perf_counter()
     first = None
-    for t, ev in stream(srv.port, "/v1/chat/completions", body):
+    for t, ev in api_stream(srv, "/v1/chat/completions", body):
         if first is None and chunk_text(ev):
             first = t
     if first is None:
@@ -190,7 +206,7 @@ def one_decode(srv: Server, args, i: int) -> tuple[int, float, str]:
             "stream_options": {"include_usage": True}}
     first = last = None
     n = None
-    for t, ev in stream(srv.port, "/v1/completions", body):
+    for t, ev in api_stream(srv, "/v1/completions", body):
         if chunk_text(ev):
             if first is None:
                 first = t
@@ -204,7 +220,7 @@ def one_decode(srv: Server, args, i: int) -> tuple[int, float, str]:
         source = "non-streamed twin request"
         body2 = dict(body, stream=False)
         body2.pop("stream_options")
-        n = post_json(srv.port, "/v1/completions", body2)["usage"]["completion_tokens"]
+        n = api_post(srv, "/v1/completions", body2)["usage"]["completion_tokens"]
     if first is None or last is None or last <= first or n < 2:
         raise RuntimeError(f"{srv.name}: decode stream too short ({n} tokens)")
     return n, (n - 1) / (last - first), source
@@ -257,6 +273,7 @@ def start(srv: Server, args) -> None:
     srv.proc = subprocess.Popen(srv.cmd, stdout=srv.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
     srv.results["ready_s"] = wait_ready(srv, args.ready_timeout)
+    srv.model_id = served_model_id(srv)
     print(f"[{srv.name}] ready after {srv.results['ready_s']:.1f}s", file=sys.stderr)
 
 
