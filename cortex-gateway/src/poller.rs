@@ -86,16 +86,17 @@ fn store(gw: &Arc<Gateway>, edit: impl FnOnce(&mut Vec<NodeView>)) {
     for gone in before.difference(&after) {
         gw.tokenizers.forget(gone);
     }
+    let new: Vec<String> = after.difference(&before).cloned().collect();
+    gw.fleet.store(snap);
+    // After the store, so the fetch finds the neuron that reported the model.
     if gw.config.prevalidation.enabled && gw.config.prevalidation.fetch_tokenizer {
-        for new in after.difference(&before) {
+        for id in new {
             let gw2 = gw.clone();
-            let id = new.clone();
             tokio::spawn(async move {
                 let _ = gw2.tokenizers.get(&gw2, &id).await;
             });
         }
     }
-    gw.fleet.store(snap);
 }
 
 async fn get_json<T: DeserializeOwned>(gw: &Gateway, url: String) -> Result<T, String> {

@@ -243,6 +243,10 @@ impl MockNeuron {
             tokenizer: crate::tokenizer::tiny_tokenizer_json(),
         });
         let app = router(shared.clone());
+        // No Nagle: streamed chunks go out at once, as a real neuron's do.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
