@@ -36,12 +36,19 @@ async fn killed_engine_recovers_and_serves() {
         if m["status"] == "loaded" && !fresh.is_empty() && fresh[0] != engines[0] {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(120), "no recovery: {m}");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no recovery: {m}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     c.wait_neuron_loaded(Duration::from_secs(60)).await;
     let (st, v) = c
-        .post(&c.neuron_url, "/v1/chat/completions", &chat_body("Say hello.", 4))
+        .post(
+            &c.neuron_url,
+            "/v1/chat/completions",
+            &chat_body("Say hello.", 4),
+        )
         .await;
     assert_eq!(st, 200, "{v}");
 }

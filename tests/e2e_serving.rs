@@ -24,7 +24,10 @@ async fn chat_stream_and_completions_through_cortex() {
     assert!(r.headers().contains_key("x-request-id"));
     let whole: Value = r.json().await.unwrap();
     let text = whole["choices"][0]["message"]["content"].as_str().unwrap();
-    assert!(text.contains("quick brown fox"), "unexpected answer: {text:?}");
+    assert!(
+        text.contains("quick brown fox"),
+        "unexpected answer: {text:?}"
+    );
     let usage = &whole["usage"];
     let (pt, ct) = (
         usage["prompt_tokens"].as_u64().unwrap(),
@@ -95,8 +98,14 @@ async fn stop_max_tokens_and_determinism() {
     // Greedy answers are identical run to run.
     let (_, a) = c.post(&api, url, &chat_body(prompt, 20)).await;
     let (_, b) = c.post(&api, url, &chat_body(prompt, 20)).await;
-    let greedy = a["choices"][0]["message"]["content"].as_str().unwrap().to_string();
-    assert_eq!(greedy, b["choices"][0]["message"]["content"].as_str().unwrap());
+    let greedy = a["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        greedy,
+        b["choices"][0]["message"]["content"].as_str().unwrap()
+    );
     assert!(greedy.contains("fox"), "{greedy:?}");
 
     // A stop string ends the answer before it, and is never emitted.
@@ -118,7 +127,10 @@ async fn stop_max_tokens_and_determinism() {
                         "max_tokens": 24, "temperature": 0.9, "top_p": 0.95, "seed": 1234});
     let (_, x) = c.post(&api, url, &seeded).await;
     let (_, y) = c.post(&api, url, &seeded).await;
-    assert_eq!(x["choices"][0]["message"]["content"], y["choices"][0]["message"]["content"]);
+    assert_eq!(
+        x["choices"][0]["message"]["content"],
+        y["choices"][0]["message"]["content"]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,7 +153,10 @@ async fn six_concurrent_requests_all_answer() {
                 let r = http.post(&url).json(&body).send().await.unwrap();
                 assert_eq!(r.status(), 200);
                 let v: Value = r.json().await.unwrap();
-                v["choices"][0]["message"]["content"].as_str().unwrap().to_string()
+                v["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
             }
         }));
     }
@@ -174,7 +189,11 @@ async fn context_exceeded_is_refused_at_both_hops() {
     assert!(v["error"]["prompt_tokens"].as_u64().unwrap() > 8192);
     // A short prompt with an impossible output budget.
     let (st, v) = c
-        .post(&c.neuron_url, "/v1/chat/completions", &chat_body("hi", 9000))
+        .post(
+            &c.neuron_url,
+            "/v1/chat/completions",
+            &chat_body("hi", 9000),
+        )
         .await;
     assert_eq!(st, 400, "{v}");
     assert_eq!(v["error"]["code"], "context_length_exceeded");

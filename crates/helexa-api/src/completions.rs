@@ -82,8 +82,7 @@ mod tests {
 
     #[test]
     fn prompt_forms() {
-        let r: CompletionRequest =
-            serde_json::from_str(r#"{"model":"m","prompt":"abc"}"#).unwrap();
+        let r: CompletionRequest = serde_json::from_str(r#"{"model":"m","prompt":"abc"}"#).unwrap();
         assert_eq!(r.prompt, PromptInput::Text("abc".into()));
         let r: CompletionRequest =
             serde_json::from_str(r#"{"model":"m","prompt":[1,2,3]}"#).unwrap();

@@ -24,8 +24,7 @@ pub fn check_content_type(headers: &http::HeaderMap) -> Result<(), ApiError> {
     };
     let text = value.to_str().unwrap_or("").to_ascii_lowercase();
     let mime = text.split(';').next().unwrap_or("").trim();
-    if mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
-    {
+    if mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json")) {
         Ok(())
     } else {
         Err(ApiError::new(
@@ -149,7 +148,10 @@ mod tests {
     fn content_type_rules() {
         let mut h = http::HeaderMap::new();
         assert!(check_content_type(&h).is_ok());
-        h.insert(header::CONTENT_TYPE, "application/json; charset=utf-8".parse().unwrap());
+        h.insert(
+            header::CONTENT_TYPE,
+            "application/json; charset=utf-8".parse().unwrap(),
+        );
         assert!(check_content_type(&h).is_ok());
         h.insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
         assert_eq!(

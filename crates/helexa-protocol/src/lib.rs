@@ -226,7 +226,10 @@ mod tests {
             id: "smollm2-135m-instruct".into(),
             status: ModelStatus::Recovering,
             runtime: "candle".into(),
-            limit: ModelLimit { context: 8192, output: 2048 },
+            limit: ModelLimit {
+                context: 8192,
+                output: 2048,
+            },
             capabilities: vec!["chat".into(), "completions".into()],
             ..Default::default()
         };

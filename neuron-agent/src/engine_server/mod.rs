@@ -107,7 +107,11 @@ impl EngineState {
     /// Output cap when a request names none: the configured one, else the
     /// whole context.
     fn default_max_output(&self) -> usize {
-        let ctx = self.engine.get().map(|e| e.meta().context_length).unwrap_or(0);
+        let ctx = self
+            .engine
+            .get()
+            .map(|e| e.meta().context_length)
+            .unwrap_or(0);
         self.max_output.unwrap_or(ctx).min(ctx.max(1))
     }
 }
@@ -214,7 +218,11 @@ async fn tokenizer(State(st): State<Arc<EngineState>>) -> Response {
         .tokenizer_json
         .get_or_init(|| Bytes::from(engine.tokenizer_json()))
         .clone();
-    ([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response()
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
 }
 
 async fn models(State(st): State<Arc<EngineState>>) -> Response {
@@ -261,9 +269,10 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
     });
     let device = parse_device(&args.device)?;
     let chat_template = match &args.chat_template {
-        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| {
-            anyhow::anyhow!("cannot read chat template {}: {e}", p.display())
-        })?),
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("cannot read chat template {}: {e}", p.display()))?,
+        ),
         None => None,
     };
     let state = Arc::new(EngineState {

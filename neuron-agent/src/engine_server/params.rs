@@ -9,12 +9,7 @@ use helexa_engine::{EngineError, SamplingParams};
 /// Most stop strings one request may carry.
 pub const MAX_STOP_STRINGS: usize = 16;
 
-fn check_range(
-    value: Option<f32>,
-    name: &str,
-    lo: f32,
-    hi: f32,
-) -> Result<Option<f32>, ApiError> {
+fn check_range(value: Option<f32>, name: &str, lo: f32, hi: f32) -> Result<Option<f32>, ApiError> {
     match value {
         Some(v) if !v.is_finite() || v < lo || v > hi => Err(ApiError::invalid_request(
             format!("`{name}` must be between {lo} and {hi}, got {v}"),
@@ -167,13 +162,18 @@ mod tests {
         assert_eq!(output_budget(100, 10, None, 50).unwrap(), 50);
         let e = output_budget(100, 90, Some(20), 50).unwrap_err();
         assert_eq!(e.code, ErrorCode::ContextLengthExceeded);
-        assert!(e.message.starts_with("This model's maximum context length is 100 tokens."));
+        assert!(e
+            .message
+            .starts_with("This model's maximum context length is 100 tokens."));
         assert_eq!(e.extras["prompt_tokens"], 90);
         assert_eq!(
             output_budget(100, 100, None, 50).unwrap_err().code,
             ErrorCode::ContextLengthExceeded
         );
-        assert_eq!(output_budget(100, 0, None, 50).unwrap_err().code, ErrorCode::InvalidRequest);
+        assert_eq!(
+            output_budget(100, 0, None, 50).unwrap_err().code,
+            ErrorCode::InvalidRequest
+        );
     }
 
     #[test]
@@ -182,7 +182,10 @@ mod tests {
             temperature: Some(3.0),
             ..Default::default()
         };
-        assert_eq!(sampling_params(&f).unwrap_err().param.as_deref(), Some("temperature"));
+        assert_eq!(
+            sampling_params(&f).unwrap_err().param.as_deref(),
+            Some("temperature")
+        );
         let f = SamplingFields {
             temperature: Some(0.0),
             top_k: Some(5),

@@ -101,7 +101,8 @@ pub fn sse_body<F: ChunkFormat>(
                     let mut buf = Vec::from(&format.finish(reason.as_str())[..]);
                     if include_usage {
                         buf.extend_from_slice(
-                            &format.usage(Usage::new(prompt_tokens as u32, completion_tokens as u32)),
+                            &format
+                                .usage(Usage::new(prompt_tokens as u32, completion_tokens as u32)),
                         );
                     }
                     buf.extend_from_slice(sse::DONE);
