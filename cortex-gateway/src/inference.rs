@@ -291,6 +291,7 @@ impl Ctx {
         let status = resp.status();
         let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
         let retry_after = resp.headers().get(header::RETRY_AFTER).cloned();
+        let content_length = resp.headers().get(header::CONTENT_LENGTH).cloned();
         let is_sse = content_type
             .as_ref()
             .and_then(|v| v.to_str().ok())
@@ -311,6 +312,15 @@ impl Ctx {
             acct,
             in_flight,
         );
+        // A plain body keeps its length: hyper then sends it without chunked
+        // framing (no extra terminator write).
+        let length = content_length
+            .as_ref()
+            .filter(|_| !is_sse)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.parse::<u64>().ok())
+            .filter(|n| *n > 0);
+        let relay = relay.with_length(length);
         let mut out = Response::new(Body::from_stream(relay));
         *out.status_mut() = status;
         let h = out.headers_mut();
@@ -319,6 +329,9 @@ impl Ctx {
         }
         if let Some(ra) = retry_after {
             h.insert(header::RETRY_AFTER, ra);
+        }
+        if let (Some(cl), Some(_)) = (content_length, length) {
+            h.insert(header::CONTENT_LENGTH, cl);
         }
         if is_sse {
             h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));

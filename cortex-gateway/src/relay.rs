@@ -78,6 +78,21 @@ pub struct Relay {
     upstream: Upstream,
     idle: Duration,
     idle_timer: Pin<Box<tokio::time::Sleep>>,
+    /// When the last chunk came; the timer is only moved when it fires
+    /// (re-armed from here), not on every chunk.
+    last_chunk: tokio::time::Instant,
+    /// Bytes still expected when upstream sent a `Content-Length`: the
+    /// server stops polling once that many are written, so the relay
+    /// counts the response complete as soon as the last byte is out.
+    remaining: Option<u64>,
+    /// Length of the chunk just received (for `remaining`).
+    chunk_len: usize,
+    /// Bytes gathered while the upstream task gets a turn (see poll_next).
+    held: Option<Held>,
+    /// Whether this task already yielded once since the last chunk.
+    yielded: bool,
+    /// The upstream end, seen while bytes were still held.
+    ended: Option<End>,
     sse: Option<SseWatch>,
     json_copy: Option<Vec<u8>>,
     first_token: bool,
@@ -110,6 +125,12 @@ impl Relay {
             upstream,
             idle,
             idle_timer: Box::pin(tokio::time::sleep(idle)),
+            last_chunk: tokio::time::Instant::now(),
+            remaining: None,
+            chunk_len: 0,
+            held: None,
+            yielded: false,
+            ended: None,
             json_copy: (!is_sse).then(Vec::new),
             sse,
             first_token: false,
@@ -119,6 +140,12 @@ impl Relay {
             acct,
             _in_flight: in_flight,
         }
+    }
+
+    /// The upstream body's length (from `Content-Length`), if known.
+    pub fn with_length(mut self, len: Option<u64>) -> Self {
+        self.remaining = len;
+        self
     }
 
     fn watch(&mut self, chunk: &Bytes) {
@@ -208,6 +235,24 @@ fn usage_of(v: &Value) -> Option<(u64, u64)> {
     Some((p, c))
 }
 
+impl Relay {
+    /// Ready once nothing has come for `idle` since the last chunk.
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            match self.idle_timer.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) => {
+                    let due = self.last_chunk + self.idle;
+                    if tokio::time::Instant::now() >= due {
+                        return Poll::Ready(());
+                    }
+                    self.idle_timer.as_mut().reset(due);
+                }
+            }
+        }
+    }
+}
+
 impl Stream for Relay {
     type Item = Result<Bytes, std::io::Error>;
 
@@ -216,44 +261,143 @@ impl Stream for Relay {
         if this.finished {
             return Poll::Ready(None);
         }
-        match this.upstream.as_mut().poll_next(cx) {
-            Poll::Ready(Some(Ok(chunk))) => {
-                let deadline = tokio::time::Instant::now() + this.idle;
-                this.idle_timer.as_mut().reset(deadline);
-                this.watch(&chunk);
-                Poll::Ready(Some(Ok(chunk)))
+        if let Some(end) = this.ended.take() {
+            return this.end(end);
+        }
+        loop {
+            match this.upstream.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    this.last_chunk = tokio::time::Instant::now();
+                    this.watch(&chunk);
+                    this.hold(chunk);
+                    this.yielded = false;
+                    if let Some(left) = &mut this.remaining {
+                        *left = left.saturating_sub(this.chunk_len as u64);
+                        this.chunk_len = 0;
+                        if *left == 0 {
+                            // The server may drop the body without polling
+                            // it again once the declared length is written.
+                            this.finished = true;
+                            this.outcome = Some(this.acct.status);
+                            return Poll::Ready(this.release().map(Ok));
+                        }
+                    }
+                    if this.held_len() >= COALESCE_LIMIT {
+                        return Poll::Ready(this.release().map(Ok));
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    let end = End::Failed(format!("the upstream neuron failed mid-stream: {e}"));
+                    return this.end_after_held(end);
+                }
+                Poll::Ready(None) => return this.end_after_held(End::Eof),
+                Poll::Pending => {
+                    if this.held.is_some() {
+                        if !this.yielded {
+                            // Let the upstream connection task run once: if
+                            // it already has the next chunks they are sent
+                            // in the same write instead of one write each.
+                            this.yielded = true;
+                            cx.waker().wake_by_ref();
+                            return Poll::Pending;
+                        }
+                        return Poll::Ready(this.release().map(Ok));
+                    }
+                    return match this.poll_idle(cx) {
+                        Poll::Ready(()) => this.fail(ApiError::new(
+                            ErrorCode::UpstreamTimeout,
+                            format!(
+                                "the upstream neuron sent nothing for {} ms",
+                                this.idle.as_millis()
+                            ),
+                        )),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
             }
-            Poll::Ready(Some(Err(e))) => this.fail(ApiError::new(
-                ErrorCode::UpstreamError,
-                format!("the upstream neuron failed mid-stream: {e}"),
-            )),
-            Poll::Ready(None) => {
-                let cut = this
+        }
+    }
+}
+
+/// How the upstream body ended, kept while held bytes go out first.
+enum End {
+    Eof,
+    Failed(String),
+}
+
+/// Most bytes gathered from upstream before they are passed on.
+const COALESCE_LIMIT: usize = 64 * 1024;
+
+impl Relay {
+    fn hold(&mut self, chunk: Bytes) {
+        self.chunk_len = chunk.len();
+        self.held = Some(match self.held.take() {
+            None => Held::One(chunk),
+            Some(Held::One(first)) => {
+                let mut buf = bytes::BytesMut::with_capacity((first.len() + chunk.len()) * 2);
+                buf.extend_from_slice(&first);
+                buf.extend_from_slice(&chunk);
+                Held::Many(buf)
+            }
+            Some(Held::Many(mut buf)) => {
+                buf.extend_from_slice(&chunk);
+                Held::Many(buf)
+            }
+        });
+    }
+
+    fn held_len(&self) -> usize {
+        match &self.held {
+            None => 0,
+            Some(Held::One(b)) => b.len(),
+            Some(Held::Many(b)) => b.len(),
+        }
+    }
+
+    fn release(&mut self) -> Option<Bytes> {
+        self.yielded = false;
+        self.held.take().map(|h| match h {
+            Held::One(b) => b,
+            Held::Many(b) => b.freeze(),
+        })
+    }
+
+    fn end_after_held(&mut self, end: End) -> Poll<Option<Result<Bytes, std::io::Error>>> {
+        match self.release() {
+            Some(b) => {
+                self.ended = Some(end);
+                Poll::Ready(Some(Ok(b)))
+            }
+            None => self.end(end),
+        }
+    }
+
+    fn end(&mut self, end: End) -> Poll<Option<Result<Bytes, std::io::Error>>> {
+        match end {
+            End::Failed(msg) => self.fail(ApiError::new(ErrorCode::UpstreamError, msg)),
+            End::Eof => {
+                let cut = self
                     .sse
                     .as_ref()
                     .is_some_and(|s| s.expects_done && !s.saw_done);
                 if cut {
-                    return this.fail(ApiError::new(
+                    return self.fail(ApiError::new(
                         ErrorCode::UpstreamError,
                         "the upstream neuron ended the stream without [DONE]",
                     ));
                 }
-                this.finished = true;
-                this.outcome = Some(this.acct.status);
+                self.finished = true;
+                self.outcome = Some(self.acct.status);
                 Poll::Ready(None)
             }
-            Poll::Pending => match this.idle_timer.as_mut().poll(cx) {
-                Poll::Ready(()) => this.fail(ApiError::new(
-                    ErrorCode::UpstreamTimeout,
-                    format!(
-                        "the upstream neuron sent nothing for {} ms",
-                        this.idle.as_millis()
-                    ),
-                )),
-                Poll::Pending => Poll::Pending,
-            },
         }
     }
+}
+
+/// Upstream bytes received but not yet passed on.
+enum Held {
+    One(Bytes),
+    Many(bytes::BytesMut),
 }
 
 impl Drop for Relay {
