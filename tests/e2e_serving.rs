@@ -197,13 +197,7 @@ async fn context_exceeded_is_refused_at_both_hops() {
         .await;
     assert_eq!(st, 400, "{v}");
     assert_eq!(v["error"]["code"], "context_length_exceeded");
-    // A prompt beyond 4096 tokens (candle's stock cap) is served.
-    let mid = "word ".repeat(4_150);
-    let (st, v) = c
-        .post(&c.neuron_url, "/v1/chat/completions", &chat_body(&mid, 2))
-        .await;
-    assert_eq!(st, 200, "{v}");
-    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 4096);
+    // Prompts past 4096 tokens are covered by helexa-engine's model tests.
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
