@@ -43,6 +43,30 @@ fn load_err(path: &Path, message: impl Into<String>) -> EngineError {
     }
 }
 
+fn stem(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// What a loader found, for `Engine::start`.
+struct Parts {
+    name: String,
+    architecture: String,
+    context_length: usize,
+    trained_context: usize,
+    vocab_size: usize,
+    bos_token: Option<String>,
+    /// `None`: the first EOS id's token.
+    eos_token: Option<String>,
+    eos_ids: Vec<u32>,
+    add_bos: Option<u32>,
+    template: Option<String>,
+    weights_bytes: u64,
+    threads: usize,
+    slots: usize,
+}
+
 fn md_u32(md: &HashMap<String, Value>, key: &str) -> Option<u32> {
     md.get(key).and_then(|v| v.to_u32().ok())
 }
@@ -52,20 +76,15 @@ impl Engine {
     /// Blocking: call from `spawn_blocking` or before the runtime starts.
     pub fn load(cfg: EngineConfig) -> Result<Engine, EngineError> {
         let path = cfg.model_path.clone();
-        match cfg.device {
-            DeviceSpec::Cpu => {}
-            DeviceSpec::Cuda(i) => {
-                // GGUF runs on our CPU kernels; CUDA needs the dense path.
-                if !path.is_dir() {
-                    return Err(load_err(
-                        &path,
-                        format!("CUDA device {i} requested, but GGUF models run on the CPU only; use DeviceSpec::Cpu"),
-                    ));
-                }
-            }
-        }
         if path.is_dir() {
-            return Err(load_err(&path, safetensors::unsupported(&path)));
+            return Engine::load_dir(&cfg);
+        }
+        if let DeviceSpec::Cuda(i) = cfg.device {
+            // GGUF runs on our CPU kernels; CUDA needs the dense path.
+            return Err(load_err(
+                &path,
+                format!("CUDA device {i} requested, but GGUF models run on the CPU only; use DeviceSpec::Cpu"),
+            ));
         }
         if !path.exists() {
             return Err(load_err(&path, "no such file (run scripts/fetch-model?)"));
@@ -83,12 +102,110 @@ impl Engine {
             Some(p) => crate::tokenizer::tokenizer_from_file(p)?,
             None => crate::tokenizer::tokenizer_from_gguf(md)?,
         };
-        let tok_str = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i));
         let bos_id = md_u32(md, "tokenizer.ggml.bos_token_id");
-        let eos_id = md_u32(md, "tokenizer.ggml.eos_token_id");
-        let bos_token = tok_str(bos_id);
-        let eos_token = tok_str(eos_id);
-        let mut eos_token_ids: Vec<u32> = eos_id.into_iter().collect();
+        let add_bos = md
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false)
+            .then_some(bos_id)
+            .flatten();
+        let parts = Parts {
+            name: loaded.name.clone().unwrap_or_else(|| stem(&path)),
+            architecture: loaded.architecture.clone(),
+            context_length: loaded.model.context_length(),
+            trained_context: loaded.trained_context,
+            vocab_size: loaded.model.config().vocab_size,
+            bos_token: bos_id.and_then(|i| tokenizer.id_to_token(i)),
+            eos_ids: md_u32(md, "tokenizer.ggml.eos_token_id")
+                .into_iter()
+                .collect(),
+            eos_token: None,
+            add_bos,
+            template: md
+                .get("tokenizer.chat_template")
+                .and_then(|v| v.to_string().ok())
+                .cloned(),
+            weights_bytes: loaded.weights_bytes,
+            threads,
+            slots,
+        };
+        Engine::start(&cfg, tokenizer, parts, Box::new(loaded.model))
+    }
+
+    /// A safetensors + `config.json` directory.
+    fn load_dir(cfg: &EngineConfig) -> Result<Engine, EngineError> {
+        let path = &cfg.model_path;
+        let tok_path = cfg
+            .tokenizer_path
+            .clone()
+            .unwrap_or_else(|| path.join("tokenizer.json"));
+        if !tok_path.is_file() {
+            return Err(load_err(
+                path,
+                format!(
+                    "{} is missing: a safetensors model directory needs a tokenizer.json",
+                    tok_path.display()
+                ),
+            ));
+        }
+        let slots = cfg.max_batch.max(1);
+        let loaded = safetensors::load(path, cfg.device, cfg.max_context, slots)
+            .map_err(|m| load_err(path, m))?;
+        let tokenizer = crate::tokenizer::tokenizer_from_file(&tok_path)?;
+        let bos_id = loaded.bos_token_id.or_else(|| {
+            loaded
+                .bos_token
+                .as_deref()
+                .and_then(|t| tokenizer.token_to_id(t))
+        });
+        let mut eos_ids = loaded.eos_token_ids.clone();
+        if eos_ids.is_empty() {
+            eos_ids.extend(
+                loaded
+                    .eos_token
+                    .as_deref()
+                    .and_then(|t| tokenizer.token_to_id(t)),
+            );
+        }
+        let parts = Parts {
+            name: loaded.name.clone().unwrap_or_else(|| stem(path)),
+            architecture: "llama".to_string(),
+            context_length: loaded.model.context_length(),
+            trained_context: loaded.trained_context,
+            vocab_size: loaded.vocab_size,
+            bos_token: loaded
+                .bos_token
+                .clone()
+                .or_else(|| bos_id.and_then(|i| tokenizer.id_to_token(i))),
+            eos_token: loaded.eos_token.clone(),
+            eos_ids,
+            add_bos: loaded
+                .add_bos_token
+                .unwrap_or(false)
+                .then_some(bos_id)
+                .flatten(),
+            template: loaded.chat_template.clone(),
+            weights_bytes: loaded.weights_bytes,
+            threads: 0,
+            slots,
+        };
+        Engine::start(cfg, tokenizer, parts, Box::new(loaded.model))
+    }
+
+    /// What every loader shares: EOS ids, template, meta, the scheduler.
+    fn start(
+        cfg: &EngineConfig,
+        tokenizer: Tokenizer,
+        parts: Parts,
+        model: Box<dyn Model>,
+    ) -> Result<Engine, EngineError> {
+        let bos_token = parts.bos_token;
+        let mut eos_token_ids = parts.eos_ids;
+        let eos_token = parts.eos_token.or_else(|| {
+            eos_token_ids
+                .first()
+                .and_then(|&i| tokenizer.id_to_token(i))
+        });
         for t in EXTRA_EOS {
             if let Some(id) = tokenizer.token_to_id(t) {
                 if !eos_token_ids.contains(&id) {
@@ -96,50 +213,32 @@ impl Engine {
                 }
             }
         }
-        let add_bos = md
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(|v| v.to_bool().ok())
-            .unwrap_or(false)
-            .then_some(bos_id)
-            .flatten();
-
-        let gguf_template = md
-            .get("tokenizer.chat_template")
-            .and_then(|v| v.to_string().ok())
-            .cloned();
-        let has_chat_template = cfg.chat_template.is_some() || gguf_template.is_some();
-        let template = match cfg.chat_template.as_ref().or(gguf_template.as_ref()) {
+        let has_chat_template = cfg.chat_template.is_some() || parts.template.is_some();
+        let template = match cfg.chat_template.as_ref().or(parts.template.as_ref()) {
             Some(src) => ChatTemplate::new(src, bos_token.clone(), eos_token.clone())?,
             None => ChatTemplate::chatml_default(),
         };
-
-        let model_vocab = loaded.model.config().vocab_size;
         let meta = ModelMeta {
-            name: loaded.name.clone().unwrap_or_else(|| {
-                path.file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            }),
-            architecture: loaded.architecture.clone(),
-            context_length: loaded.model.context_length(),
-            vocab_size: model_vocab,
+            name: parts.name,
+            architecture: parts.architecture,
+            context_length: parts.context_length,
+            vocab_size: parts.vocab_size,
             bos_token,
             eos_token,
             eos_token_ids: eos_token_ids.clone(),
             has_chat_template,
-            weights_bytes: loaded.weights_bytes,
+            weights_bytes: parts.weights_bytes,
         };
         tracing::info!(
             model = %meta.name,
             arch = %meta.architecture,
             context = meta.context_length,
-            trained_context = loaded.trained_context,
-            threads,
-            slots,
+            trained_context = parts.trained_context,
+            threads = parts.threads,
+            slots = parts.slots,
             "model loaded"
         );
         let tokenizer = Arc::new(tokenizer);
-        let model: Box<dyn Model> = Box::new(loaded.model);
         let scheduler = Scheduler::start(
             model,
             WorkerConfig {
@@ -152,7 +251,7 @@ impl Engine {
                 meta,
                 tokenizer,
                 template,
-                add_bos,
+                add_bos: parts.add_bos,
                 scheduler,
             }),
         })
