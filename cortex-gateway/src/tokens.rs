@@ -70,11 +70,9 @@ impl Tokenizers {
 
 async fn fetch(gw: &Gateway, model: &str) -> Result<Option<Arc<Tokenizer>>, String> {
     let snap = gw.fleet.snapshot();
-    let Some(idx) = snap
-        .nodes
-        .iter()
-        .position(|v| v.healthy && v.models.contains_key(model))
-    else {
+    // Only a replica that has finished loading can answer for its tokenizer:
+    // asking one that is still loading would cache a 404 for good.
+    let Some(idx) = snap.nodes.iter().position(|v| v.serves(model)) else {
         return Err("no healthy neuron has the model loaded".into());
     };
     let neuron = &gw.fleet.neurons[idx];
