@@ -89,8 +89,8 @@ pub struct Relay {
     chunk_len: usize,
     /// Bytes gathered while the upstream task gets a turn (see poll_next).
     held: Option<Held>,
-    /// Whether this task already yielded once since the last chunk.
-    yielded: bool,
+    /// Turns given to the upstream task since the last chunk.
+    yielded: u8,
     /// The upstream end, seen while bytes were still held.
     ended: Option<End>,
     sse: Option<SseWatch>,
@@ -129,7 +129,7 @@ impl Relay {
             remaining: None,
             chunk_len: 0,
             held: None,
-            yielded: false,
+            yielded: 0,
             ended: None,
             json_copy: (!is_sse).then(Vec::new),
             sse,
@@ -270,7 +270,7 @@ impl Stream for Relay {
                     this.last_chunk = tokio::time::Instant::now();
                     this.watch(&chunk);
                     this.hold(chunk);
-                    this.yielded = false;
+                    this.yielded = 0;
                     if let Some(left) = &mut this.remaining {
                         *left = left.saturating_sub(this.chunk_len as u64);
                         this.chunk_len = 0;
@@ -293,11 +293,13 @@ impl Stream for Relay {
                 Poll::Ready(None) => return this.end_after_held(End::Eof),
                 Poll::Pending => {
                     if this.held.is_some() {
-                        if !this.yielded {
-                            // Let the upstream connection task run once: if
-                            // it already has the next chunks they are sent
-                            // in the same write instead of one write each.
-                            this.yielded = true;
+                        if this.yielded < MAX_YIELDS {
+                            // Let the upstream connection task run: if it
+                            // already has the next chunks they are sent in
+                            // the same write instead of one write each. A
+                            // few turns, since another worker may poll this
+                            // task again before that one has run.
+                            this.yielded += 1;
                             cx.waker().wake_by_ref();
                             return Poll::Pending;
                         }
@@ -324,6 +326,9 @@ enum End {
     Eof,
     Failed(String),
 }
+
+/// Turns given to the upstream task before held bytes go out anyway.
+const MAX_YIELDS: u8 = 3;
 
 /// Most bytes gathered from upstream before they are passed on.
 const COALESCE_LIMIT: usize = 64 * 1024;
@@ -355,7 +360,7 @@ impl Relay {
     }
 
     fn release(&mut self) -> Option<Bytes> {
-        self.yielded = false;
+        self.yielded = 0;
         self.held.take().map(|h| match h {
             Held::One(b) => b,
             Held::Many(b) => b.freeze(),
