@@ -19,13 +19,7 @@ pub async fn chat_completions(
     State(st): State<Arc<EngineState>>,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Response {
-    match handle(st, req).await {
-        Ok(resp) => resp,
-        Err(err) => {
-            tracing::warn!(code = err.code.as_str(), message = %err.message, "chat request refused");
-            err.into_response()
-        }
-    }
+    super::respond(handle(st, req).await, "chat")
 }
 
 async fn handle(st: Arc<EngineState>, req: ChatCompletionRequest) -> Result<Response, ApiError> {

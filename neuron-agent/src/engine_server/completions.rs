@@ -20,13 +20,7 @@ pub async fn completions(
     State(st): State<Arc<EngineState>>,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Response {
-    match handle(st, req).await {
-        Ok(resp) => resp,
-        Err(err) => {
-            tracing::warn!(code = err.code.as_str(), message = %err.message, "completion request refused");
-            err.into_response()
-        }
-    }
+    super::respond(handle(st, req).await, "completion")
 }
 
 /// One prompt per request: arrays of several prompts are refused.

@@ -116,6 +116,15 @@ impl EngineState {
     }
 }
 
+/// A handler's answer, or its refusal logged once at WARN and sent as the
+/// error envelope.
+fn respond(result: Result<Response, ApiError>, api: &str) -> Response {
+    result.unwrap_or_else(|err| {
+        tracing::warn!(api, code = err.code.as_str(), message = %err.message, "request refused");
+        err.into_response()
+    })
+}
+
 pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
