@@ -99,7 +99,8 @@ fn store(gw: &Arc<Gateway>, edit: impl FnOnce(&mut Vec<NodeView>)) {
     }
 }
 
-async fn get_json<T: DeserializeOwned>(gw: &Gateway, url: String) -> Result<T, String> {
+/// GET `url` on the control client and parse its JSON; errors name the URL.
+pub(crate) async fn get_json<T: DeserializeOwned>(gw: &Gateway, url: String) -> Result<T, String> {
     let resp = gw
         .control
         .get(&url)

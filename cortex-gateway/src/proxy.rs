@@ -37,16 +37,7 @@ async fn endpoint(gw: &Gateway, idx: usize, model: &str) -> Result<Arc<str>, Str
         return Ok(u);
     }
     let url = format!("{}/models/{}/endpoint", neuron.endpoint, model);
-    let resp = gw
-        .control
-        .get(&url)
-        .send()
-        .await
-        .map_err(|e| format!("{url}: {e}"))?;
-    if !resp.status().is_success() {
-        return Err(format!("{url}: HTTP {}", resp.status()));
-    }
-    let ep: EndpointResponse = resp.json().await.map_err(|e| format!("{url}: {e}"))?;
+    let ep: EndpointResponse = crate::poller::get_json(gw, url.clone()).await?;
     if ep.url.is_empty() {
         return Err(format!("{url}: empty url"));
     }
