@@ -57,8 +57,10 @@ fn main() -> anyhow::Result<()> {
     }
     let rt = rt.enable_all().build().context("tokio runtime")?;
     rt.block_on(async move {
+        // Handlers first: a SIGTERM during start-up must drain, not kill.
+        let stop = cortex_gateway::shutdown::signal();
         let running = cortex_gateway::start(config).await?;
-        cortex_gateway::shutdown::signal().await;
+        stop.await;
         running.shutdown();
         running.wait().await;
         Ok(())

@@ -256,12 +256,17 @@ enum Bound {
     Unix(tokio::net::UnixListener),
 }
 
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler installs");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+/// Installs the SIGTERM/SIGINT handlers now and resolves on the first
+/// signal. Called before binding, so an early SIGTERM drains, never kills.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
+    async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }
 
@@ -295,6 +300,7 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
         started: Instant::now(),
     });
     let app = router(state.clone(), args.max_body_bytes);
+    let mut stop = Box::pin(shutdown_signal());
 
     let bound = match &args.unix {
         Some(path) => {
@@ -343,13 +349,13 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
             tracing::info!(model = %id, context = engine.meta().context_length, "engine ready");
             let _ = state.engine.set(engine);
         }
-        _ = shutdown_signal() => {
+        _ = &mut stop => {
             tracing::info!(model = %id, "signal while loading: exiting");
             return Ok(());
         }
     }
 
-    shutdown_signal().await;
+    stop.await;
     tracing::info!(model = %id, drain_secs = args.drain_timeout_secs, "draining");
     state.draining.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
