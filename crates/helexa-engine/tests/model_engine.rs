@@ -246,10 +246,13 @@ fn dropping_the_stream_cancels_and_frees_the_slot() {
             stop: vec![],
         })
         .unwrap();
-    // Wait until it is decoding.
-    loop {
+    // Wait until it is decoding: the first token comes from the prefill
+    // step, so only a second one proves a decode step ran (and was counted
+    // in the decode rate, which is recorded before tokens are sent).
+    let mut texts = 0;
+    while texts < 2 {
         match s.blocking_next().expect("events") {
-            GenEvent::Text { .. } => break,
+            GenEvent::Text { .. } => texts += 1,
             GenEvent::Prefilled { .. } => {}
             other => panic!("unexpected {other:?}"),
         }
