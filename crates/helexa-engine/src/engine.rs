@@ -8,7 +8,7 @@ use crate::template::ChatTemplate;
 use candle_core::quantized::gguf_file::Value;
 use helexa_api::chat::ChatMessage;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokenizers::Tokenizer;
 
@@ -71,6 +71,47 @@ fn md_u32(md: &HashMap<String, Value>, key: &str) -> Option<u32> {
     md.get(key).and_then(|v| v.to_u32().ok())
 }
 
+/// A file that belongs to the GGUF at `path`: `<stem>.<name>` beside it
+/// first (a folder may hold several models), else `<name>` in its folder.
+fn beside(path: &Path, name: &str) -> Option<PathBuf> {
+    let dir = path.parent()?;
+    let stem = path.file_stem()?.to_string_lossy();
+    [dir.join(format!("{stem}.{name}")), dir.join(name)]
+        .into_iter()
+        .find(|p| p.is_file())
+}
+
+/// A `tokenizer.json` beside a GGUF, if it is this model's: otherwise (or
+/// when it cannot be read) the GGUF's own tokenizer, with a warning.
+fn sidecar_tokenizer(p: &Path, md: &HashMap<String, Value>) -> Result<Tokenizer, EngineError> {
+    let checked = crate::tokenizer::tokenizer_from_file(p)
+        .map_err(|e| e.to_string())
+        .and_then(|t| crate::tokenizer::check_matches_gguf(&t, md).map(|()| t));
+    match checked {
+        Ok(t) => {
+            tracing::info!(tokenizer = %p.display(), "using the tokenizer.json beside the model");
+            Ok(t)
+        }
+        Err(why) => {
+            tracing::warn!(tokenizer = %p.display(), reason = %why,
+                "ignoring the tokenizer.json beside the model; using the GGUF's tokenizer");
+            crate::tokenizer::tokenizer_from_gguf(md)
+        }
+    }
+}
+
+/// `chat_template` of a `tokenizer_config.json` beside a GGUF that has none.
+fn sidecar_template(path: &Path) -> Option<String> {
+    let p = beside(path, "tokenizer_config.json")?;
+    match safetensors::read_json(&p) {
+        Ok(v) => safetensors::chat_template(v.get("chat_template")),
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring tokenizer_config.json beside the model");
+            None
+        }
+    }
+}
+
 impl Engine {
     /// Loads weights, tokenizer and template, and starts the scheduler thread.
     /// Blocking: call from `spawn_blocking` or before the runtime starts.
@@ -100,7 +141,10 @@ impl Engine {
 
         let tokenizer = match &cfg.tokenizer_path {
             Some(p) => crate::tokenizer::tokenizer_from_file(p)?,
-            None => crate::tokenizer::tokenizer_from_gguf(md)?,
+            None => match beside(&path, "tokenizer.json") {
+                Some(p) => sidecar_tokenizer(&p, md)?,
+                None => crate::tokenizer::tokenizer_from_gguf(md)?,
+            },
         };
         let bos_id = md_u32(md, "tokenizer.ggml.bos_token_id");
         let add_bos = md
@@ -124,7 +168,8 @@ impl Engine {
             template: md
                 .get("tokenizer.chat_template")
                 .and_then(|v| v.to_string().ok())
-                .cloned(),
+                .cloned()
+                .or_else(|| sidecar_template(&path)),
             weights_bytes: loaded.weights_bytes,
             threads,
             slots,
@@ -355,5 +400,37 @@ impl GenerationStream {
 
     pub fn blocking_next(&mut self) -> Option<GenEvent> {
         self.rx.blocking_recv()
+    }
+}
+
+#[cfg(test)]
+mod sidecar_tests {
+    use super::*;
+
+    #[test]
+    fn files_beside_a_gguf_prefer_the_stem_and_give_the_template() {
+        let dir = tempfile::tempdir().unwrap();
+        let gguf = dir.path().join("m.Q4.gguf");
+        std::fs::write(&gguf, b"").unwrap();
+        assert_eq!(beside(&gguf, "tokenizer_config.json"), None);
+        assert_eq!(sidecar_template(&gguf), None);
+
+        let shared = dir.path().join("tokenizer_config.json");
+        std::fs::write(&shared, r#"{"chat_template": "shared {{ messages }}"}"#).unwrap();
+        assert_eq!(beside(&gguf, "tokenizer_config.json"), Some(shared));
+        assert_eq!(sidecar_template(&gguf).as_deref(), Some("shared {{ messages }}"));
+
+        let own = dir.path().join("m.Q4.tokenizer_config.json");
+        std::fs::write(
+            &own,
+            r#"{"chat_template": [{"name": "tool_use", "template": "t"}, {"name": "default", "template": "own"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(beside(&gguf, "tokenizer_config.json"), Some(own.clone()));
+        assert_eq!(sidecar_template(&gguf).as_deref(), Some("own"));
+
+        // Unreadable JSON: no template, not a failure.
+        std::fs::write(&own, "{not json").unwrap();
+        assert_eq!(sidecar_template(&gguf), None);
     }
 }

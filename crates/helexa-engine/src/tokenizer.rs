@@ -99,6 +99,37 @@ pub fn tokenizer_from_file(path: &Path) -> Result<Tokenizer, EngineError> {
         .map_err(|e| EngineError::Tokenizer(format!("cannot load {}: {e}", path.display())))
 }
 
+/// Whether a `tokenizer.json` found beside a GGUF belongs to it: the same
+/// vocabulary size and the same token strings at the BOS/EOS ids and at 64
+/// ids spread over the vocabulary. A folder shared by several models may
+/// hold another model's `tokenizer.json`; using it would silently give
+/// wrong ids.
+pub fn check_matches_gguf(tok: &Tokenizer, md: &HashMap<String, Value>) -> Result<(), String> {
+    let tokens = md_strings(md, "tokenizer.ggml.tokens")
+        .map_err(|e| e.to_string())?
+        .ok_or("the GGUF lists no tokenizer.ggml.tokens to compare with")?;
+    let n = tokens.len();
+    let size = tok.get_vocab_size(true);
+    if size != n {
+        return Err(format!("it has {size} tokens, the GGUF {n}"));
+    }
+    let special = ["tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"]
+        .into_iter()
+        .filter_map(|k| md.get(k).and_then(|v| v.to_u32().ok()))
+        .map(|i| i as usize);
+    let step = (n / 64).max(1);
+    for i in (0..n).step_by(step).chain(special).filter(|&i| i < n) {
+        let theirs = tok.id_to_token(i as u32);
+        if theirs.as_deref() != Some(tokens[i].as_str()) {
+            return Err(format!(
+                "token {i} is {theirs:?} there but {:?} in the GGUF",
+                tokens[i]
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Builds the tokenizer a GGUF file describes in its `tokenizer.ggml.*` metadata.
 pub fn tokenizer_from_gguf(md: &HashMap<String, Value>) -> Result<Tokenizer, EngineError> {
     let model = md_str(md, "tokenizer.ggml.model")?.ok_or_else(|| {

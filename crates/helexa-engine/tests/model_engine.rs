@@ -369,3 +369,36 @@ fn prompt_longer_than_4096_tokens_works() {
     assert!((1..=4).contains(&completion));
     assert!(!r.text.trim().is_empty(), "{:?}", r.text);
 }
+
+#[test]
+fn a_tokenizer_json_beside_the_gguf_is_used_only_when_it_matches() {
+    let base = engine();
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("m.gguf");
+    std::os::unix::fs::symlink(model_path(), &gguf).unwrap();
+    // This model's own tokenizer, but lower-casing its input: the ids show
+    // which tokenizer the engine used.
+    let mut tj: serde_json::Value = serde_json::from_str(&base.tokenizer_json()).unwrap();
+    tj["normalizer"] = serde_json::json!({"type": "Lowercase"});
+    std::fs::write(dir.path().join("tokenizer.json"), tj.to_string()).unwrap();
+    let text = "HELLO World, Fox";
+    let upper = base.tokenize(text, false).unwrap();
+    let lower = base.tokenize(&text.to_lowercase(), false).unwrap();
+    assert_ne!(upper, lower);
+
+    let e = Engine::load(EngineConfig::new(gguf.clone())).expect("loads");
+    assert_eq!(e.tokenize(text, false).unwrap(), lower, "tokenizer.json beside it");
+    e.shutdown();
+
+    // `<stem>.tokenizer.json` comes first; one of another model (here an
+    // empty vocabulary) is ignored in favour of the GGUF's own tokenizer.
+    let foreign = tokenizers::Tokenizer::new(tokenizers::models::bpe::BPE::default());
+    std::fs::write(
+        dir.path().join("m.tokenizer.json"),
+        foreign.to_string(false).unwrap(),
+    )
+    .unwrap();
+    let e = Engine::load(EngineConfig::new(gguf)).expect("loads");
+    assert_eq!(e.tokenize(text, false).unwrap(), upper, "foreign one ignored");
+    e.shutdown();
+}

@@ -35,7 +35,7 @@ pub struct DenseLoaded {
     pub weights_bytes: u64,
 }
 
-fn read_json(path: &Path) -> Result<serde_json::Value, String> {
+pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     serde_json::from_str(&text).map_err(|e| format!("cannot parse {}: {e}", path.display()))
@@ -51,7 +51,7 @@ fn token_string(v: Option<&serde_json::Value>) -> Option<String> {
 }
 
 /// `chat_template`: a string, or a list of `{name, template}` (the `default` one).
-fn chat_template(v: Option<&serde_json::Value>) -> Option<String> {
+pub(crate) fn chat_template(v: Option<&serde_json::Value>) -> Option<String> {
     match v? {
         serde_json::Value::String(s) => Some(s.clone()),
         serde_json::Value::Array(items) => items
