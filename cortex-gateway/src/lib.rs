@@ -16,7 +16,6 @@ pub mod proxy;
 pub mod relay;
 pub mod router;
 pub mod server;
-pub mod shutdown;
 pub mod state;
 pub mod tokens;
 

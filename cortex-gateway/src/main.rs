@@ -58,7 +58,7 @@ fn main() -> anyhow::Result<()> {
     let rt = rt.enable_all().build().context("tokio runtime")?;
     rt.block_on(async move {
         // Handlers first: a SIGTERM during start-up must drain, not kill.
-        let stop = cortex_gateway::shutdown::signal();
+        let stop = helexa_api::shutdown::Signals::first();
         let running = cortex_gateway::start(config).await?;
         stop.await;
         running.shutdown();

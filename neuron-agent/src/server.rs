@@ -145,21 +145,15 @@ pub fn load_config(args: &AgentArgs) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-/// `neuron` (agent mode): runs until SIGTERM/SIGINT, then shuts down.
+/// `neuron` (agent mode): runs until SIGTERM/SIGINT, then shuts down; a
+/// second signal cuts the drain short.
 pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let config = load_config(&args)?;
     crate::telemetry::init(&config.log_format);
+    // Before binding: a signal during start-up drains instead of killing.
+    let mut signals = helexa_api::shutdown::Signals::install();
     let agent = Agent::start(config).await?;
-    wait_for_signal().await;
-    agent.shutdown_with(wait_for_signal()).await;
+    signals.recv().await;
+    agent.shutdown_with(signals.recv()).await;
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-    }
 }

@@ -1,14 +1,16 @@
 //! OpenAI wire types shared by every helexa process and by the tests.
 //!
 //! `error` is the one error envelope (PROTOCOL.md §2); `extract` makes axum's
-//! body rejections speak it; `sse` frames server-sent events; the rest are the
-//! request and response shapes of the OpenAI API that helexa serves.
+//! body rejections speak it; `sse` frames server-sent events; `shutdown` waits
+//! for SIGTERM/SIGINT; the rest are the request and response shapes of the
+//! OpenAI API that helexa serves.
 
 pub mod chat;
 pub mod completions;
 pub mod error;
 pub mod extract;
 pub mod models;
+pub mod shutdown;
 pub mod sse;
 
 pub use error::{ApiError, ErrorBody, ErrorCode};

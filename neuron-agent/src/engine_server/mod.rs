@@ -256,20 +256,6 @@ enum Bound {
     Unix(tokio::net::UnixListener),
 }
 
-/// Installs the SIGTERM/SIGINT handlers now and resolves on the first
-/// signal. Called before binding, so an early SIGTERM drains, never kills.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
-    async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    }
-}
-
 /// Runs the engine server until SIGTERM/SIGINT: binds, announces the address,
 /// loads the model (`/health` says `loading` meanwhile), serves, and on a
 /// signal stops admitting and lets running answers finish up to the drain
@@ -300,7 +286,7 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
         started: Instant::now(),
     });
     let app = router(state.clone(), args.max_body_bytes);
-    let mut stop = Box::pin(shutdown_signal());
+    let mut stop = Box::pin(helexa_api::shutdown::Signals::first());
 
     let bound = match &args.unix {
         Some(path) => {
