@@ -32,4 +32,6 @@ pub trait Model: Send {
 }
 
 #[cfg(test)]
+mod synthetic_tests;
+#[cfg(test)]
 mod tests;
