@@ -418,7 +418,10 @@ mod sidecar_tests {
         let shared = dir.path().join("tokenizer_config.json");
         std::fs::write(&shared, r#"{"chat_template": "shared {{ messages }}"}"#).unwrap();
         assert_eq!(beside(&gguf, "tokenizer_config.json"), Some(shared));
-        assert_eq!(sidecar_template(&gguf).as_deref(), Some("shared {{ messages }}"));
+        assert_eq!(
+            sidecar_template(&gguf).as_deref(),
+            Some("shared {{ messages }}")
+        );
 
         let own = dir.path().join("m.Q4.tokenizer_config.json");
         std::fs::write(

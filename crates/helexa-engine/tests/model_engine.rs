@@ -387,7 +387,11 @@ fn a_tokenizer_json_beside_the_gguf_is_used_only_when_it_matches() {
     assert_ne!(upper, lower);
 
     let e = Engine::load(EngineConfig::new(gguf.clone())).expect("loads");
-    assert_eq!(e.tokenize(text, false).unwrap(), lower, "tokenizer.json beside it");
+    assert_eq!(
+        e.tokenize(text, false).unwrap(),
+        lower,
+        "tokenizer.json beside it"
+    );
     e.shutdown();
 
     // `<stem>.tokenizer.json` comes first; one of another model (here an
@@ -399,6 +403,10 @@ fn a_tokenizer_json_beside_the_gguf_is_used_only_when_it_matches() {
     )
     .unwrap();
     let e = Engine::load(EngineConfig::new(gguf)).expect("loads");
-    assert_eq!(e.tokenize(text, false).unwrap(), upper, "foreign one ignored");
+    assert_eq!(
+        e.tokenize(text, false).unwrap(),
+        upper,
+        "foreign one ignored"
+    );
     e.shutdown();
 }
