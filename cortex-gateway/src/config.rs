@@ -48,6 +48,10 @@ pub struct GatewayConfig {
     pub max_body_bytes: usize,
     /// After SIGTERM/SIGINT, how long open requests may run before exit.
     pub drain_timeout_ms: u64,
+    /// Threads serving the API, each with its own event loop, listener
+    /// handle and upstream connection pool (as nginx's worker processes);
+    /// 0 = one per core.
+    pub workers: usize,
 }
 
 impl Default for GatewayConfig {
@@ -57,6 +61,7 @@ impl Default for GatewayConfig {
             metrics_listen: "127.0.0.1:9464".into(),
             max_body_bytes: 32 * 1024 * 1024,
             drain_timeout_ms: 30_000,
+            workers: 0,
         }
     }
 }

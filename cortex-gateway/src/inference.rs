@@ -285,7 +285,7 @@ impl Ctx {
         proxy::refusal_response(r, &self.model)
     }
 
-    fn relay(&self, resp: reqwest::Response, node: usize, in_flight: InFlight) -> Response {
+    fn relay(&self, resp: proxy::UpstreamResponse, node: usize, in_flight: InFlight) -> Response {
         let gw = &self.gw;
         let neuron = &gw.fleet.neurons[node];
         let status = resp.status();
@@ -305,7 +305,7 @@ impl Ctx {
             request_id: self.request_id.to_str().unwrap_or("-").to_string(),
         };
         let relay = Relay::new(
-            Box::pin(resp.bytes_stream()),
+            resp.into_body(),
             is_sse,
             self.route.expects_done(),
             ms(gw.config.upstream.idle_timeout_ms),

@@ -18,6 +18,7 @@ pub mod router;
 pub mod server;
 pub mod state;
 pub mod tokens;
+pub mod upstream;
 
 pub use config::Config;
 pub use server::{start, Running, StartError};

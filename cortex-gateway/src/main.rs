@@ -24,9 +24,9 @@ struct Args {
     /// Log format: text or json.
     #[arg(long, env = "CORTEX_LOG_FORMAT", default_value = "text")]
     log_format: String,
-    /// Tokio worker threads (0 = one per core).
-    #[arg(long, env = "CORTEX_WORKER_THREADS", default_value_t = 0)]
-    worker_threads: usize,
+    /// Threads serving the API (overrides gateway.workers; 0 = one per core).
+    #[arg(long, env = "CORTEX_WORKER_THREADS")]
+    worker_threads: Option<usize>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,11 +51,15 @@ fn main() -> anyhow::Result<()> {
             .with_context(|| format!("--metrics-listen {l}: not an address"))?;
         config.gateway.metrics_listen = l;
     }
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if args.worker_threads > 0 {
-        rt.worker_threads(args.worker_threads);
+    if let Some(n) = args.worker_threads {
+        config.gateway.workers = n;
     }
-    let rt = rt.enable_all().build().context("tokio runtime")?;
+    // The poller, loader and metrics run here; the API's serving threads
+    // each run their own event loop (see server::start).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
     rt.block_on(async move {
         // Handlers first: a SIGTERM during start-up must drain, not kill.
         let stop = helexa_api::shutdown::Signals::first();

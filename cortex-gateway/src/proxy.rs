@@ -24,8 +24,10 @@ pub struct Refusal {
     pub reason: String,
 }
 
+pub type UpstreamResponse = http::Response<hyper::body::Incoming>;
+
 pub enum Outcome {
-    Response(reqwest::Response),
+    Response(UpstreamResponse),
     Refused(Refusal),
     Failed(ApiError),
 }
@@ -70,17 +72,22 @@ pub async fn attempt(
     let mut url = String::with_capacity(base.len() + path.len());
     url.push_str(&base);
     url.push_str(path);
-    let mut req = gw
-        .upstream
-        .post(url)
-        .header(header::CONTENT_TYPE, "application/json")
-        .header("x-request-id", request_id.clone());
-    if let Some(a) = accept {
-        req = req.header(header::ACCEPT, a.clone());
-    }
+    let req = match gw.upstream.post(&url, body, request_id, accept) {
+        Ok(r) => r,
+        Err(reason) => {
+            neuron.forget_endpoint(model);
+            return Outcome::Refused(Refusal {
+                status: None,
+                retry_after: None,
+                content_type: None,
+                body: Bytes::new(),
+                reason,
+            });
+        }
+    };
     let sent = tokio::time::timeout(
         ms(gw.config.upstream.first_byte_timeout_ms),
-        req.body(body).send(),
+        gw.upstream.client().request(req),
     )
     .await;
     let resp = match sent {
@@ -98,18 +105,12 @@ pub async fn attempt(
                 // The cached endpoint may be stale; look it up again next time.
                 neuron.forget_endpoint(model);
             }
-            if e.is_timeout() {
-                return Outcome::Failed(ApiError::new(
-                    ErrorCode::UpstreamTimeout,
-                    format!("neuron `{}` timed out: {e}", neuron.name),
-                ));
-            }
             return Outcome::Refused(Refusal {
                 status: None,
                 retry_after: None,
                 content_type: None,
                 body: Bytes::new(),
-                reason: format!("{e}"),
+                reason: error_chain(&e),
             });
         }
         Ok(Ok(r)) => r,
@@ -130,13 +131,30 @@ pub async fn attempt(
     Outcome::Response(resp)
 }
 
-async fn read_capped(mut resp: reqwest::Response, cap: usize) -> Bytes {
+/// An error with its causes ("client error (Connect): tcp connect error:
+/// Connection refused"), since hyper's own message alone says little.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}
+
+async fn read_capped(resp: UpstreamResponse, cap: usize) -> Bytes {
+    use http_body_util::BodyExt;
+    let mut body = resp.into_body();
     let mut out = Vec::new();
-    while let Ok(Some(chunk)) = resp.chunk().await {
-        let room = cap.saturating_sub(out.len());
-        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if out.len() >= cap {
-            break;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Ok(chunk) = frame.into_data() {
+            let room = cap.saturating_sub(out.len());
+            out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if out.len() >= cap {
+                break;
+            }
         }
     }
     Bytes::from(out)

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use eventsource_stream::{EventStream, Eventsource};
 use futures_util::{Stream, StreamExt};
 use helexa_api::error::{ApiError, ErrorCode};
+use hyper::body::Body as _;
 use serde_json::Value;
 use std::future::Future;
 use std::pin::Pin;
@@ -18,7 +19,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-type Upstream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+type Upstream = hyper::body::Incoming;
 
 /// The chunks handed to the SSE parser: a queue the relay pushes into and
 /// the parser drains; `Pending` (never woken) when empty, since the relay
@@ -235,6 +236,32 @@ fn usage_of(v: &Value) -> Option<(u64, u64)> {
     Some((p, c))
 }
 
+/// `usage` of a whole JSON answer, reading only that field (the rest is
+/// skipped, not built into a `Value`).
+fn usage_of_body(body: &[u8]) -> Option<(u64, u64)> {
+    #[derive(serde::Deserialize)]
+    struct Usage {
+        prompt_tokens: Option<u64>,
+        input_tokens: Option<u64>,
+        completion_tokens: Option<u64>,
+        output_tokens: Option<u64>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Inner {
+        usage: Option<Usage>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        usage: Option<Usage>,
+        /// `/v1/responses` puts it in `response.usage` when wrapped.
+        response: Option<Inner>,
+    }
+    let a: Answer = serde_json::from_slice(body).ok()?;
+    let u = a.usage.or(a.response.and_then(|r| r.usage))?;
+    let p = u.prompt_tokens.or(u.input_tokens)?;
+    Some((p, u.completion_tokens.or(u.output_tokens).unwrap_or(0)))
+}
+
 impl Relay {
     /// Ready once nothing has come for `idle` since the last chunk.
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<()> {
@@ -265,8 +292,11 @@ impl Stream for Relay {
             return this.end(end);
         }
         loop {
-            match this.upstream.as_mut().poll_next(cx) {
-                Poll::Ready(Some(Ok(chunk))) => {
+            match Pin::new(&mut this.upstream).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(chunk) = frame.into_data() else {
+                        continue; // trailers: nothing to pass on
+                    };
                     this.last_chunk = tokio::time::Instant::now();
                     this.watch(&chunk);
                     this.hold(chunk);
@@ -414,9 +444,7 @@ impl Drop for Relay {
         let status = self.outcome.unwrap_or(499);
         if self.json_copy.is_some() && self.outcome == Some(a.status) {
             if let Some(copy) = self.json_copy.take() {
-                if let Ok(v) = serde_json::from_slice::<Value>(&copy) {
-                    self.usage = usage_of(&v);
-                }
+                self.usage = usage_of_body(&copy);
                 if (200..300).contains(&a.status) {
                     m.ttft
                         .with_label_values(&[model])

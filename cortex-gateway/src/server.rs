@@ -94,14 +94,24 @@ async fn request_id(mut req: Request, next: Next) -> Response {
         .get("x-request-id")
         .filter(|v| !v.is_empty() && v.len() <= 200)
         .cloned()
-        .unwrap_or_else(|| {
-            HeaderValue::from_str(&uuid::Uuid::new_v4().simple().to_string())
-                .expect("uuid is a header value")
-        });
+        .unwrap_or_else(new_request_id);
     req.headers_mut().insert("x-request-id", id.clone());
     let mut resp = next.run(req).await;
     resp.headers_mut().insert("x-request-id", id);
     resp
+}
+
+/// A fresh request id: 32 hex digits, a random per-process half and a
+/// counter, unique without a random-number syscall per request (a v4 UUID
+/// each time cost a `getrandom` call on the hot path).
+fn new_request_id() -> HeaderValue {
+    use std::sync::atomic::AtomicU64;
+    use std::sync::OnceLock;
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    HeaderValue::from_str(&format!("{prefix:016x}{n:016x}")).expect("hex is a header value")
 }
 
 async fn metrics_text(State(gw): Gw) -> Response {
@@ -123,7 +133,22 @@ async fn bind(addr: &str, what: &'static str) -> Result<TcpListener, StartError>
         })
 }
 
+/// The serving threads for `config` (`gateway.workers`, 0 = one per core).
+pub fn worker_count(config: &Config) -> usize {
+    match config.gateway.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
 /// Binds, starts the poller and serves until [`Running::shutdown`].
+///
+/// The API is served by `gateway.workers` threads, each running its own
+/// single-threaded event loop over a handle of the one listening socket
+/// (whichever is free accepts) with its own upstream pool, as nginx's worker
+/// processes do: a request is read, forwarded and answered on one thread,
+/// with no cross-thread wake-ups. The poller, loader and metrics run on the
+/// caller's runtime.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let api_listener = bind(&config.gateway.listen, "gateway.listen").await?;
     let metrics_listener = bind(&config.gateway.metrics_listen, "gateway.metrics_listen").await?;
@@ -141,7 +166,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             what: "gateway.metrics_listen",
             source,
         })?;
-    let gw = Arc::new(Gateway::new(config)?);
+    let workers = worker_count(&config);
+    let gw = Arc::new(Gateway::new(config, workers)?);
     let (tx, rx) = watch::channel(false);
     let poller = crate::poller::spawn(gw.clone());
 
@@ -157,37 +183,54 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             .await;
     });
 
-    let api = app(gw.clone());
-    let drain = ms(gw.config.gateway.drain_timeout_ms);
-    let listener = api_listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let mut srx = rx.clone();
-    let mut drx = rx;
+    let api_std = api_listener.into_std().map_err(|source| StartError::Bind {
+        addr: addr.to_string(),
+        what: "gateway.listen",
+        source,
+    })?;
+    let mut done = Vec::with_capacity(workers);
+    for i in 0..workers {
+        let listener = api_std.try_clone().map_err(|source| StartError::Bind {
+            addr: addr.to_string(),
+            what: "gateway.listen",
+            source,
+        })?;
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        done.push(done_rx);
+        let gw = gw.clone();
+        let rx = rx.clone();
+        std::thread::Builder::new()
+            .name(format!("cortex-worker-{i}"))
+            .spawn(move || {
+                crate::upstream::set_worker(i);
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(worker = i, error = %e, "cannot start a worker");
+                        return;
+                    }
+                };
+                rt.block_on(serve_worker(gw, listener, rx));
+                let _ = done_tx.send(());
+            })
+            .map_err(|source| StartError::Bind {
+                addr: addr.to_string(),
+                what: "gateway.workers",
+                source,
+            })?;
+    }
+    drop(api_std);
     let task = tokio::spawn(async move {
-        let serve = axum::serve(listener, api).with_graceful_shutdown(async move {
-            let _ = srx.wait_for(|v| *v).await;
-        });
-        let serve = std::future::IntoFuture::into_future(serve);
-        tokio::pin!(serve);
-        let deadline = async {
-            let _ = drx.wait_for(|v| *v).await;
-            tokio::time::sleep(drain).await;
-        };
-        tokio::select! {
-            r = &mut serve => {
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "API server failed");
-                }
-                tracing::info!("drained; stopping");
-            }
-            _ = deadline => tracing::warn!(drain_ms = drain.as_millis() as u64,
-                "drain timeout passed with requests still open; stopping"),
+        for d in done {
+            let _ = d.await;
         }
         poller.abort();
         metrics_task.abort();
     });
-    tracing::info!(%addr, %metrics_addr, neurons = gw.fleet.neurons.len(), "cortex listening");
+    tracing::info!(%addr, %metrics_addr, workers, neurons = gw.fleet.neurons.len(), "cortex listening");
     Ok(Running {
         addr,
         metrics_addr,
@@ -195,4 +238,45 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         shutdown: tx,
         task,
     })
+}
+
+/// One worker: serves until shutdown, then drains up to the drain timeout.
+async fn serve_worker(
+    gw: Arc<Gateway>,
+    listener: std::net::TcpListener,
+    rx: watch::Receiver<bool>,
+) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "worker cannot use the listener");
+            return;
+        }
+    };
+    let api = app(gw.clone());
+    let drain = ms(gw.config.gateway.drain_timeout_ms);
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let mut srx = rx.clone();
+    let mut drx = rx;
+    let serve = axum::serve(listener, api).with_graceful_shutdown(async move {
+        let _ = srx.wait_for(|v| *v).await;
+    });
+    let serve = std::future::IntoFuture::into_future(serve);
+    tokio::pin!(serve);
+    let deadline = async {
+        let _ = drx.wait_for(|v| *v).await;
+        tokio::time::sleep(drain).await;
+    };
+    tokio::select! {
+        r = &mut serve => {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "API server failed");
+            }
+            tracing::debug!("worker drained");
+        }
+        _ = deadline => tracing::warn!(drain_ms = drain.as_millis() as u64,
+            "drain timeout passed with requests still open; stopping"),
+    }
 }

@@ -8,6 +8,7 @@ use crate::fleet::{Fleet, Neuron};
 use crate::loader::Loader;
 use crate::metrics::Metrics;
 use crate::tokens::Tokenizers;
+use crate::upstream::Upstream;
 use http::{header, HeaderMap, HeaderValue};
 use std::sync::atomic::AtomicBool;
 
@@ -17,37 +18,35 @@ pub struct Gateway {
     pub metrics: Metrics,
     /// Control routes (`/health`, `/models`, ...): short timeouts.
     pub control: reqwest::Client,
-    /// `/v1/*` forwarding: pooled keep-alive connections, no total timeout.
-    pub upstream: reqwest::Client,
+    /// `/v1/*` forwarding: pooled keep-alive connections per serving
+    /// worker, no total timeout.
+    pub upstream: Upstream,
     pub tokenizers: Tokenizers,
     pub loader: Loader,
     /// Set once shutdown has begun: `/ready` turns 503.
     pub draining: AtomicBool,
 }
 
+/// `Authorization: Bearer <token>` for the neurons, when `[auth] token` is set.
+pub fn bearer(config: &Config) -> Option<HeaderValue> {
+    let token = config.auth.token.as_deref().filter(|t| !t.is_empty())?;
+    let mut v = HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
+    v.set_sensitive(true);
+    Some(v)
+}
+
 impl Gateway {
-    pub fn new(config: Config) -> Result<Gateway, reqwest::Error> {
+    /// `workers`: the number of serving threads (one upstream client each).
+    pub fn new(config: Config, workers: usize) -> Result<Gateway, reqwest::Error> {
         let mut headers = HeaderMap::new();
-        if let Some(token) = config.auth.token.as_deref().filter(|t| !t.is_empty()) {
-            if let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {token}")) {
-                v.set_sensitive(true);
-                headers.insert(header::AUTHORIZATION, v);
-            }
+        if let Some(v) = bearer(&config) {
+            headers.insert(header::AUTHORIZATION, v);
         }
-        let up = &config.upstream;
         let control = reqwest::Client::builder()
-            .default_headers(headers.clone())
+            .default_headers(headers)
             .connect_timeout(ms(config.poll.timeout_ms))
             .timeout(ms(config.poll.timeout_ms))
             .pool_max_idle_per_host(4)
-            .build()?;
-        let upstream = reqwest::Client::builder()
-            .default_headers(headers)
-            .connect_timeout(ms(up.connect_timeout_ms))
-            .pool_max_idle_per_host(up.pool_max_idle_per_host)
-            .pool_idle_timeout(ms(up.pool_idle_timeout_ms))
-            .tcp_nodelay(true)
-            .http1_only()
             .build()?;
         let fleet = Fleet::new(
             config
@@ -60,7 +59,7 @@ impl Gateway {
             fleet,
             metrics: Metrics::new(),
             control,
-            upstream,
+            upstream: Upstream::new(&config, workers),
             tokenizers: Tokenizers::default(),
             loader: Loader::default(),
             draining: AtomicBool::new(false),
