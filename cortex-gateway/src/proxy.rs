@@ -7,6 +7,7 @@
 
 use crate::config::ms;
 use crate::state::Gateway;
+use crate::upstream::SendError;
 use bytes::Bytes;
 use helexa_api::error::{ApiError, ErrorCode};
 use helexa_protocol::EndpointResponse;
@@ -24,7 +25,7 @@ pub struct Refusal {
     pub reason: String,
 }
 
-pub type UpstreamResponse = http::Response<hyper::body::Incoming>;
+pub use crate::upstream::UpstreamResponse;
 
 pub enum Outcome {
     Response(UpstreamResponse),
@@ -69,25 +70,9 @@ pub async fn attempt(
             })
         }
     };
-    let mut url = String::with_capacity(base.len() + path.len());
-    url.push_str(&base);
-    url.push_str(path);
-    let req = match gw.upstream.post(&url, body, request_id, accept) {
-        Ok(r) => r,
-        Err(reason) => {
-            neuron.forget_endpoint(model);
-            return Outcome::Refused(Refusal {
-                status: None,
-                retry_after: None,
-                content_type: None,
-                body: Bytes::new(),
-                reason,
-            });
-        }
-    };
     let sent = tokio::time::timeout(
         ms(gw.config.upstream.first_byte_timeout_ms),
-        gw.upstream.client().request(req),
+        gw.upstream.post(&base, path, body, request_id, accept),
     )
     .await;
     let resp = match sent {
@@ -101,7 +86,7 @@ pub async fn attempt(
             ))
         }
         Ok(Err(e)) => {
-            if e.is_connect() {
+            if matches!(e, SendError::Connect(_)) {
                 // The cached endpoint may be stale; look it up again next time.
                 neuron.forget_endpoint(model);
             }
@@ -110,7 +95,7 @@ pub async fn attempt(
                 retry_after: None,
                 content_type: None,
                 body: Bytes::new(),
-                reason: error_chain(&e),
+                reason: e.to_string(),
             });
         }
         Ok(Ok(r)) => r,
@@ -129,19 +114,6 @@ pub async fn attempt(
         });
     }
     Outcome::Response(resp)
-}
-
-/// An error with its causes ("client error (Connect): tcp connect error:
-/// Connection refused"), since hyper's own message alone says little.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cur = c.source();
-    }
-    out
 }
 
 async fn read_capped(resp: UpstreamResponse, cap: usize) -> Bytes {

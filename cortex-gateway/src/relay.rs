@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-type Upstream = hyper::body::Incoming;
+type Upstream = crate::upstream::UpstreamBody;
 
 /// The chunks handed to the SSE parser: a queue the relay pushes into and
 /// the parser drains; `Pending` (never woken) when empty, since the relay
@@ -88,10 +88,8 @@ pub struct Relay {
     remaining: Option<u64>,
     /// Length of the chunk just received (for `remaining`).
     chunk_len: usize,
-    /// Bytes gathered while the upstream task gets a turn (see poll_next).
+    /// Bytes gathered from the chunks upstream had ready (see poll_next).
     held: Option<Held>,
-    /// Turns given to the upstream task since the last chunk.
-    yielded: u8,
     /// The upstream end, seen while bytes were still held.
     ended: Option<End>,
     sse: Option<SseWatch>,
@@ -130,7 +128,6 @@ impl Relay {
             remaining: None,
             chunk_len: 0,
             held: None,
-            yielded: 0,
             ended: None,
             json_copy: (!is_sse).then(Vec::new),
             sse,
@@ -300,7 +297,6 @@ impl Stream for Relay {
                     this.last_chunk = tokio::time::Instant::now();
                     this.watch(&chunk);
                     this.hold(chunk);
-                    this.yielded = 0;
                     if let Some(left) = &mut this.remaining {
                         *left = left.saturating_sub(this.chunk_len as u64);
                         this.chunk_len = 0;
@@ -322,17 +318,11 @@ impl Stream for Relay {
                 }
                 Poll::Ready(None) => return this.end_after_held(End::Eof),
                 Poll::Pending => {
+                    // Polling the body drives the upstream connection in
+                    // this task (see upstream.rs): Pending means the socket
+                    // has nothing more now, so what was gathered goes out
+                    // in one write.
                     if this.held.is_some() {
-                        if this.yielded < MAX_YIELDS {
-                            // Let the upstream connection task run: if it
-                            // already has the next chunks they are sent in
-                            // the same write instead of one write each. A
-                            // few turns, since another worker may poll this
-                            // task again before that one has run.
-                            this.yielded += 1;
-                            cx.waker().wake_by_ref();
-                            return Poll::Pending;
-                        }
                         return Poll::Ready(this.release().map(Ok));
                     }
                     return match this.poll_idle(cx) {
@@ -356,9 +346,6 @@ enum End {
     Eof,
     Failed(String),
 }
-
-/// Turns given to the upstream task before held bytes go out anyway.
-const MAX_YIELDS: u8 = 3;
 
 /// Most bytes gathered from upstream before they are passed on.
 const COALESCE_LIMIT: usize = 64 * 1024;
@@ -390,7 +377,6 @@ impl Relay {
     }
 
     fn release(&mut self) -> Option<Bytes> {
-        self.yielded = 0;
         self.held.take().map(|h| match h {
             Held::One(b) => b,
             Held::Many(b) => b.freeze(),

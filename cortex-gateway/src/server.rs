@@ -167,7 +167,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             source,
         })?;
     let workers = worker_count(&config);
-    let gw = Arc::new(Gateway::new(config, workers)?);
+    let gw = Arc::new(Gateway::new(config)?);
     let (tx, rx) = watch::channel(false);
     let poller = crate::poller::spawn(gw.clone());
 
@@ -202,7 +202,6 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         std::thread::Builder::new()
             .name(format!("cortex-worker-{i}"))
             .spawn(move || {
-                crate::upstream::set_worker(i);
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

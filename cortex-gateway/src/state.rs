@@ -36,8 +36,7 @@ pub fn bearer(config: &Config) -> Option<HeaderValue> {
 }
 
 impl Gateway {
-    /// `workers`: the number of serving threads (one upstream client each).
-    pub fn new(config: Config, workers: usize) -> Result<Gateway, reqwest::Error> {
+    pub fn new(config: Config) -> Result<Gateway, reqwest::Error> {
         let mut headers = HeaderMap::new();
         if let Some(v) = bearer(&config) {
             headers.insert(header::AUTHORIZATION, v);
@@ -59,7 +58,7 @@ impl Gateway {
             fleet,
             metrics: Metrics::new(),
             control,
-            upstream: Upstream::new(&config, workers),
+            upstream: Upstream::new(&config),
             tokenizers: Tokenizers::default(),
             loader: Loader::default(),
             draining: AtomicBool::new(false),

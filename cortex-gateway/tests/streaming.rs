@@ -180,3 +180,30 @@ async fn auth_token_is_sent_to_neurons() {
     );
     assert_eq!(rec.requests[0].headers["authorization"], "Bearer s3cret");
 }
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let a = MockNeuron::start("a", vec![MockModel::loaded("m", 0)]).await;
+    let mut cfg = config(&[("node-a", &a)]);
+    // One serving worker, so every request draws on the same pool.
+    cfg.gateway.workers = 1;
+    let h = start(cfg).await;
+    h.wait_replicas("m", 1).await;
+    // Warm: the first request opens the connection.
+    assert_eq!(h.chat("m", false).await.status(), 200);
+    let before = a.connections();
+    for i in 0..20 {
+        let resp = h.chat("m", i % 2 == 0).await;
+        assert_eq!(resp.status(), 200);
+        let body = resp.text().await.unwrap();
+        assert!(body.contains("Hello"), "{body}");
+    }
+    // The poller's control client may open one or two of its own meanwhile;
+    // without keep-alive it would be 20 or more.
+    let opened = a.connections() - before;
+    assert!(
+        opened <= 3,
+        "{opened} new connections for 20 sequential requests"
+    );
+    assert_eq!(a.recorded().completed, 21);
+}

@@ -177,6 +177,8 @@ struct Inner {
 struct Shared {
     inner: Mutex<Inner>,
     active: AtomicUsize,
+    /// TCP connections accepted so far.
+    connections: AtomicUsize,
     url: String,
     tokenizer: String,
 }
@@ -239,13 +241,16 @@ impl MockNeuron {
                 recorded: Recorded::default(),
             }),
             active: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
             url: format!("http://{addr}"),
             tokenizer: crate::tokenizer::tiny_tokenizer_json(),
         });
         let app = router(shared.clone());
         // No Nagle: streamed chunks go out at once, as a real neuron's do.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let counted = shared.clone();
+        let listener = axum::serve::ListenerExt::tap_io(listener, move |tcp| {
             let _ = tcp.set_nodelay(true);
+            counted.connections.fetch_add(1, Ordering::SeqCst);
         });
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -290,6 +295,11 @@ impl MockNeuron {
     }
 
     /// `/v1/*` requests open right now.
+    /// TCP connections accepted so far (control routes included).
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::SeqCst)
+    }
+
     pub fn active(&self) -> usize {
         self.shared.active.load(Ordering::SeqCst)
     }
