@@ -252,6 +252,8 @@ async fn serve_worker(
             return;
         }
     };
+    let house = gw.clone();
+    let housekeeping = tokio::spawn(async move { house.upstream.housekeeping().await });
     let api = app(gw.clone());
     let drain = ms(gw.config.gateway.drain_timeout_ms);
     let listener = listener.tap_io(|tcp| {
@@ -278,4 +280,5 @@ async fn serve_worker(
         _ = deadline => tracing::warn!(drain_ms = drain.as_millis() as u64,
             "drain timeout passed with requests still open; stopping"),
     }
+    housekeeping.abort();
 }

@@ -90,6 +90,20 @@ fn checkin(mut link: Box<Link>, limits: PoolLimits) {
     });
 }
 
+/// Closes this worker's idle connections that are past the idle timeout
+/// or were closed by their neuron.
+fn prune_idle(limits: PoolLimits) {
+    IDLE.with(|idle| {
+        let mut idle = idle.borrow_mut();
+        for list in idle.values_mut() {
+            list.retain_mut(|(link, since)| {
+                since.elapsed() < limits.idle_timeout && !ended(&mut link.conn)
+            });
+        }
+        idle.retain(|_, list| !list.is_empty());
+    });
+}
+
 /// Why a request got no response head.
 #[derive(Debug)]
 pub enum SendError {
@@ -140,6 +154,22 @@ impl Upstream {
             },
             connect_timeout: ms(up.connect_timeout_ms),
             auth: crate::state::bearer(config),
+        }
+    }
+
+    /// This worker's pool housekeeping; runs until the worker stops.
+    ///
+    /// Once a second it closes idle connections that are too old or were
+    /// closed by their neuron. The tick also keeps the worker's timer wheel
+    /// from sleeping longer than a second: a request's timeouts (minutes
+    /// away) then never become the earliest timer, which would make tokio
+    /// wake its own event loop with an eventfd write on every request.
+    pub async fn housekeeping(&self) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            prune_idle(self.limits);
         }
     }
 
