@@ -215,10 +215,19 @@ impl Upstream {
                 "{base}: only http:// neuron endpoints are supported"
             )));
         }
-        let authority = base_uri
+        let auth = base_uri
             .authority()
-            .ok_or_else(|| SendError::Connect(format!("bad neuron URL {base}: no host")))?
-            .as_str();
+            .ok_or_else(|| SendError::Connect(format!("bad neuron URL {base}: no host")))?;
+        let authority = auth.as_str();
+        // Where to connect (and the pool key): `host:port`, port 80 when the
+        // URL has none.
+        let with_port;
+        let addr = if auth.port().is_some() {
+            authority
+        } else {
+            with_port = format!("{}:80", auth.host());
+            with_port.as_str()
+        };
         let prefix = base_uri.path().trim_end_matches('/');
         let target = if prefix.is_empty() {
             path.to_string()
@@ -239,7 +248,7 @@ impl Upstream {
             req.body(Full::new(body.clone()))
                 .map_err(|e| SendError::Connect(e.to_string()))
         };
-        if let Some(link) = checkout(authority, self.limits) {
+        if let Some(link) = checkout(addr, self.limits) {
             match send(link, build()?, self.limits).await {
                 Ok(resp) => return Ok(resp),
                 // Closed before it read anything: the neuron did no work.
@@ -249,7 +258,7 @@ impl Upstream {
                 Err((e, true)) => return Err(SendError::Other(e)),
             }
         }
-        let link = self.connect(authority).await?;
+        let link = self.connect(addr).await?;
         send(link, build()?, self.limits)
             .await
             .map_err(|(e, _)| SendError::Other(e))
