@@ -161,15 +161,9 @@ impl Relay {
                     sse.saw_done = true;
                     continue;
                 }
-                let wants_token = !self.first_token;
-                let wants_usage = data.contains("\"usage\"");
-                if !wants_token && !wants_usage {
-                    continue;
-                }
-                let Ok(v) = serde_json::from_str::<Value>(data) else {
-                    continue;
-                };
-                if wants_token && has_content(&v) {
+                if !self.first_token
+                    && serde_json::from_str::<Value>(data).is_ok_and(|v| has_content(&v))
+                {
                     self.first_token = true;
                     self.acct
                         .metrics
@@ -177,8 +171,8 @@ impl Relay {
                         .with_label_values(&[self.acct.model.as_str()])
                         .observe(self.acct.started.elapsed().as_secs_f64());
                 }
-                if wants_usage {
-                    if let Some(u) = usage_of(&v) {
+                if data.contains("\"usage\"") {
+                    if let Some(u) = usage_of(data.as_bytes()) {
                         self.usage = Some(u);
                     }
                 }
@@ -220,22 +214,10 @@ fn has_content(v: &Value) -> bool {
     v["type"].as_str().is_some_and(|t| t.ends_with(".delta")) && nonempty(&v["delta"])
 }
 
-fn usage_of(v: &Value) -> Option<(u64, u64)> {
-    let u = v
-        .get("usage")
-        .filter(|u| u.is_object())
-        .or_else(|| v.get("response").and_then(|r| r.get("usage")))?;
-    let p = u["prompt_tokens"].as_u64().or(u["input_tokens"].as_u64())?;
-    let c = u["completion_tokens"]
-        .as_u64()
-        .or(u["output_tokens"].as_u64())
-        .unwrap_or(0);
-    Some((p, c))
-}
-
-/// `usage` of a whole JSON answer, reading only that field (the rest is
-/// skipped, not built into a `Value`).
-fn usage_of_body(body: &[u8]) -> Option<(u64, u64)> {
+/// `usage` of a JSON answer or SSE event (`usage`, or `response.usage` in
+/// `/v1/responses` events), reading only that field (the rest is skipped,
+/// not built into a `Value`).
+fn usage_of(body: &[u8]) -> Option<(u64, u64)> {
     #[derive(serde::Deserialize)]
     struct Usage {
         prompt_tokens: Option<u64>,
@@ -430,7 +412,7 @@ impl Drop for Relay {
         let status = self.outcome.unwrap_or(499);
         if self.json_copy.is_some() && self.outcome == Some(a.status) {
             if let Some(copy) = self.json_copy.take() {
-                self.usage = usage_of_body(&copy);
+                self.usage = usage_of(&copy);
                 if (200..300).contains(&a.status) {
                     m.ttft
                         .with_label_values(&[model])

@@ -123,14 +123,23 @@ async fn metrics_text(State(gw): Gw) -> Response {
     r
 }
 
+/// Turns an I/O error about a listener (`what`: the config key) into a
+/// start-up error naming the address.
+fn bind_error(
+    addr: impl std::fmt::Display,
+    what: &'static str,
+) -> impl FnOnce(std::io::Error) -> StartError {
+    move |source| StartError::Bind {
+        addr: addr.to_string(),
+        what,
+        source,
+    }
+}
+
 async fn bind(addr: &str, what: &'static str) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| StartError::Bind {
-            addr: addr.to_string(),
-            what,
-            source,
-        })
+        .map_err(bind_error(addr, what))
 }
 
 /// The serving threads for `config` (`gateway.workers`, 0 = one per core).
@@ -154,18 +163,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let metrics_listener = bind(&config.gateway.metrics_listen, "gateway.metrics_listen").await?;
     let addr = api_listener
         .local_addr()
-        .map_err(|source| StartError::Bind {
-            addr: config.gateway.listen.clone(),
-            what: "gateway.listen",
-            source,
-        })?;
-    let metrics_addr = metrics_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            addr: config.gateway.metrics_listen.clone(),
-            what: "gateway.metrics_listen",
-            source,
-        })?;
+        .map_err(bind_error(&config.gateway.listen, "gateway.listen"))?;
+    let metrics_addr = metrics_listener.local_addr().map_err(bind_error(
+        &config.gateway.metrics_listen,
+        "gateway.metrics_listen",
+    ))?;
     let workers = worker_count(&config);
     let gw = Arc::new(Gateway::new(config)?);
     let (tx, rx) = watch::channel(false);
@@ -183,18 +185,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             .await;
     });
 
-    let api_std = api_listener.into_std().map_err(|source| StartError::Bind {
-        addr: addr.to_string(),
-        what: "gateway.listen",
-        source,
-    })?;
+    let api_std = api_listener
+        .into_std()
+        .map_err(bind_error(addr, "gateway.listen"))?;
     let mut done = Vec::with_capacity(workers);
     for i in 0..workers {
-        let listener = api_std.try_clone().map_err(|source| StartError::Bind {
-            addr: addr.to_string(),
-            what: "gateway.listen",
-            source,
-        })?;
+        let listener = api_std
+            .try_clone()
+            .map_err(bind_error(addr, "gateway.listen"))?;
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         done.push(done_rx);
         let gw = gw.clone();
@@ -215,11 +213,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 rt.block_on(serve_worker(gw, listener, rx));
                 let _ = done_tx.send(());
             })
-            .map_err(|source| StartError::Bind {
-                addr: addr.to_string(),
-                what: "gateway.workers",
-                source,
-            })?;
+            .map_err(bind_error(addr, "gateway.workers"))?;
     }
     drop(api_std);
     let task = tokio::spawn(async move {

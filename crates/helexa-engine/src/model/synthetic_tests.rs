@@ -7,6 +7,7 @@
 //! scales, so a wrong rope pairing, a missing bias or a misplaced norm moves
 //! the logits far more than quantization noise does.
 
+use super::tests::{argmax, cosine};
 use super::{gguf, Chunk, Model};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -228,25 +229,6 @@ impl Reference {
     }
 }
 
-fn argmax(v: &[f32]) -> usize {
-    v.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map(|(i, _)| i)
-        .unwrap()
-}
-
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        ab += x as f64 * y as f64;
-        aa += x as f64 * x as f64;
-        bb += y as f64 * y as f64;
-    }
-    ab / (aa.sqrt() * bb.sqrt())
-}
-
 /// Top-1 minus top-2: how far from a tie the greedy choice is.
 fn margin(v: &[f32]) -> f32 {
     let mut s = v.to_vec();
@@ -273,6 +255,7 @@ fn one(m: &mut dyn Model, c: Chunk) -> Vec<f32> {
 /// implementations round differently: e.g. candle rounds Q8_1's `s` through
 /// f16 twice, llama.cpp and we once). Returns the cosine.
 fn agree(what: &str, a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
     let c = cosine(a, b);
     let rms_diff =
         (a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f32>() / a.len() as f32).sqrt();
@@ -375,6 +358,7 @@ fn check(s: Spec) {
         out[0], decoded[1].1,
         "decode next to a dense prefill differs"
     );
+    assert_eq!(out[1].len(), dense.len());
     let c = cosine(&out[1], &dense);
     assert!(
         c > 0.99999,
