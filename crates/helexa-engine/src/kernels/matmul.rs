@@ -276,47 +276,41 @@ pub fn matmul_multi(ws: &[&QMatrix], x: &[f32], m: usize, outs: &mut [&mut [f32]
         };
         match &w.data {
             Data::Q4_1(mm) => {
-                let wb = mm.blocks::<BlockQ4_1>();
                 let a = acts.q8_1.as_deref().expect("q8_1 acts");
-                tiled(
+                tiled_quant(
                     m,
                     r0,
                     r1,
-                    |n, m0, cnt, out| {
-                        let rows: [&[BlockQ8_1]; 4] =
-                            std::array::from_fn(|j| &a[(m0 + j.min(cnt - 1)) * kb..][..kb]);
-                        quant::dot_q4_1(&wb[n * kb..(n + 1) * kb], &rows[..cnt], out);
-                    },
+                    mm.blocks::<BlockQ4_1>(),
+                    a,
+                    kb,
+                    quant::dot_q4_1,
                     store,
                 );
             }
             Data::Q4_0(mm) => {
-                let wb = mm.blocks::<BlockQ4_0>();
                 let a = acts.q8_0.as_deref().expect("q8_0 acts");
-                tiled(
+                tiled_quant(
                     m,
                     r0,
                     r1,
-                    |n, m0, cnt, out| {
-                        let rows: [&[BlockQ8_0]; 4] =
-                            std::array::from_fn(|j| &a[(m0 + j.min(cnt - 1)) * kb..][..kb]);
-                        quant::dot_q4_0(&wb[n * kb..(n + 1) * kb], &rows[..cnt], out);
-                    },
+                    mm.blocks::<BlockQ4_0>(),
+                    a,
+                    kb,
+                    quant::dot_q4_0,
                     store,
                 );
             }
             Data::Q8_0(mm) => {
-                let wb = mm.blocks::<BlockQ8_0>();
                 let a = acts.q8_0.as_deref().expect("q8_0 acts");
-                tiled(
+                tiled_quant(
                     m,
                     r0,
                     r1,
-                    |n, m0, cnt, out| {
-                        let rows: [&[BlockQ8_0]; 4] =
-                            std::array::from_fn(|j| &a[(m0 + j.min(cnt - 1)) * kb..][..kb]);
-                        quant::dot_q8_0(&wb[n * kb..(n + 1) * kb], &rows[..cnt], out);
-                    },
+                    mm.blocks::<BlockQ8_0>(),
+                    a,
+                    kb,
+                    quant::dot_q8_0,
                     store,
                 );
             }
@@ -349,6 +343,31 @@ pub fn matmul_multi(ws: &[&QMatrix], x: &[f32], m: usize, outs: &mut [&mut [f32]
     } else {
         tasks.par_iter().for_each(run);
     }
+}
+
+/// [`tiled`] over quantized weights: weight row `n` (`kb` blocks of `wb`)
+/// against up to four activation rows of `a` at once with `dot`.
+#[allow(clippy::too_many_arguments)]
+fn tiled_quant<W, A>(
+    m: usize,
+    r0: usize,
+    r1: usize,
+    wb: &[W],
+    a: &[A],
+    kb: usize,
+    dot: impl Fn(&[W], &[&[A]], &mut [f32]),
+    store: impl Fn(usize, usize, f32),
+) {
+    tiled(
+        m,
+        r0,
+        r1,
+        |n, m0, cnt, out| {
+            let rows: [&[A]; 4] = std::array::from_fn(|j| &a[(m0 + j.min(cnt - 1)) * kb..][..kb]);
+            dot(&wb[n * kb..(n + 1) * kb], &rows[..cnt], out);
+        },
+        store,
+    );
 }
 
 /// The loop nest of one task: activation rows in tiles of `M_TILE`, weight
