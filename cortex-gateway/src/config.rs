@@ -52,6 +52,12 @@ pub struct GatewayConfig {
     /// handle and upstream connection pool (as nginx's worker processes);
     /// 0 = one per core.
     pub workers: usize,
+    /// Largest request head (request line and header fields); over it, `431`.
+    pub max_header_bytes: usize,
+    /// Once a request has begun, its head and body must arrive within this.
+    pub client_timeout_ms: u64,
+    /// How long a client connection may idle between requests.
+    pub keepalive_timeout_ms: u64,
 }
 
 impl Default for GatewayConfig {
@@ -62,6 +68,9 @@ impl Default for GatewayConfig {
             max_body_bytes: 32 * 1024 * 1024,
             drain_timeout_ms: 30_000,
             workers: 0,
+            max_header_bytes: 64 * 1024,
+            client_timeout_ms: 60_000,
+            keepalive_timeout_ms: 75_000,
         }
     }
 }

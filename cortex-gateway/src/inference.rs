@@ -59,16 +59,42 @@ struct Ctx {
     started: Instant,
 }
 
+impl Route {
+    /// The route a `POST` to `path` is for.
+    pub fn of_path(path: &str) -> Option<Route> {
+        [
+            Route::Chat,
+            Route::Completions,
+            Route::Responses,
+            Route::Embeddings,
+        ]
+        .into_iter()
+        .find(|r| r.path() == path)
+    }
+}
+
+/// The axum handler: reads the body, then [`serve`].
 pub async fn handle(gw: Arc<Gateway>, route: Route, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let limit = gw.config.gateway.max_body_bytes;
+    let read = read_body(Request::from_parts(parts.clone(), body), Some(limit)).await;
+    serve(gw, route, &parts.headers, read).await
+}
+
+/// Answers one `/v1/*` request whose body has been read (or failed to be).
+pub async fn serve(
+    gw: Arc<Gateway>,
+    route: Route,
+    headers: &http::HeaderMap,
+    body: Result<Bytes, ApiError>,
+) -> Response {
     let started = Instant::now();
-    let request_id = req
-        .headers()
+    let request_id = headers
         .get("x-request-id")
         .cloned()
         .unwrap_or(HeaderValue::from_static("-"));
-    let accept = req.headers().get(header::ACCEPT).cloned();
-    let user_agent = req
-        .headers()
+    let accept = headers.get(header::ACCEPT).cloned();
+    let user_agent = headers
         .get(header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
@@ -81,11 +107,10 @@ pub async fn handle(gw: Arc<Gateway>, route: Route, req: Request) -> Response {
         user_agent,
         started,
     };
-    if let Err(e) = check_content_type(req.headers()) {
+    if let Err(e) = check_content_type(headers) {
         return ctx.reject(e);
     }
-    let limit = ctx.gw.config.gateway.max_body_bytes;
-    let body = match read_body(req, Some(limit)).await {
+    let body = match body {
         Ok(b) => b,
         Err(e) => return ctx.reject(e),
     };

@@ -7,6 +7,8 @@ pub mod advice;
 pub mod api;
 pub mod config;
 pub mod fleet;
+pub mod front;
+pub mod h1;
 pub mod inference;
 pub mod loader;
 pub mod metrics;

@@ -1,14 +1,13 @@
 //! Pipes an upstream body to the client chunk by chunk, never buffering.
 //!
-//! On the side it watches the stream (SSE via eventsource-stream) for the
+//! On the side it watches the stream (SSE via the `sse-parse` crate) for the
 //! first content token and usage, turns an upstream death or idle timeout
 //! into an SSE error event + `[DONE]`, and records metrics when it ends or
 //! when the client goes away (dropping it drops the upstream connection).
 
 use crate::metrics::Metrics;
 use bytes::Bytes;
-use eventsource_stream::{EventStream, Eventsource};
-use futures_util::{Stream, StreamExt};
+use futures_util::Stream;
 use helexa_api::error::{ApiError, ErrorCode};
 use hyper::body::Body as _;
 use serde_json::Value;
@@ -20,23 +19,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 type Upstream = crate::upstream::UpstreamBody;
-
-/// The chunks handed to the SSE parser: a queue the relay pushes into and
-/// the parser drains; `Pending` (never woken) when empty, since the relay
-/// polls the parser itself right after each push.
-#[derive(Clone, Default)]
-struct Feed(Arc<std::sync::Mutex<std::collections::VecDeque<Bytes>>>);
-
-impl Stream for Feed {
-    type Item = Result<Bytes, std::convert::Infallible>;
-
-    fn poll_next(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        match self.0.lock().unwrap_or_else(|p| p.into_inner()).pop_front() {
-            Some(b) => Poll::Ready(Some(Ok(b))),
-            None => Poll::Pending,
-        }
-    }
-}
 
 /// Decrements cortex's open-request count for a replica when dropped.
 pub struct InFlight(Arc<AtomicU32>);
@@ -65,8 +47,7 @@ pub struct Accounting {
 }
 
 struct SseWatch {
-    feed: Feed,
-    events: EventStream<Feed>,
+    parser: sse_parse::SseParser,
     /// `[DONE]` is expected (chat/completions), not for `/v1/responses`.
     expects_done: bool,
     saw_done: bool,
@@ -74,6 +55,9 @@ struct SseWatch {
 
 /// Largest non-streamed body copied aside to read its `usage`.
 const USAGE_COPY_LIMIT: usize = 1 << 20;
+/// Largest SSE event the watcher holds to inspect; a bigger one is passed
+/// on but not looked into.
+const SSE_EVENT_LIMIT: usize = 1 << 20;
 
 pub struct Relay {
     upstream: Upstream,
@@ -86,12 +70,6 @@ pub struct Relay {
     /// server stops polling once that many are written, so the relay
     /// counts the response complete as soon as the last byte is out.
     remaining: Option<u64>,
-    /// Length of the chunk just received (for `remaining`).
-    chunk_len: usize,
-    /// Bytes gathered from the chunks upstream had ready (see poll_next).
-    held: Option<Held>,
-    /// The upstream end, seen while bytes were still held.
-    ended: Option<End>,
     sse: Option<SseWatch>,
     json_copy: Option<Vec<u8>>,
     first_token: bool,
@@ -111,14 +89,10 @@ impl Relay {
         acct: Accounting,
         in_flight: InFlight,
     ) -> Self {
-        let sse = is_sse.then(|| {
-            let feed = Feed::default();
-            SseWatch {
-                events: feed.clone().eventsource(),
-                feed,
-                expects_done,
-                saw_done: false,
-            }
+        let sse = is_sse.then(|| SseWatch {
+            parser: sse_parse::SseParser::new().max_buffer(SSE_EVENT_LIMIT),
+            expects_done,
+            saw_done: false,
         });
         Relay {
             upstream,
@@ -126,9 +100,6 @@ impl Relay {
             idle_timer: Box::pin(tokio::time::sleep(idle)),
             last_chunk: tokio::time::Instant::now(),
             remaining: None,
-            chunk_len: 0,
-            held: None,
-            ended: None,
             json_copy: (!is_sse).then(Vec::new),
             sse,
             first_token: false,
@@ -148,22 +119,14 @@ impl Relay {
 
     fn watch(&mut self, chunk: &Bytes) {
         if let Some(sse) = &mut self.sse {
-            sse.feed
-                .0
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push_back(chunk.clone());
-            let waker = futures_util::task::noop_waker_ref();
-            let mut cx = Context::from_waker(waker);
-            while let Poll::Ready(Some(Ok(ev))) = sse.events.poll_next_unpin(&mut cx) {
+            sse.parser.feed(chunk);
+            while let Some(ev) = sse.parser.next_event() {
                 let data = ev.data.as_str();
                 if data == "[DONE]" {
                     sse.saw_done = true;
                     continue;
                 }
-                if !self.first_token
-                    && serde_json::from_str::<Value>(data).is_ok_and(|v| has_content(&v))
-                {
+                if !self.first_token && event_has_content(data) {
                     self.first_token = true;
                     self.acct
                         .metrics
@@ -200,6 +163,47 @@ impl Relay {
     }
 }
 
+/// Whether an SSE event's data carries generated output (the first token
+/// for `cortex_time_to_first_token_seconds`). The usual shapes are read
+/// into borrowed structs; anything else falls back to a `Value`.
+fn event_has_content(data: &str) -> bool {
+    use serde::Deserialize;
+    use std::borrow::Cow;
+    #[derive(Deserialize)]
+    struct Delta<'a> {
+        #[serde(default, borrow)]
+        content: Option<Cow<'a, str>>,
+        #[serde(default, borrow)]
+        reasoning_content: Option<Cow<'a, str>>,
+        #[serde(default)]
+        tool_calls: Option<serde::de::IgnoredAny>,
+    }
+    #[derive(Deserialize)]
+    struct Choice<'a> {
+        #[serde(default, borrow)]
+        delta: Option<Delta<'a>>,
+        #[serde(default, borrow)]
+        text: Option<Cow<'a, str>>,
+    }
+    #[derive(Deserialize)]
+    struct Chunk<'a> {
+        #[serde(default, borrow)]
+        choices: Option<Vec<Choice<'a>>>,
+    }
+    let nonempty = |s: &Option<Cow<'_, str>>| s.as_deref().is_some_and(|s| !s.is_empty());
+    match serde_json::from_str::<Chunk<'_>>(data) {
+        Ok(Chunk {
+            choices: Some(choices),
+        }) => choices.iter().any(|c| {
+            nonempty(&c.text)
+                || c.delta.as_ref().is_some_and(|d| {
+                    nonempty(&d.content) || nonempty(&d.reasoning_content) || d.tool_calls.is_some()
+                })
+        }),
+        _ => serde_json::from_str::<Value>(data).is_ok_and(|v| has_content(&v)),
+    }
+}
+
 fn has_content(v: &Value) -> bool {
     let nonempty = |x: &Value| x.as_str().is_some_and(|s| !s.is_empty());
     if let Some(choices) = v.get("choices").and_then(Value::as_array) {
@@ -218,13 +222,42 @@ fn has_content(v: &Value) -> bool {
 /// `/v1/responses` events), reading only that field (the rest is skipped,
 /// not built into a `Value`).
 fn usage_of(body: &[u8]) -> Option<(u64, u64)> {
-    #[derive(serde::Deserialize)]
-    struct Usage {
-        prompt_tokens: Option<u64>,
-        input_tokens: Option<u64>,
-        completion_tokens: Option<u64>,
-        output_tokens: Option<u64>,
+    last_usage_field(body).or_else(|| whole_answer_usage(body))
+}
+
+#[derive(serde::Deserialize)]
+struct Usage {
+    prompt_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+}
+
+impl Usage {
+    fn counts(self) -> Option<(u64, u64)> {
+        let p = self.prompt_tokens.or(self.input_tokens)?;
+        Some((
+            p,
+            self.completion_tokens.or(self.output_tokens).unwrap_or(0),
+        ))
     }
+}
+
+/// The quick way: `usage` comes last in an answer, so parse just the object
+/// after the last `"usage":` key (one `Usage`, nothing else read). None when
+/// that does not work out (no such key, or the text was inside a string);
+/// the caller then parses the whole answer.
+fn last_usage_field(body: &[u8]) -> Option<(u64, u64)> {
+    let at = memchr::memmem::rfind(body, b"\"usage\"")?;
+    if at > 0 && body[at - 1] == b'\\' {
+        return None; // an escaped quote: inside a string
+    }
+    let rest = body[at + 7..].trim_ascii_start().strip_prefix(b":")?;
+    let mut values = serde_json::Deserializer::from_slice(rest).into_iter::<Usage>();
+    values.next()?.ok()?.counts()
+}
+
+fn whole_answer_usage(body: &[u8]) -> Option<(u64, u64)> {
     #[derive(serde::Deserialize)]
     struct Inner {
         usage: Option<Usage>,
@@ -236,9 +269,7 @@ fn usage_of(body: &[u8]) -> Option<(u64, u64)> {
         response: Option<Inner>,
     }
     let a: Answer = serde_json::from_slice(body).ok()?;
-    let u = a.usage.or(a.response.and_then(|r| r.usage))?;
-    let p = u.prompt_tokens.or(u.input_tokens)?;
-    Some((p, u.completion_tokens.or(u.output_tokens).unwrap_or(0)))
+    a.usage.or(a.response.and_then(|r| r.usage))?.counts()
 }
 
 impl Relay {
@@ -262,13 +293,12 @@ impl Relay {
 impl Stream for Relay {
     type Item = Result<Bytes, std::io::Error>;
 
+    /// Passes on each piece as it is decoded; the server gathers whatever
+    /// is ready into one write (see `front.rs`).
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         if this.finished {
             return Poll::Ready(None);
-        }
-        if let Some(end) = this.ended.take() {
-            return this.end(end);
         }
         loop {
             match Pin::new(&mut this.upstream).poll_frame(cx) {
@@ -278,35 +308,24 @@ impl Stream for Relay {
                     };
                     this.last_chunk = tokio::time::Instant::now();
                     this.watch(&chunk);
-                    this.hold(chunk);
                     if let Some(left) = &mut this.remaining {
-                        *left = left.saturating_sub(this.chunk_len as u64);
-                        this.chunk_len = 0;
+                        *left = left.saturating_sub(chunk.len() as u64);
                         if *left == 0 {
-                            // The server may drop the body without polling
-                            // it again once the declared length is written.
+                            // The whole declared length is here: the answer
+                            // is complete even if nobody polls again.
                             this.finished = true;
                             this.outcome = Some(this.acct.status);
-                            return Poll::Ready(this.release().map(Ok));
                         }
                     }
-                    if this.held_len() >= COALESCE_LIMIT {
-                        return Poll::Ready(this.release().map(Ok));
-                    }
+                    return Poll::Ready(Some(Ok(chunk)));
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    let end = End::Failed(format!("the upstream neuron failed mid-stream: {e}"));
-                    return this.end_after_held(end);
+                    return this.end(End::Failed(format!(
+                        "the upstream neuron failed mid-stream: {e}"
+                    )))
                 }
-                Poll::Ready(None) => return this.end_after_held(End::Eof),
+                Poll::Ready(None) => return this.end(End::Eof),
                 Poll::Pending => {
-                    // Polling the body drives the upstream connection in
-                    // this task (see upstream.rs): Pending means the socket
-                    // has nothing more now, so what was gathered goes out
-                    // in one write.
-                    if this.held.is_some() {
-                        return Poll::Ready(this.release().map(Ok));
-                    }
                     return match this.poll_idle(cx) {
                         Poll::Ready(()) => this.fail(ApiError::new(
                             ErrorCode::UpstreamTimeout,
@@ -323,58 +342,13 @@ impl Stream for Relay {
     }
 }
 
-/// How the upstream body ended, kept while held bytes go out first.
+/// How the upstream body ended.
 enum End {
     Eof,
     Failed(String),
 }
 
-/// Most bytes gathered from upstream before they are passed on.
-const COALESCE_LIMIT: usize = 64 * 1024;
-
 impl Relay {
-    fn hold(&mut self, chunk: Bytes) {
-        self.chunk_len = chunk.len();
-        self.held = Some(match self.held.take() {
-            None => Held::One(chunk),
-            Some(Held::One(first)) => {
-                let mut buf = bytes::BytesMut::with_capacity((first.len() + chunk.len()) * 2);
-                buf.extend_from_slice(&first);
-                buf.extend_from_slice(&chunk);
-                Held::Many(buf)
-            }
-            Some(Held::Many(mut buf)) => {
-                buf.extend_from_slice(&chunk);
-                Held::Many(buf)
-            }
-        });
-    }
-
-    fn held_len(&self) -> usize {
-        match &self.held {
-            None => 0,
-            Some(Held::One(b)) => b.len(),
-            Some(Held::Many(b)) => b.len(),
-        }
-    }
-
-    fn release(&mut self) -> Option<Bytes> {
-        self.held.take().map(|h| match h {
-            Held::One(b) => b,
-            Held::Many(b) => b.freeze(),
-        })
-    }
-
-    fn end_after_held(&mut self, end: End) -> Poll<Option<Result<Bytes, std::io::Error>>> {
-        match self.release() {
-            Some(b) => {
-                self.ended = Some(end);
-                Poll::Ready(Some(Ok(b)))
-            }
-            None => self.end(end),
-        }
-    }
-
     fn end(&mut self, end: End) -> Poll<Option<Result<Bytes, std::io::Error>>> {
         match end {
             End::Failed(msg) => self.fail(ApiError::new(ErrorCode::UpstreamError, msg)),
@@ -395,12 +369,6 @@ impl Relay {
             }
         }
     }
-}
-
-/// Upstream bytes received but not yet passed on.
-enum Held {
-    One(Bytes),
-    Many(bytes::BytesMut),
 }
 
 impl Drop for Relay {
@@ -450,5 +418,50 @@ pub fn status_str(code: u16) -> &'static str {
         _ if (200..300).contains(&code) => "2xx",
         _ if (400..500).contains(&code) => "4xx",
         _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{event_has_content, usage_of};
+
+    #[test]
+    fn first_content_is_recognised_in_every_event_shape() {
+        let yes = [
+            r#"{"choices":[{"delta":{"content":"Hi","role":"assistant"},"index":0}]}"#,
+            r#"{"choices":[{"delta":{"reasoning_content":"hmm"}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":0}]}}]}"#,
+            r#"{"choices":[{"text":"once","index":0}]}"#,
+            r#"{"choices":[{"delta":{"content":"esc\"aped"}}]}"#,
+            r#"{"type":"response.output_text.delta","delta":"Hi"}"#,
+        ];
+        for e in yes {
+            assert!(event_has_content(e), "{e}");
+        }
+        let no = [
+            r#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":null,"content":null}}]}"#,
+            r#"{"choices":[],"usage":{"prompt_tokens":1}}"#,
+            r#"{"type":"response.created"}"#,
+            "not json",
+        ];
+        for e in no {
+            assert!(!event_has_content(e), "{e}");
+        }
+    }
+
+    #[test]
+    fn usage_is_read_from_answers_and_events() {
+        let chat = br#"{"id":"x","choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":10}}"#;
+        assert_eq!(usage_of(chat), Some((7, 3)));
+        let responses = br#"{"type":"response.completed","response":{"usage":{"input_tokens":5,"output_tokens":2}}}"#;
+        assert_eq!(usage_of(responses), Some((5, 2)));
+        // The word in the generated text does not fool it.
+        let quoted = br#"{"choices":[{"message":{"content":"say \"usage\": {}"}}],"usage":{"prompt_tokens":1,"completion_tokens":9}}"#;
+        assert_eq!(usage_of(quoted), Some((1, 9)));
+        let tail_in_text = br#"{"usage":{"prompt_tokens":4,"completion_tokens":4},"note":"\"usage\": {\"prompt_tokens\": 99}"}"#;
+        assert_eq!(usage_of(tail_in_text), Some((4, 4)));
+        assert_eq!(usage_of(br#"{"choices":[],"usage":null}"#), None);
+        assert_eq!(usage_of(b"not json"), None);
     }
 }

@@ -7,10 +7,8 @@ use crate::config::{ms, Config};
 use crate::inference::{self, Route};
 use crate::state::Gateway;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::Router;
 use http::HeaderValue;
 use std::net::SocketAddr;
@@ -67,7 +65,6 @@ pub fn app(gw: Arc<Gateway>) -> Router {
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
-        .layer(middleware::from_fn(request_id))
         .with_state(gw)
 }
 
@@ -84,34 +81,6 @@ async fn responses(State(gw): Gw, req: Request) -> Response {
 }
 async fn embeddings(State(gw): Gw, req: Request) -> Response {
     inference::handle(gw, Route::Embeddings, req).await
-}
-
-/// Keeps the client's `x-request-id` (if sane) or makes one; puts it on the
-/// request (for the neuron) and on every response.
-async fn request_id(mut req: Request, next: Next) -> Response {
-    let id = req
-        .headers()
-        .get("x-request-id")
-        .filter(|v| !v.is_empty() && v.len() <= 200)
-        .cloned()
-        .unwrap_or_else(new_request_id);
-    req.headers_mut().insert("x-request-id", id.clone());
-    let mut resp = next.run(req).await;
-    resp.headers_mut().insert("x-request-id", id);
-    resp
-}
-
-/// A fresh request id: 32 hex digits, a random per-process half and a
-/// counter, unique without a random-number syscall per request (a v4 UUID
-/// each time cost a `getrandom` call on the hot path).
-fn new_request_id() -> HeaderValue {
-    use std::sync::atomic::AtomicU64;
-    use std::sync::OnceLock;
-    static PREFIX: OnceLock<u64> = OnceLock::new();
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let prefix = *PREFIX.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    HeaderValue::from_str(&format!("{prefix:016x}{n:016x}")).expect("hex is a header value")
 }
 
 async fn metrics_text(State(gw): Gw) -> Response {
@@ -250,27 +219,15 @@ async fn serve_worker(
     let housekeeping = tokio::spawn(async move { house.upstream.housekeeping().await });
     let api = app(gw.clone());
     let drain = ms(gw.config.gateway.drain_timeout_ms);
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let mut srx = rx.clone();
-    let mut drx = rx;
-    let serve = axum::serve(listener, api).with_graceful_shutdown(async move {
-        let _ = srx.wait_for(|v| *v).await;
-    });
-    let serve = std::future::IntoFuture::into_future(serve);
+    let mut drx = rx.clone();
+    let serve = crate::front::serve(gw, listener, api, rx);
     tokio::pin!(serve);
     let deadline = async {
         let _ = drx.wait_for(|v| *v).await;
         tokio::time::sleep(drain).await;
     };
     tokio::select! {
-        r = &mut serve => {
-            if let Err(e) = r {
-                tracing::error!(error = %e, "API server failed");
-            }
-            tracing::debug!("worker drained");
-        }
+        () = &mut serve => tracing::debug!("worker drained"),
         _ = deadline => tracing::warn!(drain_ms = drain.as_millis() as u64,
             "drain timeout passed with requests still open; stopping"),
     }

@@ -1,41 +1,43 @@
-//! The `/v1/*` client: HTTP/1 keep-alive connections to the neurons, driven
-//! inside the request's own task.
+//! The `/v1/*` client: HTTP/1.1 keep-alive connections to the neurons,
+//! read and written by the request's own task.
 //!
 //! Each serving worker (see `server.rs`) is one thread with its own event
 //! loop and its own pool of idle connections here. A request checks out a
-//! connection (or opens one), and the future that waits for the response,
-//! and then the relay that streams its body, poll hyper's connection state
-//! machine themselves: a chunk read from the neuron is decoded and written
-//! to the client in the same poll, with no hand-off to a connection task
-//! and back per chunk (that hand-off, plus reqwest's URL handling, was most
-//! of cortex's CPU beyond the syscalls; see docs/benchmarks.md).
+//! connection (or opens one), writes its head and body in one write, reads
+//! the response head (parsed with `httparse`), and its body is then decoded
+//! straight from the socket as the relay polls it: a read from the neuron is
+//! decoded and written to the client in the same poll, with no connection
+//! task, body channel or per-frame hand-off in between (see `h1.rs` for why).
 //!
 //! A connection goes back to the pool when its response body has been read
-//! to the end; a relay dropped early (the client went away) drops it, which
+//! to the end; a body dropped early (the client went away) drops it, which
 //! closes it, so the neuron sees the cancellation at once.
 
 use crate::config::ms;
-use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, Uri};
-use http_body_util::Full;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use crate::h1::{self, Chunked, Framing, Step};
+use bytes::{Buf, Bytes, BytesMut};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use hyper::body::{Body, Frame, SizeHint};
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::future::Future;
+use std::io::Write;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-type Conn = http1::Connection<TokioIo<TcpStream>, Full<Bytes>>;
+/// Largest response head (status line and headers) accepted from a neuron.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most response headers accepted from a neuron.
+const MAX_HEADERS: usize = 64;
+/// Bytes asked of the socket per read.
+const READ_SIZE: usize = 16 * 1024;
 
-/// One HTTP/1 connection: the request side and the state machine that must
-/// be polled for anything to move.
+/// One connection to a neuron, with bytes read but not yet consumed.
 struct Link {
-    sender: http1::SendRequest<Full<Bytes>>,
-    conn: Conn,
+    stream: TcpStream,
+    buf: BytesMut,
     authority: Box<str>,
 }
 
@@ -47,11 +49,23 @@ thread_local! {
     static IDLE: RefCell<Idle> = RefCell::new(HashMap::new());
 }
 
-/// Polls `conn` once without waiting; true when it has ended (closed by
-/// the neuron, or failed).
-fn ended(conn: &mut Conn) -> bool {
+/// Whether an idle connection is still usable: nothing arrived on it (no
+/// close, no stray bytes). Free in the common case: tokio's cached
+/// readiness says "not readable" without a syscall.
+fn usable(link: &mut Link) -> bool {
+    if !link.buf.is_empty() {
+        return false;
+    }
     let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
-    Pin::new(conn).poll(&mut cx).is_ready()
+    match link.stream.poll_read_ready(&mut cx) {
+        Poll::Pending => true,
+        Poll::Ready(Err(_)) => false,
+        Poll::Ready(Ok(())) => {
+            let mut probe = [0u8; 1];
+            matches!(link.stream.try_read(&mut probe),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -65,10 +79,7 @@ fn checkout(authority: &str, limits: PoolLimits) -> Option<Box<Link>> {
         let mut idle = idle.borrow_mut();
         let list = idle.get_mut(authority)?;
         while let Some((mut link, since)) = list.pop() {
-            if since.elapsed() < limits.idle_timeout
-                && !ended(&mut link.conn)
-                && link.sender.is_ready()
-            {
+            if since.elapsed() < limits.idle_timeout && usable(&mut link) {
                 return Some(link);
             }
         }
@@ -76,11 +87,7 @@ fn checkout(authority: &str, limits: PoolLimits) -> Option<Box<Link>> {
     })
 }
 
-fn checkin(mut link: Box<Link>, limits: PoolLimits) {
-    // One more turn lets the connection settle into keep-alive idle.
-    if ended(&mut link.conn) || !link.sender.is_ready() {
-        return;
-    }
+fn checkin(link: Box<Link>, limits: PoolLimits) {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
         let list = idle.entry(link.authority.clone()).or_default();
@@ -96,9 +103,7 @@ fn prune_idle(limits: PoolLimits) {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
         for list in idle.values_mut() {
-            list.retain_mut(|(link, since)| {
-                since.elapsed() < limits.idle_timeout && !ended(&mut link.conn)
-            });
+            list.retain_mut(|(link, since)| since.elapsed() < limits.idle_timeout && usable(link));
         }
         idle.retain(|_, list| !list.is_empty());
     });
@@ -122,18 +127,6 @@ impl std::fmt::Display for SendError {
     }
 }
 
-/// An error with its causes, since hyper's own message alone says little.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cur = c.source();
-    }
-    out
-}
-
 pub struct Upstream {
     limits: PoolLimits,
     connect_timeout: Duration,
@@ -141,8 +134,58 @@ pub struct Upstream {
     auth: Option<HeaderValue>,
 }
 
-/// A response head from a neuron; its body drives the connection.
+/// A response head from a neuron; its body reads the connection.
 pub type UpstreamResponse = Response<UpstreamBody>;
+
+/// Where to send a request: the connect address (the pool key) and the
+/// pieces of the request line and `Host`.
+struct Target<'a> {
+    addr: std::borrow::Cow<'a, str>,
+    authority: &'a str,
+    prefix: &'a str,
+}
+
+fn target(base: &str) -> Result<Target<'_>, SendError> {
+    let bad = |why: &str| SendError::Connect(format!("bad neuron URL {base}: {why}"));
+    let rest = base
+        .strip_prefix("http://")
+        .ok_or_else(|| bad("only http:// neuron endpoints are supported"))?;
+    let (authority, prefix) = match rest.find('/') {
+        Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+        None => (rest, ""),
+    };
+    // Checked cheaply, per request: a host, and whether a port follows it.
+    let host_end = if authority.starts_with('[') {
+        authority
+            .find(']')
+            .map(|i| i + 1)
+            .ok_or_else(|| bad("unclosed [ in host"))?
+    } else {
+        authority.find(':').unwrap_or(authority.len())
+    };
+    if host_end == 0 || authority.contains(['@', ' ', '?', '#']) {
+        return Err(bad("no host"));
+    }
+    let port = &authority[host_end..];
+    if !port.is_empty()
+        && port
+            .strip_prefix(':')
+            .is_none_or(|p| p.parse::<u16>().is_err())
+    {
+        return Err(bad("invalid port"));
+    }
+    // Port 80 when the URL has none.
+    let addr = if port.is_empty() {
+        std::borrow::Cow::Owned(format!("{authority}:80"))
+    } else {
+        std::borrow::Cow::Borrowed(authority)
+    };
+    Ok(Target {
+        addr,
+        authority,
+        prefix,
+    })
+}
 
 impl Upstream {
     pub fn new(config: &crate::config::Config) -> Upstream {
@@ -173,32 +216,27 @@ impl Upstream {
         }
     }
 
-    async fn connect(&self, authority: &str) -> Result<Box<Link>, SendError> {
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(authority))
+    async fn connect(&self, addr: &str) -> Result<Box<Link>, SendError> {
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| {
                 SendError::Connect(format!(
-                    "connect to {authority} timed out after {} ms",
+                    "connect to {addr} timed out after {} ms",
                     self.connect_timeout.as_millis()
                 ))
             })?
-            .map_err(|e| SendError::Connect(format!("connect to {authority}: {e}")))?;
+            .map_err(|e| SendError::Connect(format!("connect to {addr}: {e}")))?;
         let _ = stream.set_nodelay(true);
-        let (sender, conn) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| SendError::Connect(error_chain(&e)))?;
-        // Boxed: the connection state is large and moves between the pool,
-        // the request future and the relay.
         Ok(Box::new(Link {
-            sender,
-            conn,
-            authority: authority.into(),
+            stream,
+            buf: BytesMut::with_capacity(READ_SIZE),
+            authority: addr.into(),
         }))
     }
 
     /// POSTs `body` (JSON) to `base` + `path` and waits for the response
     /// head. A pooled connection that turns out to have been closed by the
-    /// neuron before it read the request is replaced by a new one, once.
+    /// neuron before it answered anything is replaced by a new one, once.
     pub async fn post(
         &self,
         base: &str,
@@ -207,148 +245,362 @@ impl Upstream {
         request_id: &HeaderValue,
         accept: Option<&HeaderValue>,
     ) -> Result<UpstreamResponse, SendError> {
-        let base_uri: Uri = base
-            .parse()
-            .map_err(|e| SendError::Connect(format!("bad neuron URL {base}: {e}")))?;
-        if base_uri.scheme_str().is_some_and(|s| s != "http") {
-            return Err(SendError::Connect(format!(
-                "{base}: only http:// neuron endpoints are supported"
-            )));
+        let t = target(base)?;
+        let mut head = Vec::with_capacity(256 + body.len().min(MAX_INLINE_BODY));
+        head.extend_from_slice(b"POST ");
+        head.extend_from_slice(t.prefix.as_bytes());
+        head.extend_from_slice(path.as_bytes());
+        head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+        head.extend_from_slice(t.authority.as_bytes());
+        head.extend_from_slice(b"\r\ncontent-type: application/json\r\nx-request-id: ");
+        head.extend_from_slice(request_id.as_bytes());
+        if let Some(a) = accept {
+            head.extend_from_slice(b"\r\naccept: ");
+            head.extend_from_slice(a.as_bytes());
         }
-        let auth = base_uri
-            .authority()
-            .ok_or_else(|| SendError::Connect(format!("bad neuron URL {base}: no host")))?;
-        let authority = auth.as_str();
-        // Where to connect (and the pool key): `host:port`, port 80 when the
-        // URL has none.
-        let with_port;
-        let addr = if auth.port().is_some() {
-            authority
+        if let Some(auth) = &self.auth {
+            head.extend_from_slice(b"\r\nauthorization: ");
+            head.extend_from_slice(auth.as_bytes());
+        }
+        let _ = write!(head, "\r\ncontent-length: {}\r\n\r\n", body.len());
+        let body = if body.len() <= MAX_INLINE_BODY {
+            // One write for head and body.
+            head.extend_from_slice(&body);
+            Bytes::new()
         } else {
-            with_port = format!("{}:80", auth.host());
-            with_port.as_str()
+            body
         };
-        let prefix = base_uri.path().trim_end_matches('/');
-        let target = if prefix.is_empty() {
-            path.to_string()
-        } else {
-            format!("{prefix}{path}")
-        };
-        let build = || {
-            let mut req = Request::post(target.as_str())
-                .header(header::HOST, authority)
-                .header(header::CONTENT_TYPE, "application/json")
-                .header("x-request-id", request_id.clone());
-            if let Some(a) = accept {
-                req = req.header(header::ACCEPT, a.clone());
-            }
-            if let Some(auth) = &self.auth {
-                req = req.header(header::AUTHORIZATION, auth.clone());
-            }
-            req.body(Full::new(body.clone()))
-                .map_err(|e| SendError::Connect(e.to_string()))
-        };
-        if let Some(link) = checkout(addr, self.limits) {
-            match send(link, build()?, self.limits).await {
+        let request = (head.as_slice(), &body[..]);
+        if let Some(link) = checkout(&t.addr, self.limits) {
+            match exchange(link, request, self.limits).await {
                 Ok(resp) => return Ok(resp),
-                // Closed before it read anything: the neuron did no work.
+                // Closed before it answered anything: the neuron did no work.
                 Err((e, false)) => {
                     tracing::debug!(error = %e, "pooled connection was closed; reconnecting")
                 }
                 Err((e, true)) => return Err(SendError::Other(e)),
             }
         }
-        let link = self.connect(addr).await?;
-        send(link, build()?, self.limits)
+        let link = self.connect(&t.addr).await?;
+        exchange(link, request, self.limits)
             .await
             .map_err(|(e, _)| SendError::Other(e))
     }
 }
 
-/// Sends `req` on `link`, polling the connection until the head arrives.
-/// The error says whether the neuron may have seen the request.
-async fn send(
+/// Bodies up to this size are copied behind the head and sent in one write.
+const MAX_INLINE_BODY: usize = 64 * 1024;
+
+/// Writes the request on `link` and reads the response head. The error
+/// says whether the neuron may have seen the request (false: the
+/// connection was closed before any byte of an answer came).
+async fn exchange(
     mut link: Box<Link>,
-    req: Request<Full<Bytes>>,
+    (head, body): (&[u8], &[u8]),
     limits: PoolLimits,
 ) -> Result<UpstreamResponse, (String, bool)> {
-    let mut head = std::pin::pin!(link.sender.send_request(req));
-    let mut conn_done = false;
-    let res = std::future::poll_fn(|cx| {
-        if !conn_done {
-            if let Poll::Ready(r) = Pin::new(&mut link.conn).poll(cx) {
-                conn_done = true;
-                if let Err(e) = r {
-                    // The head future reports it too (as the same error).
-                    tracing::trace!(error = %e, "upstream connection ended");
+    let written = async {
+        link.stream.write_all(head).await?;
+        if !body.is_empty() {
+            link.stream.write_all(body).await?;
+        }
+        Ok::<(), std::io::Error>(())
+    }
+    .await;
+    if let Err(e) = written {
+        return Err((format!("sending the request: {e}"), false));
+    }
+    loop {
+        let (resp, used) = match parse_head(&link.buf) {
+            Ok(Some(parsed)) => parsed,
+            Ok(None) => {
+                if link.buf.len() > MAX_HEAD {
+                    return Err((format!("response head larger than {MAX_HEAD} bytes"), true));
+                }
+                link.buf.reserve(READ_SIZE);
+                match link.stream.read_buf(&mut link.buf).await {
+                    Ok(0) => {
+                        let seen = !link.buf.is_empty();
+                        return Err(("the neuron closed the connection".into(), seen));
+                    }
+                    Ok(_) => continue,
+                    Err(e) => {
+                        let seen = !link.buf.is_empty()
+                            || !matches!(
+                                e.kind(),
+                                std::io::ErrorKind::ConnectionReset
+                                    | std::io::ErrorKind::ConnectionAborted
+                                    | std::io::ErrorKind::BrokenPipe
+                            );
+                        return Err((format!("reading the response: {e}"), seen));
+                    }
                 }
             }
-        }
-        head.as_mut().poll(cx)
-    })
-    .await;
-    match res {
-        Ok(resp) => {
-            let (parts, body) = resp.into_parts();
-            let link = (!conn_done).then_some(link);
-            Ok(Response::from_parts(
-                parts,
-                UpstreamBody { body, link, limits },
-            ))
-        }
-        Err(e) => {
-            let seen = !(e.is_canceled() || e.is_incomplete_message());
-            Err((error_chain(&e), seen))
-        }
+            Err(e) => return Err((format!("bad response head: {e}"), true)),
+        };
+        link.buf.advance(used);
+        let Some(resp) = resp else {
+            continue; // an interim 1xx response
+        };
+        return Ok(resp.map(|(framing, reuse)| UpstreamBody::new(link, framing, reuse, limits)));
     }
 }
 
-/// A neuron's response body. Polling it also drives the connection it
-/// arrives on; at its end the connection returns to this worker's pool.
+type Parsed = (Option<Response<(Framing, bool)>>, usize);
+
+/// The response header fields kept from a neuron's answer.
+const KEPT: [HeaderName; 3] = [
+    header::CONTENT_TYPE,
+    header::CONTENT_LENGTH,
+    header::RETRY_AFTER,
+];
+
+/// Parses a response head from the front of `buf`: the response (or None
+/// for an interim 1xx) with its body framing and whether the connection
+/// may be reused, and the head's length; `Ok(None)` when incomplete.
+fn parse_head(buf: &[u8]) -> Result<Option<Parsed>, String> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut r = httparse::Response::new(&mut headers);
+    let used = match r.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    let code = r.code.unwrap_or(0);
+    if (100..200).contains(&code) {
+        return Ok(Some((None, used)));
+    }
+    let status = StatusCode::from_u16(code).map_err(|e| e.to_string())?;
+    let version = r.version.unwrap_or(1);
+    let fields = || r.headers.iter().map(|h| (h.name, h.value));
+    let framing = if code == 204 || code == 304 {
+        Framing::Empty
+    } else {
+        h1::framing(fields(), Framing::Close)?
+    };
+    let reuse = framing != Framing::Close && h1::keep_alive(version, fields());
+    // Only the fields cortex passes on or reads are kept.
+    let mut map = HeaderMap::with_capacity(4);
+    for h in r.headers.iter() {
+        let Some(name) = KEPT
+            .iter()
+            .find(|k| h.name.eq_ignore_ascii_case(k.as_str()))
+        else {
+            continue;
+        };
+        let Ok(value) = HeaderValue::from_bytes(h.value) else {
+            return Err(format!("invalid header {:?}", h.name));
+        };
+        map.append(name.clone(), value);
+    }
+    let mut resp = Response::new((framing, reuse));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = map;
+    Ok(Some((Some(resp), used)))
+}
+
+/// A neuron's response body, decoded from its connection as it is polled.
+/// At its end the connection returns to this worker's pool.
 pub struct UpstreamBody {
-    body: Incoming,
     link: Option<Box<Link>>,
+    framing: Framing,
+    /// Bytes left of a `Content-Length` body.
+    left: u64,
+    chunked: Chunked,
+    reuse: bool,
+    done: bool,
     limits: PoolLimits,
 }
 
 impl UpstreamBody {
-    fn release(&mut self) {
+    fn new(link: Box<Link>, framing: Framing, reuse: bool, limits: PoolLimits) -> UpstreamBody {
+        let mut body = UpstreamBody {
+            link: Some(link),
+            framing,
+            left: match framing {
+                Framing::Length(n) => n,
+                _ => 0,
+            },
+            chunked: Chunked::new(MAX_HEAD),
+            reuse,
+            done: false,
+            limits,
+        };
+        if framing == Framing::Empty {
+            body.finish();
+        }
+        body
+    }
+
+    /// The body is complete: the connection goes back to the pool if it
+    /// can carry another request.
+    fn finish(&mut self) {
+        self.done = true;
         if let Some(link) = self.link.take() {
-            checkin(link, self.limits);
+            if self.reuse && link.buf.is_empty() {
+                checkin(link, self.limits);
+            }
+        }
+    }
+
+    /// The next payload piece already in the buffer, if any.
+    fn decode(&mut self) -> Result<Option<Bytes>, std::io::Error> {
+        let Some(link) = &mut self.link else {
+            return Ok(None);
+        };
+        match self.framing {
+            Framing::Empty => Ok(None),
+            Framing::Close => Ok((!link.buf.is_empty()).then(|| link.buf.split().freeze())),
+            Framing::Length(_) => {
+                if link.buf.is_empty() {
+                    return Ok(None);
+                }
+                let n = (link.buf.len() as u64).min(self.left);
+                let data = link.buf.split_to(n as usize).freeze();
+                self.left -= n;
+                if self.left == 0 {
+                    self.finish();
+                }
+                Ok(Some(data))
+            }
+            Framing::Chunked => {
+                let step = self
+                    .chunked
+                    .step(&mut link.buf)
+                    .map_err(std::io::Error::other)?;
+                match step {
+                    Step::Data(d) => {
+                        // The terminator usually came in the same read: see
+                        // it now so the connection is free at once.
+                        if self
+                            .chunked
+                            .skip_framing(&mut link.buf)
+                            .map_err(std::io::Error::other)?
+                        {
+                            self.finish();
+                        }
+                        Ok(Some(d))
+                    }
+                    Step::NeedMore => Ok(None),
+                    Step::End => {
+                        self.finish();
+                        Ok(None)
+                    }
+                }
+            }
         }
     }
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = std::io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = self.get_mut();
-        if let Some(link) = &mut this.link {
-            if Pin::new(&mut link.conn).poll(cx).is_ready() {
-                // Ended (closed or failed): dropping it lets the body see
-                // the end or the error.
-                this.link = None;
+        loop {
+            match this.decode() {
+                Ok(Some(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Ok(None) => {}
+                Err(e) => {
+                    this.link = None;
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            let Some(link) = &mut this.link else {
+                return Poll::Ready(None);
+            };
+            link.buf.reserve(READ_SIZE);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut link.stream), cx, &mut link.buf) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => {
+                    this.link = None;
+                    this.done = true;
+                    if this.framing == Framing::Close {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the neuron closed the connection before the end of the body",
+                    ))));
+                }
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => {
+                    this.link = None;
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
             }
         }
-        let res = Pin::new(&mut this.body).poll_frame(cx);
-        match &res {
-            Poll::Ready(None) => this.release(),
-            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.release(),
-            _ => {}
-        }
-        res
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.done
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match self.framing {
+            Framing::Length(_) => SizeHint::with_exact(self.left),
+            Framing::Empty => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn neuron_urls_split_into_address_host_and_prefix() {
+        let t = target("http://10.0.0.5:13131").unwrap();
+        assert_eq!(
+            (&*t.addr, t.authority, t.prefix),
+            ("10.0.0.5:13131", "10.0.0.5:13131", "")
+        );
+        let t = target("http://node-a/engine/7/").unwrap();
+        assert_eq!(
+            (&*t.addr, t.authority, t.prefix),
+            ("node-a:80", "node-a", "/engine/7")
+        );
+        assert!(target("https://node-a").is_err());
+        assert!(target("http://").is_err());
+        assert!(target("http://node-a:99999").is_err());
+        let t = target("http://[::1]:13131/x").unwrap();
+        assert_eq!((&*t.addr, t.prefix), ("[::1]:13131", "/x"));
+        assert_eq!(&*target("http://[::1]").unwrap().addr, "[::1]:80");
+    }
+
+    #[test]
+    fn response_heads_give_framing_and_reuse() {
+        let (resp, used) = parse_head(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\nxyz",
+        )
+        .unwrap()
+        .unwrap();
+        let resp = resp.unwrap();
+        assert_eq!(used, 80);
+        assert_eq!(*resp.body(), (Framing::Chunked, true));
+        let (resp, _) = parse_head(b"HTTP/1.0 503 Busy\r\ncontent-length: 2\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(*resp.unwrap().body(), (Framing::Length(2), false));
+        let (resp, _) = parse_head(b"HTTP/1.1 200 OK\r\n\r\n").unwrap().unwrap();
+        assert_eq!(*resp.unwrap().body(), (Framing::Close, false));
+        let (interim, used) = parse_head(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(interim.is_none() && used == 25);
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\ncontent-")
+            .unwrap()
+            .is_none());
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n").is_err());
     }
 }
