@@ -1,7 +1,9 @@
 //! `fake-neuron`: the mock neuron as a process, for benchmarks and demos.
 //!
 //! Serves one loaded model with instant answers (or a set number of chunks),
-//! both the control routes cortex polls and the OpenAI `/v1/*` routes.
+//! both the control routes cortex polls and the OpenAI `/v1/*` routes. It
+//! advertises a context window (`--context`, 8192 by default) so that
+//! cortex's pre-validation runs, as it does in front of a real engine.
 
 use helexa_testkit::{Behaviour, MockModel, MockNeuron};
 use std::time::Duration;
@@ -12,6 +14,7 @@ fn main() {
     let mut chunks = 16usize;
     let mut chunk_delay_us = 0u64;
     let mut threads = 1usize;
+    let mut context = 8192u32;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_else(|| usage(&a));
@@ -23,6 +26,7 @@ fn main() {
                 chunk_delay_us = val().parse().unwrap_or_else(|_| usage("--chunk-delay-us"))
             }
             "--threads" => threads = val().parse().unwrap_or_else(|_| usage("--threads")),
+            "--context" => context = val().parse().unwrap_or_else(|_| usage("--context")),
             _ => usage(&a),
         }
     }
@@ -39,13 +43,17 @@ fn main() {
             ..Behaviour::default()
         };
         let addr = listen.parse().unwrap_or_else(|_| usage("--listen"));
-        let mock =
-            MockNeuron::start_on(addr, "fake", vec![MockModel::loaded(&model, 0)], behaviour)
-                .await
-                .unwrap_or_else(|e| {
-                    eprintln!("fake-neuron: cannot listen on {listen}: {e}");
-                    std::process::exit(1)
-                });
+        let mock = MockNeuron::start_on(
+            addr,
+            "fake",
+            vec![MockModel::loaded(&model, context)],
+            behaviour,
+        )
+        .await
+        .unwrap_or_else(|e| {
+            eprintln!("fake-neuron: cannot listen on {listen}: {e}");
+            std::process::exit(1)
+        });
         eprintln!("fake-neuron listening on {}", mock.url());
         tokio::signal::ctrl_c().await.ok();
     });
@@ -53,7 +61,7 @@ fn main() {
 
 fn usage(arg: &str) -> ! {
     eprintln!(
-        "fake-neuron: bad argument {arg}\nusage: fake-neuron [--listen ADDR] [--model ID] [--chunks N] [--chunk-delay-us N] [--threads N]"
+        "fake-neuron: bad argument {arg}\nusage: fake-neuron [--listen ADDR] [--model ID] [--chunks N] [--chunk-delay-us N] [--threads N] [--context TOKENS (0 = unknown)]"
     );
     std::process::exit(2)
 }
