@@ -90,6 +90,8 @@ pub async fn serve(
                         out: Vec::with_capacity(1024),
                         limits,
                         shutdown: shutdown.clone(),
+                        last_active: Instant::now(),
+                        idle_timer: None,
                     };
                     conns.spawn(conn.run());
                 }
@@ -133,6 +135,9 @@ struct Conn {
     out: Vec<u8>,
     limits: Limits,
     shutdown: watch::Receiver<bool>,
+    /// When the client last sent something (for the keep-alive timeout).
+    last_active: Instant,
+    idle_timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Conn {
@@ -229,19 +234,36 @@ impl Conn {
                 if *shutdown.borrow() {
                     return Err(ReadError::Closed);
                 }
-                let read =
-                    tokio::time::timeout(self.limits.keepalive_timeout, stream.read_buf(buf));
+                // The idle timer is made once per connection and moved only
+                // when it fires (re-armed from the last activity), not
+                // registered anew for every request.
+                let due = self.last_active + self.limits.keepalive_timeout;
+                let timer = self
+                    .idle_timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+                let idled_out = async {
+                    loop {
+                        timer.as_mut().await;
+                        if Instant::now() >= due {
+                            return;
+                        }
+                        timer.as_mut().reset(due);
+                    }
+                };
                 tokio::select! {
-                    r = read => r,
+                    r = stream.read_buf(buf) => Ok(r),
+                    () = idled_out => Err(()),
                     _ = shutdown.wait_for(|v| *v) => return Err(ReadError::Closed),
                 }
             } else {
                 let until =
                     *deadline.get_or_insert_with(|| Instant::now() + self.limits.client_timeout);
-                tokio::time::timeout_at(until, stream.read_buf(buf)).await
+                tokio::time::timeout_at(until, stream.read_buf(buf))
+                    .await
+                    .map_err(|_| ())
             };
             match read {
-                Ok(Ok(n)) if n > 0 => {}
+                Ok(Ok(n)) if n > 0 => self.last_active = Instant::now(),
                 _ => return Err(ReadError::Closed),
             }
         }

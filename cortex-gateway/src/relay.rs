@@ -46,11 +46,70 @@ pub struct Accounting {
     pub request_id: String,
 }
 
+/// What the relay reads from an SSE stream: the first content token, the
+/// usage, and whether `[DONE]` came.
 struct SseWatch {
     parser: sse_parse::SseParser,
     /// `[DONE]` is expected (chat/completions), not for `/v1/responses`.
     expects_done: bool,
     saw_done: bool,
+    first_token: bool,
+    usage: Option<(u64, u64)>,
+    /// Everything fed so far ended with a blank line: the parser holds no
+    /// partial event.
+    at_boundary: bool,
+}
+
+impl SseWatch {
+    fn new(expects_done: bool) -> SseWatch {
+        SseWatch {
+            parser: sse_parse::SseParser::new().max_buffer(SSE_EVENT_LIMIT),
+            expects_done,
+            saw_done: false,
+            first_token: false,
+            usage: None,
+            at_boundary: true,
+        }
+    }
+
+    /// Reads one piece of the stream; true when it held the first token.
+    ///
+    /// After the first token only `[DONE]` and `usage` matter. A piece that
+    /// starts and ends on an event boundary and contains neither string
+    /// holds no event that could change anything, so it is not parsed: in
+    /// a token stream that is every event but the last two, and parsing
+    /// each one was most of the relay's CPU.
+    fn watch(&mut self, chunk: &[u8]) -> bool {
+        let ends_event = chunk.ends_with(b"\n\n") || chunk.ends_with(b"\r\n\r\n");
+        if self.first_token
+            && self.at_boundary
+            && ends_event
+            && memchr::memmem::find(chunk, b"[DONE]").is_none()
+            && memchr::memmem::find(chunk, b"\"usage\"").is_none()
+        {
+            return false;
+        }
+        self.at_boundary = ends_event;
+        self.parser.feed(chunk);
+        let mut first = false;
+        while let Some(ev) = self.parser.next_event() {
+            let data = ev.data.as_str();
+            if data == "[DONE]" {
+                self.saw_done = true;
+                continue;
+            }
+            if !self.first_token && event_has_content(data) {
+                self.first_token = true;
+                first = true;
+            }
+            if data.contains("\"usage\"") {
+                if let Some(u) = usage_of(data.as_bytes()) {
+                    self.usage = Some(u);
+                }
+            }
+        }
+        first
+    }
 }
 
 /// Largest non-streamed body copied aside to read its `usage`.
@@ -62,7 +121,9 @@ const SSE_EVENT_LIMIT: usize = 1 << 20;
 pub struct Relay {
     upstream: Upstream,
     idle: Duration,
-    idle_timer: Pin<Box<tokio::time::Sleep>>,
+    /// Made the first time the upstream has nothing ready (a whole answer
+    /// that is already there never needs one).
+    idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// When the last chunk came; the timer is only moved when it fires
     /// (re-armed from here), not on every chunk.
     last_chunk: tokio::time::Instant,
@@ -89,15 +150,11 @@ impl Relay {
         acct: Accounting,
         in_flight: InFlight,
     ) -> Self {
-        let sse = is_sse.then(|| SseWatch {
-            parser: sse_parse::SseParser::new().max_buffer(SSE_EVENT_LIMIT),
-            expects_done,
-            saw_done: false,
-        });
+        let sse = is_sse.then(|| SseWatch::new(expects_done));
         Relay {
             upstream,
             idle,
-            idle_timer: Box::pin(tokio::time::sleep(idle)),
+            idle_timer: None,
             last_chunk: tokio::time::Instant::now(),
             remaining: None,
             json_copy: (!is_sse).then(Vec::new),
@@ -119,26 +176,16 @@ impl Relay {
 
     fn watch(&mut self, chunk: &Bytes) {
         if let Some(sse) = &mut self.sse {
-            sse.parser.feed(chunk);
-            while let Some(ev) = sse.parser.next_event() {
-                let data = ev.data.as_str();
-                if data == "[DONE]" {
-                    sse.saw_done = true;
-                    continue;
-                }
-                if !self.first_token && event_has_content(data) {
-                    self.first_token = true;
-                    self.acct
-                        .metrics
-                        .ttft
-                        .with_label_values(&[self.acct.model.as_str()])
-                        .observe(self.acct.started.elapsed().as_secs_f64());
-                }
-                if data.contains("\"usage\"") {
-                    if let Some(u) = usage_of(data.as_bytes()) {
-                        self.usage = Some(u);
-                    }
-                }
+            if sse.watch(chunk) {
+                self.first_token = true;
+                self.acct
+                    .metrics
+                    .ttft
+                    .with_label_values(&[self.acct.model.as_str()])
+                    .observe(self.acct.started.elapsed().as_secs_f64());
+            }
+            if sse.usage.is_some() {
+                self.usage = sse.usage;
             }
         } else if let Some(copy) = &mut self.json_copy {
             if copy.len() + chunk.len() <= USAGE_COPY_LIMIT {
@@ -275,15 +322,18 @@ fn whole_answer_usage(body: &[u8]) -> Option<(u64, u64)> {
 impl Relay {
     /// Ready once nothing has come for `idle` since the last chunk.
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let timer = self
+            .idle_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(self.last_chunk + self.idle)));
         loop {
-            match self.idle_timer.as_mut().poll(cx) {
+            match timer.as_mut().poll(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(()) => {
                     let due = self.last_chunk + self.idle;
                     if tokio::time::Instant::now() >= due {
                         return Poll::Ready(());
                     }
-                    self.idle_timer.as_mut().reset(due);
+                    timer.as_mut().reset(due);
                 }
             }
         }
@@ -423,7 +473,50 @@ pub fn status_str(code: u16) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use super::{event_has_content, usage_of};
+    use super::{event_has_content, usage_of, SseWatch};
+
+    /// A token stream cut into pieces every way: the watcher (which skips
+    /// pieces it need not parse) reads the same first token, usage and
+    /// `[DONE]` as a parse of the whole.
+    #[test]
+    fn the_watcher_reads_the_same_whatever_the_pieces() {
+        let mut events =
+            vec![r#"data: {"choices":[{"delta":{"role":"assistant","content":""}}]}"#.to_string()];
+        for i in 0..6 {
+            events.push(format!(
+                r#"data: {{"choices":[{{"delta":{{"content":"t{i}"}}}}]}}"#
+            ));
+        }
+        events.push(
+            r#"data: {"choices":[],"usage":{"prompt_tokens":11,"completion_tokens":6}}"#.into(),
+        );
+        events.push("data: [DONE]".into());
+        for sep in ["\n\n", "\r\n\r\n"] {
+            let stream: String = events.iter().map(|e| format!("{e}{sep}")).collect();
+            let bytes = stream.as_bytes();
+            // One event per piece, as engines send them.
+            let mut w = SseWatch::new(true);
+            let firsts: Vec<bool> = events
+                .iter()
+                .map(|e| w.watch(format!("{e}{sep}").as_bytes()))
+                .collect();
+            assert_eq!(firsts.iter().filter(|f| **f).count(), 1);
+            assert!(firsts[1], "the first content is the second event");
+            assert_eq!((w.usage, w.saw_done), (Some((11, 6)), true));
+            // Arbitrary cuts.
+            for size in [1, 2, 3, 7, 40, 97, bytes.len()] {
+                let mut w = SseWatch::new(true);
+                let firsts = bytes.chunks(size).filter(|c| w.watch(c)).count();
+                assert_eq!(firsts, 1, "size {size}");
+                assert_eq!((w.usage, w.saw_done), (Some((11, 6)), true), "size {size}");
+            }
+        }
+        // A stream cut before [DONE] is seen as cut.
+        let mut w = SseWatch::new(true);
+        w.watch(b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\n");
+        w.watch(b"data: {\"choices\":[{\"delta\":{\"content\":\"y\"}}]}\n\n");
+        assert!(!w.saw_done);
+    }
 
     #[test]
     fn first_content_is_recognised_in_every_event_shape() {
