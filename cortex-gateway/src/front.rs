@@ -228,7 +228,7 @@ impl Conn {
                     }
                 }
             }
-            self.buf.reserve(4096);
+            h1::room(&mut self.buf, 1024, 4096);
             let (stream, buf, shutdown) = (&mut self.stream, &mut self.buf, &mut self.shutdown);
             let read = if buf.is_empty() {
                 if *shutdown.borrow() {
@@ -316,7 +316,7 @@ impl Conn {
                         }
                         Ok(Step::End) => return Ok(body.freeze()),
                         Ok(Step::NeedMore) => {
-                            self.buf.reserve(8192);
+                            h1::room(&mut self.buf, 4096, 8192);
                             self.read_more(deadline).await?;
                         }
                         Err(e) => {
@@ -511,7 +511,7 @@ fn client_left(stream: &mut TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>)
         if buf.len() >= READ_AHEAD {
             return false;
         }
-        buf.reserve(4096);
+        h1::room(buf, 1024, 4096);
         match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *stream), cx, buf) {
             Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return true,
             Poll::Ready(Ok(_)) => continue,

@@ -162,6 +162,15 @@ impl Chunked {
     }
 }
 
+/// Makes room to read into `buf`: at least `min` bytes free, growing by
+/// `grow` when there are fewer. Not growing when there is room matters:
+/// while a piece split off the buffer is still alive, growing allocates.
+pub fn room(buf: &mut BytesMut, min: usize, grow: usize) {
+    if buf.capacity() - buf.len() < min {
+        buf.reserve(grow.max(min));
+    }
+}
+
 /// Appends `data` as one chunk of a chunked body.
 pub fn put_chunk(out: &mut Vec<u8>, data: &[u8]) {
     if data.is_empty() {

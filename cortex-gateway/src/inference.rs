@@ -327,7 +327,7 @@ impl Ctx {
             node: neuron.name.clone(),
             status: status.as_u16(),
             started: self.started,
-            request_id: self.request_id.to_str().unwrap_or("-").to_string(),
+            request_id: self.request_id.clone(),
         };
         let relay = Relay::new(
             resp.into_body(),

@@ -43,7 +43,7 @@ pub struct Accounting {
     pub node: String,
     pub status: u16,
     pub started: Instant,
-    pub request_id: String,
+    pub request_id: http::HeaderValue,
 }
 
 /// What the relay reads from an SSE stream: the first content token, the
@@ -200,7 +200,7 @@ impl Relay {
     fn fail(&mut self, err: ApiError) -> Poll<Option<Result<Bytes, std::io::Error>>> {
         self.finished = true;
         self.outcome = Some(err.status().as_u16());
-        tracing::warn!(request_id = %self.acct.request_id, model = %self.acct.model,
+        tracing::warn!(request_id = ?self.acct.request_id, model = %self.acct.model,
             node = %self.acct.node, error = %err.message, "upstream stream failed");
         if self.sse.is_some() {
             Poll::Ready(Some(Ok(helexa_api::sse::error_events(&err))))
@@ -295,7 +295,8 @@ impl Usage {
 /// that does not work out (no such key, or the text was inside a string);
 /// the caller then parses the whole answer.
 fn last_usage_field(body: &[u8]) -> Option<(u64, u64)> {
-    let at = memchr::memmem::rfind(body, b"\"usage\"")?;
+    // Forward search (vectorised) for the last occurrence.
+    let at = memchr::memmem::find_iter(body, b"\"usage\"").last()?;
     if at > 0 && body[at - 1] == b'\\' {
         return None; // an escaped quote: inside a string
     }

@@ -317,7 +317,7 @@ async fn exchange(
                 if link.buf.len() > MAX_HEAD {
                     return Err((format!("response head larger than {MAX_HEAD} bytes"), true));
                 }
-                link.buf.reserve(READ_SIZE);
+                h1::room(&mut link.buf, 4096, READ_SIZE);
                 match link.stream.read_buf(&mut link.buf).await {
                     Ok(0) => {
                         let seen = !link.buf.is_empty();
@@ -517,7 +517,7 @@ impl Body for UpstreamBody {
             let Some(link) = &mut this.link else {
                 return Poll::Ready(None);
             };
-            link.buf.reserve(READ_SIZE);
+            h1::room(&mut link.buf, 4096, READ_SIZE);
             match tokio_util::io::poll_read_buf(Pin::new(&mut link.stream), cx, &mut link.buf) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(0)) => {
