@@ -23,7 +23,7 @@ use crate::state::Gateway;
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use futures_util::future::Either;
 use futures_util::FutureExt;
 use helexa_api::error::{ApiError, ErrorCode};
@@ -217,11 +217,8 @@ impl Conn {
         let mut deadline: Option<Instant> = None;
         loop {
             if !self.buf.is_empty() {
-                match parse_head(&self.buf, self.limits.max_head) {
-                    Ok(Some((head, used))) => {
-                        self.buf.advance(used);
-                        return Ok(head);
-                    }
+                match parse_head(&mut self.buf, self.limits.max_head) {
+                    Ok(Some(head)) => return Ok(head),
                     Ok(None) => {}
                     Err((status, message)) => {
                         return Err(ReadError::Answer(bad_head(status, message)))
@@ -577,42 +574,56 @@ fn bad_head(status: u16, message: String) -> Response {
 /// A head cortex cannot read: the status (`400` or `431`) and why.
 type BadHead = (u16, String);
 
-fn parse_head(buf: &[u8], max_head: usize) -> Result<Option<(Head, usize)>, BadHead> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut r = httparse::Request::new(&mut headers);
-    let used = match r.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => {
-            if buf.len() > max_head {
-                return Err((
-                    431,
-                    format!("request head is larger than the limit of {max_head} bytes"),
-                ));
-            }
-            return Ok(None);
-        }
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err((
-                431,
-                format!("request has more than {MAX_HEADERS} header fields"),
-            ))
-        }
-        Err(e) => return Err((400, format!("malformed HTTP request: {e}"))),
-    };
-    if used > max_head {
-        return Err((
+/// Header fields the proxied routes read (the rest are not copied out).
+const PROXY_FIELDS: [HeaderName; 4] = [
+    header::CONTENT_TYPE,
+    header::ACCEPT,
+    header::USER_AGENT,
+    HeaderName::from_static("x-request-id"),
+];
+
+/// Parses a request head from the front of `buf` and takes it out;
+/// `Ok(None)` when more bytes are needed.
+///
+/// The head's bytes are frozen and the header values point into them (no
+/// copy each). A request for a proxied route keeps only the fields it reads.
+fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, BadHead> {
+    let too_big = || {
+        (
             431,
             format!("request head is larger than the limit of {max_head} bytes"),
-        ));
-    }
+        )
+    };
+    let used = {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        match httparse::Request::new(&mut headers).parse(buf) {
+            Ok(httparse::Status::Complete(n)) if n > max_head => return Err(too_big()),
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) if buf.len() > max_head => return Err(too_big()),
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err((
+                    431,
+                    format!("request has more than {MAX_HEADERS} header fields"),
+                ))
+            }
+            Err(e) => return Err((400, format!("malformed HTTP request: {e}"))),
+        }
+    };
+    let raw = buf.split_to(used).freeze();
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut r = httparse::Request::new(&mut headers);
     let bad = |why: &str| Err((400, format!("malformed HTTP request: {why}")));
+    if !matches!(r.parse(&raw), Ok(httparse::Status::Complete(_))) {
+        return bad("unreadable head");
+    }
     let (Some(method), Some(path), Some(v)) = (r.method, r.path, r.version) else {
         return bad("incomplete request line");
     };
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
         return bad("invalid method");
     };
-    let Ok(uri) = path.parse::<Uri>() else {
+    let Ok(uri) = Uri::from_maybe_shared(raw.slice_ref(path.as_bytes())) else {
         return bad("invalid request target");
     };
     let fields = || r.headers.iter().map(|h| (h.name, h.value));
@@ -621,18 +632,30 @@ fn parse_head(buf: &[u8], max_head: usize) -> Result<Option<(Head, usize)>, BadH
         Err(why) => return bad(why),
     };
     let keep_alive = h1::keep_alive(v, fields());
-    let mut expect_continue = false;
-    let mut map = HeaderMap::with_capacity(r.headers.len() + 1);
+    let expect_continue = v >= 1
+        && r.headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("expect") && h.value.eq_ignore_ascii_case(b"100-continue")
+        });
+    let proxied = method == Method::POST && Route::of_path(uri.path()).is_some();
+    let mut map = HeaderMap::with_capacity(if proxied { 4 } else { r.headers.len() + 1 });
     for h in r.headers.iter() {
-        let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(h.name.as_bytes()),
-            HeaderValue::from_bytes(h.value),
-        ) else {
+        let name = if proxied {
+            match PROXY_FIELDS
+                .iter()
+                .find(|k| h.name.eq_ignore_ascii_case(k.as_str()))
+            {
+                Some(k) => k.clone(),
+                None => continue,
+            }
+        } else {
+            match HeaderName::from_bytes(h.name.as_bytes()) {
+                Ok(n) => n,
+                Err(_) => return bad("invalid header field"),
+            }
+        };
+        let Ok(value) = HeaderValue::from_maybe_shared(raw.slice_ref(h.value)) else {
             return bad("invalid header field");
         };
-        if name == header::EXPECT && value.as_bytes().eq_ignore_ascii_case(b"100-continue") {
-            expect_continue = v >= 1;
-        }
         map.append(name, value);
     }
     let mut req = Request::new(());
@@ -644,15 +667,12 @@ fn parse_head(buf: &[u8], max_head: usize) -> Result<Option<(Head, usize)>, BadH
         Version::HTTP_10
     };
     *req.headers_mut() = map;
-    Ok(Some((
-        Head {
-            req,
-            framing,
-            keep_alive,
-            expect_continue,
-        },
-        used,
-    )))
+    Ok(Some(Head {
+        req,
+        framing,
+        keep_alive,
+        expect_continue,
+    }))
 }
 
 #[cfg(test)]
@@ -662,19 +682,26 @@ mod tests {
     #[test]
     fn request_heads_parse_with_framing() {
         let raw = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\nhello";
-        let (head, used) = parse_head(raw, 1024).ok().unwrap().unwrap();
-        assert_eq!(used, raw.len() - 5);
+        let mut buf = BytesMut::from(&raw[..]);
+        let head = parse_head(&mut buf, 1024).ok().unwrap().unwrap();
+        assert_eq!(&buf[..], b"hello", "the body stays in the buffer");
+        assert!(
+            head.req.headers().is_empty(),
+            "a proxied route keeps only the fields it reads"
+        );
         assert_eq!(head.framing, Framing::Length(5));
         assert!(head.keep_alive && head.expect_continue);
         assert_eq!(head.req.uri().path(), "/v1/chat/completions");
         let raw = b"GET /health HTTP/1.0\r\n\r\n";
-        let (head, _) = parse_head(raw, 1024).ok().unwrap().unwrap();
-        assert!(!head.keep_alive);
-        assert_eq!(head.framing, Framing::Empty);
-        assert!(parse_head(b"GET /health HTTP/1.1\r\nHost", 1024)
+        let head = parse_head(&mut BytesMut::from(&raw[..]), 1024)
             .ok()
             .unwrap()
-            .is_none());
+            .unwrap();
+        assert!(!head.keep_alive);
+        assert_eq!(head.framing, Framing::Empty);
+        let mut partial = BytesMut::from(&b"GET /health HTTP/1.1\r\nHost"[..]);
+        assert!(parse_head(&mut partial, 1024).ok().unwrap().is_none());
+        assert_eq!(partial.len(), 26, "nothing taken from a partial head");
     }
 
     #[test]
@@ -694,7 +721,7 @@ mod tests {
 
     #[test]
     fn bad_heads_get_400_or_431() {
-        let status = |raw: &[u8], max| parse_head(raw, max).err().unwrap().0;
+        let status = |raw: &[u8], max| parse_head(&mut BytesMut::from(raw), max).err().unwrap().0;
         assert_eq!(status(b"GET\x01 / HTTP/1.1\r\n\r\n", 1024), 400);
         assert_eq!(
             status(

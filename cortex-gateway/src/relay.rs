@@ -118,6 +118,42 @@ impl SseWatch {
     }
 }
 
+/// A non-streamed answer kept aside to read its `usage` at the end: the
+/// usual single piece by reference, several pieces copied together.
+enum Kept {
+    Empty,
+    One(Bytes),
+    Many(Vec<u8>),
+}
+
+impl Kept {
+    /// None once the answer is over [`USAGE_COPY_LIMIT`].
+    fn push(self, chunk: &Bytes) -> Option<Kept> {
+        let next = match self {
+            Kept::Empty => Kept::One(chunk.clone()),
+            Kept::One(first) => {
+                let mut all = Vec::with_capacity(first.len() + chunk.len());
+                all.extend_from_slice(&first);
+                all.extend_from_slice(chunk);
+                Kept::Many(all)
+            }
+            Kept::Many(mut all) => {
+                all.extend_from_slice(chunk);
+                Kept::Many(all)
+            }
+        };
+        (next.bytes().len() <= USAGE_COPY_LIMIT).then_some(next)
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Kept::Empty => &[],
+            Kept::One(b) => b,
+            Kept::Many(v) => v,
+        }
+    }
+}
+
 /// Largest non-streamed body copied aside to read its `usage`.
 const USAGE_COPY_LIMIT: usize = 1 << 20;
 /// Largest SSE event the watcher holds to inspect; a bigger one is passed
@@ -138,7 +174,7 @@ pub struct Relay {
     /// counts the response complete as soon as the last byte is out.
     remaining: Option<u64>,
     sse: Option<SseWatch>,
-    json_copy: Option<Vec<u8>>,
+    json_copy: Option<Kept>,
     first_token: bool,
     usage: Option<(u64, u64)>,
     finished: bool,
@@ -163,7 +199,7 @@ impl Relay {
             idle_timer: None,
             last_chunk: tokio::time::Instant::now(),
             remaining: None,
-            json_copy: (!is_sse).then(Vec::new),
+            json_copy: (!is_sse).then_some(Kept::Empty),
             sse,
             first_token: false,
             usage: None,
@@ -193,12 +229,8 @@ impl Relay {
             if sse.usage.is_some() {
                 self.usage = sse.usage;
             }
-        } else if let Some(copy) = &mut self.json_copy {
-            if copy.len() + chunk.len() <= USAGE_COPY_LIMIT {
-                copy.extend_from_slice(chunk);
-            } else {
-                self.json_copy = None;
-            }
+        } else if let Some(copy) = self.json_copy.take() {
+            self.json_copy = copy.push(chunk);
         }
     }
 
@@ -437,7 +469,7 @@ impl Drop for Relay {
         let status = self.outcome.unwrap_or(499);
         if self.json_copy.is_some() && self.outcome == Some(a.status) {
             if let Some(copy) = self.json_copy.take() {
-                self.usage = usage_of(&copy);
+                self.usage = usage_of(copy.bytes());
                 if (200..300).contains(&a.status) {
                     m.ttft
                         .with_label_values(&[model])
@@ -446,8 +478,8 @@ impl Drop for Relay {
             }
         }
         if let Some((p, c)) = self.usage {
-            m.tokens_total.with_label_values(&["prompt"]).inc_by(p);
-            m.tokens_total.with_label_values(&["completion"]).inc_by(c);
+            m.prompt_tokens.inc_by(p);
+            m.completion_tokens.inc_by(c);
         }
         m.request_duration
             .with_label_values(&[model])
