@@ -152,8 +152,9 @@ pub async fn serve(
         };
         return ctx.reject(err);
     }
+    let context = ctx.context_limit(&snap);
     drop(snap);
-    if let Err(resp) = ctx.prevalidate(&head).await {
+    if let Err(resp) = ctx.prevalidate(&head, context).await {
         return resp;
     }
     match ctx.dispatch(candidates, body).await {
@@ -203,9 +204,8 @@ impl Ctx {
             .observe(self.started.elapsed().as_secs_f64());
     }
 
-    /// Smallest known context window over the replicas; 0 = unknown.
-    fn context_limit(&self) -> u64 {
-        let snap = self.gw.fleet.snapshot();
+    /// Smallest known context window over the replicas in `snap`; 0 = unknown.
+    fn context_limit(&self, snap: &crate::fleet::Snapshot) -> u64 {
         snap.nodes
             .iter()
             .filter(|v| v.healthy)
@@ -216,12 +216,12 @@ impl Ctx {
             .unwrap_or(0)
     }
 
-    async fn check_prompt(&self, head: &RequestHead) -> Result<(), ApiError> {
+    /// Pre-validation against `context` (from [`Self::context_limit`]).
+    async fn check_prompt(&self, head: &RequestHead, context: u64) -> Result<(), ApiError> {
         let cfg = &self.gw.config.prevalidation;
         if !cfg.enabled || self.route == Route::Embeddings {
             return Ok(());
         }
-        let context = self.context_limit();
         if context == 0 {
             return Ok(());
         }
@@ -247,8 +247,8 @@ impl Ctx {
         res
     }
 
-    async fn prevalidate(&self, head: &RequestHead) -> Result<(), Response> {
-        match self.check_prompt(head).await {
+    async fn prevalidate(&self, head: &RequestHead, context: u64) -> Result<(), Response> {
+        match self.check_prompt(head, context).await {
             Ok(()) => Ok(()),
             Err(e) => {
                 let max = e.extras.get("max").and_then(|v| v.as_u64()).unwrap_or(0);
@@ -322,7 +322,7 @@ impl Ctx {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|s| s.starts_with("text/event-stream"));
         let acct = Accounting {
-            metrics: gw.metrics.clone(),
+            gw: gw.clone(),
             model: self.model.clone(),
             node: neuron.name.clone(),
             status: status.as_u16(),
@@ -382,8 +382,11 @@ impl Ctx {
                 score: 0,
             });
         }
+        let context = self.context_limit(&snap);
         drop(snap);
-        self.check_prompt(head).await.map_err(Failure::Api)?;
+        self.check_prompt(head, context)
+            .await
+            .map_err(Failure::Api)?;
         self.dispatch(candidates, body).await
     }
 }

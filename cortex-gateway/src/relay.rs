@@ -5,7 +5,7 @@
 //! into an SSE error event + `[DONE]`, and records metrics when it ends or
 //! when the client goes away (dropping it drops the upstream connection).
 
-use crate::metrics::Metrics;
+use crate::state::Gateway;
 use bytes::Bytes;
 use futures_util::Stream;
 use helexa_api::error::{ApiError, ErrorCode};
@@ -39,7 +39,9 @@ impl Drop for InFlight {
 
 /// What is known about the request for the metrics recorded at the end.
 pub struct Accounting {
-    pub metrics: Metrics,
+    /// The gateway, for its metrics (one reference count, where cloning
+    /// `Metrics` was a dozen).
+    pub gw: Arc<Gateway>,
     pub model: String,
     pub node: String,
     pub status: u16,
@@ -221,6 +223,7 @@ impl Relay {
             if sse.watch(chunk) {
                 self.first_token = true;
                 self.acct
+                    .gw
                     .metrics
                     .ttft
                     .with_label_values(&[self.acct.model.as_str()])
@@ -463,7 +466,7 @@ impl Relay {
 impl Drop for Relay {
     fn drop(&mut self) {
         let a = &self.acct;
-        let m = &a.metrics;
+        let m = &a.gw.metrics;
         let model = a.model.as_str();
         // 499: the client went away before the end (nginx's convention).
         let status = self.outcome.unwrap_or(499);

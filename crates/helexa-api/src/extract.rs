@@ -22,11 +22,16 @@ pub fn check_content_type(headers: &http::HeaderMap) -> Result<(), ApiError> {
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
         return Ok(());
     };
-    let text = value.to_str().unwrap_or("").to_ascii_lowercase();
-    let mime = text.split(';').next().unwrap_or("").trim();
-    if mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json")) {
+    let text = value.to_str().unwrap_or("");
+    let mime = text.split(';').next().unwrap_or("").trim().as_bytes();
+    let starts = |p: &[u8]| mime.len() >= p.len() && mime[..p.len()].eq_ignore_ascii_case(p);
+    let ends =
+        |p: &[u8]| mime.len() >= p.len() && mime[mime.len() - p.len()..].eq_ignore_ascii_case(p);
+    if mime.eq_ignore_ascii_case(b"application/json") || (starts(b"application/") && ends(b"+json"))
+    {
         Ok(())
     } else {
+        let text = text.to_ascii_lowercase();
         Err(ApiError::new(
             ErrorCode::UnsupportedMediaType,
             format!("Content-Type must be application/json, got `{text}`"),
