@@ -54,7 +54,9 @@ pub struct GatewayConfig {
     pub workers: usize,
     /// Largest request head (request line and header fields); over it, `431`.
     pub max_header_bytes: usize,
-    /// Once a request has begun, its head and body must arrive within this.
+    /// Once a request has begun, its head and body must arrive within this;
+    /// and no write to the client may block longer (a client that stopped
+    /// reading is given up, freeing its upstream).
     pub client_timeout_ms: u64,
     /// How long a client connection may idle between requests.
     pub keepalive_timeout_ms: u64,

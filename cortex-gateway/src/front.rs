@@ -12,8 +12,9 @@
 //! supports is what OpenAI clients send: HTTP/1.0 and 1.1, keep-alive,
 //! pipelining, `Content-Length` and chunked bodies. Every limit is a
 //! `[gateway]` config key: `max_header_bytes`, `max_body_bytes`,
-//! `client_timeout_ms` (a request's head and body must arrive within it),
-//! `keepalive_timeout_ms` (idle time between requests).
+//! `client_timeout_ms` (a request's head and body must arrive within it,
+//! and no write to the client may block longer), `keepalive_timeout_ms`
+//! (idle time between requests).
 
 use crate::config::ms;
 use crate::h1::{self, Chunked, Framing, Step};
@@ -449,7 +450,7 @@ impl Conn {
         }
         out.extend_from_slice(b"\r\n");
         if is_head || no_body {
-            self.stream.write_all(&self.out).await?;
+            self.write_out().await?;
             return Ok(keep_alive);
         }
         loop {
@@ -458,7 +459,7 @@ impl Conn {
                 Some(f) => f,
                 None => {
                     if !self.out.is_empty() {
-                        self.stream.write_all(&self.out).await?;
+                        self.write_out().await?;
                         self.out.clear();
                     }
                     match self.unless_client_leaves(body.frame()).await {
@@ -476,7 +477,7 @@ impl Conn {
                             self.out.extend_from_slice(&data);
                         }
                         if self.out.len() >= WRITE_BATCH {
-                            self.stream.write_all(&self.out).await?;
+                            self.write_out().await?;
                             self.out.clear();
                         }
                     }
@@ -485,17 +486,41 @@ impl Conn {
                     // Cut short: without the last chunk (or the full
                     // length) the client sees an incomplete body.
                     tracing::debug!(error = %e, "response body failed");
-                    self.stream.write_all(&self.out).await?;
+                    self.write_out().await?;
                     return Ok(false);
                 }
                 None => {
                     if chunked {
                         self.out.extend_from_slice(h1::LAST_CHUNK);
                     }
-                    self.stream.write_all(&self.out).await?;
+                    self.write_out().await?;
                     self.out.clear();
                     return Ok(keep_alive);
                 }
+            }
+        }
+    }
+}
+
+impl Conn {
+    /// Writes the gathered output. A write that cannot finish at once (the
+    /// client is not reading) may wait up to `client_timeout_ms`; then the
+    /// connection is given up, which also frees the upstream and its slot.
+    /// The timer is only set in that case.
+    async fn write_out(&mut self) -> std::io::Result<()> {
+        let limit = self.limits.client_timeout;
+        let mut write = pin!(self.stream.write_all(&self.out));
+        if let Some(done) = (&mut write).now_or_never() {
+            return done;
+        }
+        match tokio::time::timeout(limit, write).await {
+            Ok(done) => done,
+            Err(_) => {
+                tracing::warn!(
+                    timeout_ms = limit.as_millis() as u64,
+                    "client stopped reading; closing the connection"
+                );
+                Err(std::io::ErrorKind::TimedOut.into())
             }
         }
     }

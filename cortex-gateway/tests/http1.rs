@@ -313,3 +313,23 @@ async fn idle_connections_close_after_the_keepalive_timeout() {
         .unwrap_or(0);
     assert_eq!(n, 0);
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_given_up_and_frees_the_upstream() {
+    let (a, h) = setup(|c| c.gateway.client_timeout_ms = 300).await;
+    // A long stream (≈ 24 MB) that fills every socket buffer on the way.
+    let piece = "x".repeat(4096);
+    a.set(|bh| bh.chunks = (0..6000).map(|_| piece.clone()).collect());
+    let mut s = TcpStream::connect(h.cortex.addr).await.unwrap();
+    s.write_all(chat_request(true, "").as_bytes())
+        .await
+        .unwrap();
+    // Read nothing. cortex's write blocks, times out, and the stream's
+    // upstream request is dropped.
+    wait_until("upstream closed early", 15, || async {
+        a.recorded().closed_early == 1
+    })
+    .await;
+    assert_eq!(a.recorded().completed, 0);
+    assert_eq!(h.chat("m", false).await.status(), 200, "cortex lives on");
+}
