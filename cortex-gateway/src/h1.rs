@@ -62,10 +62,6 @@ impl Chunked {
         }
     }
 
-    pub fn is_done(&self) -> bool {
-        self.state == ChunkState::Done
-    }
-
     /// Consumes framing from `buf` and returns the next payload piece.
     pub fn step(&mut self, buf: &mut BytesMut) -> Result<Step, FramingError> {
         loop {

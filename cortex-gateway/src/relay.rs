@@ -177,8 +177,6 @@ pub struct Relay {
     remaining: Option<u64>,
     sse: Option<SseWatch>,
     json_copy: Option<Kept>,
-    first_token: bool,
-    usage: Option<(u64, u64)>,
     finished: bool,
     outcome: Option<u16>,
     acct: Accounting,
@@ -203,8 +201,6 @@ impl Relay {
             remaining: None,
             json_copy: (!is_sse).then_some(Kept::Empty),
             sse,
-            first_token: false,
-            usage: None,
             finished: false,
             outcome: None,
             acct,
@@ -221,16 +217,12 @@ impl Relay {
     fn watch(&mut self, chunk: &Bytes) {
         if let Some(sse) = &mut self.sse {
             if sse.watch(chunk) {
-                self.first_token = true;
                 self.acct
                     .gw
                     .metrics
                     .ttft
                     .with_label_values(&[self.acct.model.as_str()])
                     .observe(self.acct.started.elapsed().as_secs_f64());
-            }
-            if sse.usage.is_some() {
-                self.usage = sse.usage;
             }
         } else if let Some(copy) = self.json_copy.take() {
             self.json_copy = copy.push(chunk);
@@ -470,9 +462,10 @@ impl Drop for Relay {
         let model = a.model.as_str();
         // 499: the client went away before the end (nginx's convention).
         let status = self.outcome.unwrap_or(499);
-        if self.json_copy.is_some() && self.outcome == Some(a.status) {
+        let mut usage = self.sse.as_ref().and_then(|s| s.usage);
+        if self.outcome == Some(a.status) {
             if let Some(copy) = self.json_copy.take() {
-                self.usage = usage_of(copy.bytes());
+                usage = usage_of(copy.bytes());
                 if (200..300).contains(&a.status) {
                     m.ttft
                         .with_label_values(&[model])
@@ -480,7 +473,7 @@ impl Drop for Relay {
                 }
             }
         }
-        if let Some((p, c)) = self.usage {
+        if let Some((p, c)) = usage {
             m.prompt_tokens.inc_by(p);
             m.completion_tokens.inc_by(c);
         }

@@ -8,7 +8,6 @@ mod common;
 use bytes::BytesMut;
 use common::*;
 use cortex_gateway::h1::{Chunked, Step};
-use helexa_testkit::{MockModel, MockNeuron};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -105,18 +104,9 @@ fn chat_request(stream: bool, extra_headers: &str) -> String {
     )
 }
 
-async fn setup(tune: impl FnOnce(&mut cortex_gateway::Config)) -> (MockNeuron, Harness) {
-    let a = MockNeuron::start("a", vec![MockModel::loaded("m", 0)]).await;
-    let mut cfg = config(&[("node-a", &a)]);
-    tune(&mut cfg);
-    let h = start(cfg).await;
-    h.wait_replicas("m", 1).await;
-    (a, h)
-}
-
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order_on_one_connection() {
-    let (a, h) = setup(|_| {}).await;
+    let (a, h) = one_neuron(|_| {}).await;
     let mut s = TcpStream::connect(h.cortex.addr).await.unwrap();
     // Three requests in one write: plain chat, streamed chat, a GET.
     let all = format!(
@@ -151,7 +141,7 @@ async fn pipelined_requests_are_answered_in_order_on_one_connection() {
 
 #[tokio::test]
 async fn chunked_request_bodies_with_expect_continue_are_read() {
-    let (a, h) = setup(|_| {}).await;
+    let (a, h) = one_neuron(|_| {}).await;
     let mut s = TcpStream::connect(h.cortex.addr).await.unwrap();
     s.write_all(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: cortex\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n",
@@ -179,7 +169,7 @@ async fn chunked_request_bodies_with_expect_continue_are_read() {
 
 #[tokio::test]
 async fn http_1_0_clients_get_a_stream_delimited_by_the_close() {
-    let (_a, h) = setup(|_| {}).await;
+    let (_a, h) = one_neuron(|_| {}).await;
     let mut s = TcpStream::connect(h.cortex.addr).await.unwrap();
     let req = chat_request(true, "").replacen("HTTP/1.1", "HTTP/1.0", 1);
     s.write_all(req.as_bytes()).await.unwrap();
@@ -206,7 +196,7 @@ async fn http_1_0_clients_get_a_stream_delimited_by_the_close() {
 
 #[tokio::test]
 async fn bad_requests_get_envelopes_and_limits_hold() {
-    let (a, h) = setup(|c| c.gateway.max_header_bytes = 2048).await;
+    let (a, h) = one_neuron(|c| c.gateway.max_header_bytes = 2048).await;
     let addr = h.cortex.addr;
     let exchange = |raw: Vec<u8>, head: bool| async move {
         let mut s = TcpStream::connect(addr).await.unwrap();
@@ -263,7 +253,7 @@ async fn bad_requests_get_envelopes_and_limits_hold() {
 
 #[tokio::test]
 async fn an_over_limit_body_is_refused_before_it_is_read() {
-    let (a, h) = setup(|c| c.gateway.max_body_bytes = 1000).await;
+    let (a, h) = one_neuron(|c| c.gateway.max_body_bytes = 1000).await;
     let mut s = TcpStream::connect(h.cortex.addr).await.unwrap();
     // Announces 10 MB, sends only the head and a little: the answer comes
     // anyway, without waiting for the rest.
@@ -284,7 +274,7 @@ async fn an_over_limit_body_is_refused_before_it_is_read() {
 
 #[tokio::test]
 async fn idle_connections_close_after_the_keepalive_timeout() {
-    let (_a, h) = setup(|c| c.gateway.keepalive_timeout_ms = 300).await;
+    let (_a, h) = one_neuron(|c| c.gateway.keepalive_timeout_ms = 300).await;
     let mut s = TcpStream::connect(h.cortex.addr).await.unwrap();
     s.write_all(b"GET /health HTTP/1.1\r\n\r\n").await.unwrap();
     let mut buf = BytesMut::new();
@@ -302,7 +292,7 @@ async fn idle_connections_close_after_the_keepalive_timeout() {
     );
 
     // A head that never completes is cut off by client_timeout_ms too.
-    let (_b, h) = setup(|c| c.gateway.client_timeout_ms = 300).await;
+    let (_b, h) = one_neuron(|c| c.gateway.client_timeout_ms = 300).await;
     let mut s = TcpStream::connect(h.cortex.addr).await.unwrap();
     s.write_all(b"GET /health HTTP/1.1\r\nX-Slow: ")
         .await
@@ -316,7 +306,7 @@ async fn idle_connections_close_after_the_keepalive_timeout() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_given_up_and_frees_the_upstream() {
-    let (a, h) = setup(|c| c.gateway.client_timeout_ms = 300).await;
+    let (a, h) = one_neuron(|c| c.gateway.client_timeout_ms = 300).await;
     // A long stream (≈ 24 MB) that fills every socket buffer on the way.
     let piece = "x".repeat(4096);
     a.set(|bh| bh.chunks = (0..6000).map(|_| piece.clone()).collect());

@@ -183,12 +183,8 @@ async fn auth_token_is_sent_to_neurons() {
 
 #[tokio::test]
 async fn upstream_connections_are_kept_alive_and_reused() {
-    let a = MockNeuron::start("a", vec![MockModel::loaded("m", 0)]).await;
-    let mut cfg = config(&[("node-a", &a)]);
     // One serving worker, so every request draws on the same pool.
-    cfg.gateway.workers = 1;
-    let h = start(cfg).await;
-    h.wait_replicas("m", 1).await;
+    let (a, h) = one_neuron(|c| c.gateway.workers = 1).await;
     // Warm: the first request opens the connection.
     assert_eq!(h.chat("m", false).await.status(), 200);
     let before = a.connections();

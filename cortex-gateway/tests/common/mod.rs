@@ -44,6 +44,17 @@ pub async fn start(config: Config) -> Harness {
     }
 }
 
+/// One mock neuron `a` serving `m` (context unknown) behind a cortex whose
+/// config `tune` adjusts; returns once `m` has its replica.
+pub async fn one_neuron(tune: impl FnOnce(&mut Config)) -> (MockNeuron, Harness) {
+    let a = MockNeuron::start("a", vec![helexa_testkit::MockModel::loaded("m", 0)]).await;
+    let mut cfg = config(&[("node-a", &a)]);
+    tune(&mut cfg);
+    let h = start(cfg).await;
+    h.wait_replicas("m", 1).await;
+    (a, h)
+}
+
 /// Polls `f` until it is true, failing the test after `secs` seconds.
 pub async fn wait_until<F, Fut>(what: &str, secs: u64, mut f: F)
 where
