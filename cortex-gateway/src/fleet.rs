@@ -7,7 +7,68 @@
 use helexa_protocol::{Discovery, ModelHealth, ModelInfo, NodeStatus};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+/// cortex's own state for one model on one neuron, kept across snapshots:
+/// its open requests there, the cached `/v1` endpoint, and the metric
+/// series its requests update (looked up once, not per request).
+#[derive(Debug)]
+pub struct Replica {
+    pub model: String,
+    in_flight: AtomicU32,
+    /// `GET /models/{id}/endpoint`'s answer, trailing `/` trimmed.
+    endpoint: Mutex<Option<Arc<str>>>,
+    series: OnceLock<Series>,
+}
+
+/// The labelled series a replica's requests update most.
+#[derive(Debug)]
+pub struct Series {
+    /// `cortex_requests_total{model,node,status="200"}`.
+    pub ok: prometheus::IntCounter,
+    /// `cortex_request_duration_seconds{model}`.
+    pub duration: prometheus::Histogram,
+    /// `cortex_time_to_first_token_seconds{model}`.
+    pub ttft: prometheus::Histogram,
+}
+
+impl Replica {
+    fn new(model: &str) -> Self {
+        Replica {
+            model: model.to_string(),
+            in_flight: AtomicU32::new(0),
+            endpoint: Mutex::new(None),
+            series: OnceLock::new(),
+        }
+    }
+
+    /// cortex's open requests here.
+    pub fn in_flight(&self) -> &AtomicU32 {
+        &self.in_flight
+    }
+
+    pub fn endpoint(&self) -> Option<Arc<str>> {
+        self.endpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_endpoint(&self, url: Option<Arc<str>>) {
+        *self.endpoint.lock().unwrap_or_else(|p| p.into_inner()) = url;
+    }
+
+    /// The series for this replica, resolved on first use.
+    pub fn series(&self, metrics: &crate::metrics::Metrics, node: &str) -> &Series {
+        self.series.get_or_init(|| Series {
+            ok: metrics
+                .requests_total
+                .with_label_values(&[&self.model, node, "200"]),
+            duration: metrics.request_duration.with_label_values(&[&self.model]),
+            ttft: metrics.ttft.with_label_values(&[&self.model]),
+        })
+    }
+}
 
 /// One configured neuron; lives as long as cortex.
 #[derive(Debug)]
@@ -17,10 +78,8 @@ pub struct Neuron {
     pub endpoint: String,
     /// `x-helexa-node` value, built once.
     pub header: http::HeaderValue,
-    /// cortex's own open requests per model on this neuron.
-    local: RwLock<HashMap<String, Arc<AtomicU32>>>,
-    /// `GET /models/{id}/endpoint` answers, per model.
-    endpoints: RwLock<HashMap<String, Arc<str>>>,
+    /// Per model: cortex's own state for its replica here.
+    replicas: RwLock<HashMap<String, Arc<Replica>>>,
 }
 
 impl Neuron {
@@ -30,68 +89,52 @@ impl Neuron {
             endpoint: endpoint.trim_end_matches('/').to_string(),
             header: http::HeaderValue::from_str(name)
                 .unwrap_or(http::HeaderValue::from_static("invalid-node-name")),
-            local: RwLock::default(),
-            endpoints: RwLock::default(),
+            replicas: RwLock::default(),
         }
     }
 
-    /// The counter of cortex's open requests to `model` here.
-    pub fn local_counter(&self, model: &str) -> Arc<AtomicU32> {
-        if let Some(c) = self
-            .local
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(model)
-        {
-            return c.clone();
-        }
-        self.local
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(model.to_string())
-            .or_default()
-            .clone()
-    }
-
-    pub fn local_in_flight(&self, model: &str) -> u32 {
-        self.local
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(model)
-            .map(|c| c.load(Ordering::Relaxed))
-            .unwrap_or(0)
-    }
-
-    pub fn cached_endpoint(&self, model: &str) -> Option<Arc<str>> {
-        self.endpoints
+    fn existing(&self, model: &str) -> Option<Arc<Replica>> {
+        self.replicas
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(model)
             .cloned()
     }
 
-    pub fn cache_endpoint(&self, model: &str, url: &str) -> Arc<str> {
-        let url: Arc<str> = Arc::from(url.trim_end_matches('/'));
-        self.endpoints
+    /// cortex's state for `model` here (made on first use).
+    pub fn replica(&self, model: &str) -> Arc<Replica> {
+        if let Some(r) = self.existing(model) {
+            return r;
+        }
+        self.replicas
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(model.to_string(), url.clone());
-        url
+            .entry(model.to_string())
+            .or_insert_with(|| Arc::new(Replica::new(model)))
+            .clone()
     }
 
-    pub fn forget_endpoint(&self, model: &str) {
-        self.endpoints
-            .write()
+    pub fn local_in_flight(&self, model: &str) -> u32 {
+        self.replicas
+            .read()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(model);
+            .get(model)
+            .map(|r| r.in_flight.load(Ordering::Relaxed))
+            .unwrap_or(0)
     }
 
     /// Drops cached endpoints of models this neuron no longer reports.
     pub fn retain_endpoints(&self, keep: impl Fn(&str) -> bool) {
-        self.endpoints
-            .write()
+        for (model, r) in self
+            .replicas
+            .read()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|k, _| keep(k));
+            .iter()
+        {
+            if !keep(model) {
+                r.set_endpoint(None);
+            }
+        }
     }
 }
 

@@ -18,8 +18,9 @@
 
 use crate::config::ms;
 use crate::h1::{self, Chunked, Framing, Step};
-use crate::inference::{self, Route};
+use crate::inference::{self, Answer, ClientFields, Route};
 use crate::relay::status_str;
+use crate::relay::Relay;
 use crate::state::Gateway;
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
@@ -29,7 +30,6 @@ use futures_util::future::Either;
 use futures_util::FutureExt;
 use helexa_api::error::{ApiError, ErrorCode};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
-use http_body_util::BodyExt;
 use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
@@ -111,10 +111,20 @@ pub async fn serve(
 
 /// A request head, owned.
 struct Head {
-    req: Request<()>,
+    target: Target,
+    version: Version,
     framing: Framing,
     keep_alive: bool,
     expect_continue: bool,
+}
+
+/// Who answers a request.
+enum Target {
+    /// A proxied route (`POST /v1/…`), called directly with the few header
+    /// fields it reads (no URI or header map is built).
+    Proxy(Route, ClientFields),
+    /// Everything else goes through the axum router.
+    Router(Request<()>),
 }
 
 /// Why no request could be read.
@@ -148,7 +158,9 @@ impl Conn {
                 Ok(h) => h,
                 Err(ReadError::Closed) => return,
                 Err(ReadError::Answer(resp)) => {
-                    let _ = self.answer(resp, false, Version::HTTP_11, false).await;
+                    let _ = self
+                        .answer(Answer::Other(resp), None, false, Version::HTTP_11, false)
+                        .await;
                     return;
                 }
             };
@@ -157,51 +169,50 @@ impl Conn {
                 Ok(b) => b,
                 Err(ReadError::Closed) => return,
                 Err(ReadError::Answer(resp)) => {
-                    let _ = self.answer(resp, false, head.req.version(), false).await;
+                    let _ = self
+                        .answer(Answer::Other(resp), None, false, head.version, false)
+                        .await;
                     self.linger().await;
                     return;
                 }
             };
             let Head {
-                mut req,
+                target,
+                version,
                 keep_alive,
                 ..
             } = head;
-            let version = req.version();
-            let is_head = req.method() == Method::HEAD;
-            let id = request_id(req.headers());
-            req.headers_mut().insert("x-request-id", id.clone());
+            let is_head;
+            let id;
             // The proxied routes are called directly; the rest go through
             // the router (which also answers 404 and 405).
-            let route = (req.method() == Method::POST)
-                .then(|| Route::of_path(req.uri().path()))
-                .flatten();
-            let call = match route {
-                Some(route) => {
-                    let (parts, ()) = req.into_parts();
-                    let gw = self.gw.clone();
-                    Either::Left(async move {
-                        inference::serve(gw, route, &parts.headers, Ok(body)).await
-                    })
+            let call = match target {
+                Target::Proxy(route, mut fields) => {
+                    is_head = false;
+                    id = request_id(fields.request_id.take());
+                    fields.request_id = Some(id.clone());
+                    Either::Left(inference::serve(self.gw.clone(), route, fields, Ok(body)))
                 }
-                None => {
+                Target::Router(mut req) => {
+                    is_head = req.method() == Method::HEAD;
+                    id = request_id(req.headers_mut().remove("x-request-id"));
+                    req.headers_mut().insert("x-request-id", id.clone());
                     let app = self.app.clone();
                     let req = req.map(|()| Body::from(body));
                     Either::Right(async move {
                         match tower::ServiceExt::oneshot(app, req).await {
-                            Ok(resp) => resp,
+                            Ok(resp) => Answer::Other(resp),
                             Err(never) => match never {},
                         }
                     })
                 }
             };
-            let Some(mut resp) = self.unless_client_leaves(call).await else {
+            let Some(answer) = self.unless_client_leaves(call).await else {
                 return; // the client went away: dropping the call cancels it
             };
-            resp.headers_mut().insert("x-request-id", id);
             let draining = *self.shutdown.borrow();
             match self
-                .answer(resp, is_head, version, keep_alive && !draining)
+                .answer(answer, Some(id), is_head, version, keep_alive && !draining)
                 .await
             {
                 Ok(true) => {}
@@ -387,52 +398,55 @@ impl Conn {
         .await
     }
 
-    /// Writes `resp`; true when the connection can carry another request.
+    /// Writes `answer` (with `x-request-id: id` when given); true when the
+    /// connection can carry another request.
     async fn answer(
         &mut self,
-        resp: Response,
+        answer: Answer,
+        id: Option<HeaderValue>,
         is_head: bool,
         version: Version,
         keep_alive: bool,
     ) -> std::io::Result<bool> {
-        let (parts, mut body) = resp.into_parts();
-        let status = parts.status.as_u16();
+        let out = &mut self.out;
+        out.clear();
+        let (status, length, mut body) = match answer {
+            Answer::Relayed(r) => {
+                put_status(out, r.status);
+                for (name, value) in r.fields() {
+                    put_field(out, name, value);
+                }
+                h1::put_date(out);
+                (r.status, r.length, OutBody::Relay(r.body))
+            }
+            Answer::Other(resp) => {
+                let (parts, body) = resp.into_parts();
+                put_status(out, parts.status);
+                for (name, value) in &parts.headers {
+                    if !is_hop_by_hop(name) && (id.is_none() || name != "x-request-id") {
+                        put_field(out, name.as_str(), value);
+                    }
+                }
+                if !parts.headers.contains_key(header::DATE) {
+                    h1::put_date(out);
+                }
+                let length = parts
+                    .headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .or_else(|| hyper::body::Body::size_hint(&body).exact());
+                (parts.status, length, OutBody::Other(body))
+            }
+        };
+        if let Some(id) = &id {
+            put_field(out, "x-request-id", id);
+        }
+        let status = status.as_u16();
         let no_body = (100..200).contains(&status) || status == 204 || status == 304;
-        let length = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.parse::<u64>().ok())
-            .or_else(|| hyper::body::Body::size_hint(&body).exact());
         let chunked = !no_body && length.is_none() && version == Version::HTTP_11;
         // HTTP/1.0 with no known length: the end of the body is the close.
         let keep_alive = keep_alive && (no_body || length.is_some() || chunked);
-
-        let out = &mut self.out;
-        out.clear();
-        out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(parts.status.as_str().as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(
-            parts
-                .status
-                .canonical_reason()
-                .unwrap_or("Unknown")
-                .as_bytes(),
-        );
-        out.extend_from_slice(b"\r\n");
-        for (name, value) in &parts.headers {
-            if is_hop_by_hop(name) {
-                continue;
-            }
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-        if !parts.headers.contains_key(header::DATE) {
-            h1::put_date(out);
-        }
         if !no_body {
             match length {
                 Some(n) => {
@@ -454,32 +468,31 @@ impl Conn {
             return Ok(keep_alive);
         }
         loop {
-            // Gather every frame that is ready now; write when none is.
-            let frame = match body.frame().now_or_never() {
-                Some(f) => f,
+            // Gather every piece that is ready now; write when none is.
+            let piece = match std::future::poll_fn(|cx| body.poll_data(cx)).now_or_never() {
+                Some(p) => p,
                 None => {
                     if !self.out.is_empty() {
                         self.write_out().await?;
                         self.out.clear();
                     }
-                    match self.unless_client_leaves(body.frame()).await {
-                        Some(f) => f,
+                    let next = std::future::poll_fn(|cx| body.poll_data(cx));
+                    match self.unless_client_leaves(next).await {
+                        Some(p) => p,
                         None => return Ok(false),
                     }
                 }
             };
-            match frame {
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        if chunked {
-                            h1::put_chunk(&mut self.out, &data);
-                        } else {
-                            self.out.extend_from_slice(&data);
-                        }
-                        if self.out.len() >= WRITE_BATCH {
-                            self.write_out().await?;
-                            self.out.clear();
-                        }
+            match piece {
+                Some(Ok(data)) => {
+                    if chunked {
+                        h1::put_chunk(&mut self.out, &data);
+                    } else {
+                        self.out.extend_from_slice(&data);
+                    }
+                    if self.out.len() >= WRITE_BATCH {
+                        self.write_out().await?;
+                        self.out.clear();
                     }
                 }
                 Some(Err(e)) => {
@@ -500,6 +513,50 @@ impl Conn {
             }
         }
     }
+}
+
+/// A response body being written: the relay of a neuron's answer, polled
+/// directly, or any other body.
+enum OutBody {
+    Relay(Box<Relay>),
+    Other(Body),
+}
+
+impl OutBody {
+    /// The next piece of payload (trailers are not sent).
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, String>>> {
+        match self {
+            OutBody::Relay(r) => futures_util::Stream::poll_next(std::pin::Pin::new(&mut **r), cx)
+                .map(|p| p.map(|r| r.map_err(|e| e.to_string()))),
+            OutBody::Other(b) => loop {
+                match hyper::body::Body::poll_frame(std::pin::Pin::new(&mut *b), cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(None) => return Poll::Ready(None),
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.to_string()))),
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Ok(data) = frame.into_data() {
+                            return Poll::Ready(Some(Ok(data)));
+                        }
+                    }
+                }
+            },
+        }
+    }
+}
+
+fn put_status(out: &mut Vec<u8>, status: http::StatusCode) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+fn put_field(out: &mut Vec<u8>, name: &str, value: &HeaderValue) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 impl Conn {
@@ -550,11 +607,8 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 /// The client's `x-request-id` when it is sane, else a fresh one.
-fn request_id(headers: &HeaderMap) -> HeaderValue {
-    headers
-        .get("x-request-id")
-        .filter(|v| !v.is_empty() && v.len() <= 200)
-        .cloned()
+fn request_id(sent: Option<HeaderValue>) -> HeaderValue {
+    sent.filter(|v| !v.is_empty() && v.len() <= 200)
         .unwrap_or_else(new_request_id)
 }
 
@@ -599,19 +653,13 @@ fn bad_head(status: u16, message: String) -> Response {
 /// A head cortex cannot read: the status (`400` or `431`) and why.
 type BadHead = (u16, String);
 
-/// Header fields the proxied routes read (the rest are not copied out).
-const PROXY_FIELDS: [HeaderName; 4] = [
-    header::CONTENT_TYPE,
-    header::ACCEPT,
-    header::USER_AGENT,
-    HeaderName::from_static("x-request-id"),
-];
-
 /// Parses a request head from the front of `buf` and takes it out;
 /// `Ok(None)` when more bytes are needed.
 ///
 /// The head's bytes are frozen and the header values point into them (no
-/// copy each). A request for a proxied route keeps only the fields it reads.
+/// copy each). A request for a proxied route keeps only the four fields it
+/// reads, found in the one parse; any other is parsed again into a full
+/// `http::Request` for the router.
 fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, BadHead> {
     let too_big = || {
         (
@@ -619,9 +667,14 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, BadHe
             format!("request head is larger than the limit of {max_head} bytes"),
         )
     };
-    let used = {
+    let bad = |why: &str| (400, format!("malformed HTTP request: {why}"));
+    // Offsets (into the head) of the proxied routes' fields:
+    // content-type, accept, user-agent, x-request-id.
+    let mut spans = [None::<(usize, usize)>; 4];
+    let (used, route, v, framing, keep_alive, expect_continue) = {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        match httparse::Request::new(&mut headers).parse(buf) {
+        let mut r = httparse::Request::new(&mut headers);
+        let used = match r.parse(buf) {
             Ok(httparse::Status::Complete(n)) if n > max_head => return Err(too_big()),
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) if buf.len() > max_head => return Err(too_big()),
@@ -633,16 +686,80 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, BadHe
                 ))
             }
             Err(e) => return Err((400, format!("malformed HTTP request: {e}"))),
+        };
+        let (Some(method), Some(path), Some(v)) = (r.method, r.path, r.version) else {
+            return Err(bad("incomplete request line"));
+        };
+        let fields = || r.headers.iter().map(|h| (h.name, h.value));
+        let framing = h1::framing(fields(), Framing::Empty).map_err(bad)?;
+        let keep_alive = h1::keep_alive(v, fields());
+        let expect_continue = v >= 1
+            && r.headers.iter().any(|h| {
+                h.name.eq_ignore_ascii_case("expect")
+                    && h.value.eq_ignore_ascii_case(b"100-continue")
+            });
+        let route = (method == "POST").then(|| Route::of_path(path)).flatten();
+        if route.is_some() {
+            let base = buf.as_ptr() as usize;
+            for h in r.headers.iter() {
+                let slot = match h.name.len() {
+                    12 if h.name.eq_ignore_ascii_case("content-type") => 0,
+                    6 if h.name.eq_ignore_ascii_case("accept") => 1,
+                    10 if h.name.eq_ignore_ascii_case("user-agent") => 2,
+                    12 if h.name.eq_ignore_ascii_case("x-request-id") => 3,
+                    _ => continue,
+                };
+                if spans[slot].is_none() {
+                    spans[slot] = Some((h.value.as_ptr() as usize - base, h.value.len()));
+                }
+            }
         }
+        (used, route, v, framing, keep_alive, expect_continue)
     };
     let raw = buf.split_to(used).freeze();
+    let version = if v >= 1 {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_10
+    };
+    let target = match route {
+        Some(route) => {
+            let mut values = spans.into_iter().map(|span| {
+                span.map(|(at, n)| HeaderValue::from_maybe_shared(raw.slice(at..at + n)))
+                    .transpose()
+                    .map_err(|_| bad("invalid header field"))
+            });
+            let mut next = || values.next().expect("four fields");
+            Target::Proxy(
+                route,
+                ClientFields {
+                    content_type: next()?,
+                    accept: next()?,
+                    user_agent: next()?,
+                    request_id: next()?,
+                },
+            )
+        }
+        None => Target::Router(router_request(&raw, version)?),
+    };
+    Ok(Some(Head {
+        target,
+        version,
+        framing,
+        keep_alive,
+        expect_continue,
+    }))
+}
+
+/// A whole `http::Request` (all header fields) from a complete head.
+fn router_request(raw: &Bytes, version: Version) -> Result<Request<()>, BadHead> {
+    let bad = |why: &str| Err((400, format!("malformed HTTP request: {why}")));
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut r = httparse::Request::new(&mut headers);
-    let bad = |why: &str| Err((400, format!("malformed HTTP request: {why}")));
-    if !matches!(r.parse(&raw), Ok(httparse::Status::Complete(_))) {
+    if !matches!(r.parse(raw), Ok(httparse::Status::Complete(_))) {
         return bad("unreadable head");
     }
-    let (Some(method), Some(path), Some(v)) = (r.method, r.path, r.version) else {
+    let (Some(method), Some(path)) = (r.method, r.path) else {
         return bad("incomplete request line");
     };
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
@@ -651,32 +768,10 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, BadHe
     let Ok(uri) = Uri::from_maybe_shared(raw.slice_ref(path.as_bytes())) else {
         return bad("invalid request target");
     };
-    let fields = || r.headers.iter().map(|h| (h.name, h.value));
-    let framing = match h1::framing(fields(), Framing::Empty) {
-        Ok(f) => f,
-        Err(why) => return bad(why),
-    };
-    let keep_alive = h1::keep_alive(v, fields());
-    let expect_continue = v >= 1
-        && r.headers.iter().any(|h| {
-            h.name.eq_ignore_ascii_case("expect") && h.value.eq_ignore_ascii_case(b"100-continue")
-        });
-    let proxied = method == Method::POST && Route::of_path(uri.path()).is_some();
-    let mut map = HeaderMap::with_capacity(if proxied { 4 } else { r.headers.len() + 1 });
+    let mut map = HeaderMap::with_capacity(r.headers.len() + 1);
     for h in r.headers.iter() {
-        let name = if proxied {
-            match PROXY_FIELDS
-                .iter()
-                .find(|k| h.name.eq_ignore_ascii_case(k.as_str()))
-            {
-                Some(k) => k.clone(),
-                None => continue,
-            }
-        } else {
-            match HeaderName::from_bytes(h.name.as_bytes()) {
-                Ok(n) => n,
-                Err(_) => return bad("invalid header field"),
-            }
+        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
+            return bad("invalid header field");
         };
         let Ok(value) = HeaderValue::from_maybe_shared(raw.slice_ref(h.value)) else {
             return bad("invalid header field");
@@ -686,18 +781,9 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, BadHe
     let mut req = Request::new(());
     *req.method_mut() = method;
     *req.uri_mut() = uri;
-    *req.version_mut() = if v >= 1 {
-        Version::HTTP_11
-    } else {
-        Version::HTTP_10
-    };
+    *req.version_mut() = version;
     *req.headers_mut() = map;
-    Ok(Some(Head {
-        req,
-        framing,
-        keep_alive,
-        expect_continue,
-    }))
+    Ok(req)
 }
 
 #[cfg(test)]
@@ -710,13 +796,34 @@ mod tests {
         let mut buf = BytesMut::from(&raw[..]);
         let head = parse_head(&mut buf, 1024).ok().unwrap().unwrap();
         assert_eq!(&buf[..], b"hello", "the body stays in the buffer");
-        assert!(
-            head.req.headers().is_empty(),
-            "a proxied route keeps only the fields it reads"
-        );
         assert_eq!(head.framing, Framing::Length(5));
         assert!(head.keep_alive && head.expect_continue);
-        assert_eq!(head.req.uri().path(), "/v1/chat/completions");
+        let Target::Proxy(Route::Chat, fields) = head.target else {
+            panic!("a proxied route")
+        };
+        assert!(fields.content_type.is_none() && fields.request_id.is_none());
+        let raw = b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Request-Id: abc\r\nUser-Agent: litellm/1\r\nAccept: */*\r\nContent-Length: 0\r\n\r\n";
+        let head = parse_head(&mut BytesMut::from(&raw[..]), 1024)
+            .ok()
+            .unwrap()
+            .unwrap();
+        let Target::Proxy(Route::Embeddings, f) = head.target else {
+            panic!("a proxied route")
+        };
+        assert_eq!(f.content_type.unwrap(), "application/json");
+        assert_eq!(f.request_id.unwrap(), "abc");
+        assert_eq!(f.user_agent.unwrap(), "litellm/1");
+        assert_eq!(f.accept.unwrap(), "*/*");
+        let raw = b"GET /v1/chat/completions HTTP/1.1\r\nX-Request-Id: abc\r\n\r\n";
+        let head = parse_head(&mut BytesMut::from(&raw[..]), 1024)
+            .ok()
+            .unwrap()
+            .unwrap();
+        let Target::Router(req) = head.target else {
+            panic!("a GET goes to the router")
+        };
+        assert_eq!(req.uri().path(), "/v1/chat/completions");
+        assert_eq!(req.headers()["x-request-id"], "abc");
         let raw = b"GET /health HTTP/1.0\r\n\r\n";
         let head = parse_head(&mut BytesMut::from(&raw[..]), 1024)
             .ok()

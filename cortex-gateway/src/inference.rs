@@ -18,8 +18,8 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use helexa_api::error::{ApiError, ErrorCode, ErrorEnvelope};
-use helexa_api::extract::{check_content_type, parse_json, read_body};
-use http::{header, HeaderValue};
+use helexa_api::extract::{check_content_type_value, parse_json, read_body};
+use http::{header, HeaderValue, StatusCode};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -55,8 +55,99 @@ struct Ctx {
     model: String,
     request_id: HeaderValue,
     accept: Option<HeaderValue>,
-    user_agent: Option<String>,
+    user_agent: Option<HeaderValue>,
     started: Instant,
+}
+
+/// The request header fields the proxied routes read. The front server
+/// fills it straight from the request head (no header map is built).
+#[derive(Debug, Clone, Default)]
+pub struct ClientFields {
+    pub content_type: Option<HeaderValue>,
+    pub accept: Option<HeaderValue>,
+    pub user_agent: Option<HeaderValue>,
+    pub request_id: Option<HeaderValue>,
+}
+
+impl ClientFields {
+    pub fn from_headers(h: &http::HeaderMap) -> Self {
+        ClientFields {
+            content_type: h.get(header::CONTENT_TYPE).cloned(),
+            accept: h.get(header::ACCEPT).cloned(),
+            user_agent: h.get(header::USER_AGENT).cloned(),
+            request_id: h.get("x-request-id").cloned(),
+        }
+    }
+}
+
+/// What [`serve`] answers with.
+pub enum Answer {
+    /// A neuron's response, relayed: the front server writes its head from
+    /// these fields without building a header map.
+    Relayed(Relayed),
+    /// Anything else (errors, refusals, a held stream).
+    Other(Response),
+}
+
+/// A neuron's response on its way to the client.
+pub struct Relayed {
+    pub status: StatusCode,
+    pub content_type: Option<HeaderValue>,
+    pub retry_after: Option<HeaderValue>,
+    /// Set for a plain body of known length (kept, so no chunked framing).
+    pub length: Option<u64>,
+    pub sse: bool,
+    /// `x-helexa-node`.
+    pub node: HeaderValue,
+    /// Boxed: a relay is several hundred bytes.
+    pub body: Box<Relay>,
+}
+
+impl Relayed {
+    /// The header fields to send (besides framing, date and request id).
+    pub fn fields(&self) -> impl Iterator<Item = (&'static str, &HeaderValue)> {
+        static NO_CACHE: HeaderValue = HeaderValue::from_static("no-cache");
+        static NO: HeaderValue = HeaderValue::from_static("no");
+        let sse = self
+            .sse
+            .then_some([("cache-control", &NO_CACHE), ("x-accel-buffering", &NO)]);
+        [
+            self.content_type.as_ref().map(|v| ("content-type", v)),
+            self.retry_after.as_ref().map(|v| ("retry-after", v)),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(sse.into_iter().flatten())
+        .chain(std::iter::once(("x-helexa-node", &self.node)))
+    }
+}
+
+impl IntoResponse for Answer {
+    fn into_response(self) -> Response {
+        match self {
+            Answer::Other(r) => r,
+            Answer::Relayed(r) => {
+                let mut out = Response::new(Body::from_stream(*r.body));
+                *out.status_mut() = r.status;
+                let h = out.headers_mut();
+                if let Some(n) = r.length {
+                    h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+                }
+                if let Some(v) = &r.content_type {
+                    h.insert(header::CONTENT_TYPE, v.clone());
+                }
+                if let Some(v) = &r.retry_after {
+                    h.insert(header::RETRY_AFTER, v.clone());
+                }
+                if r.sse {
+                    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+                    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+                }
+                h.insert("x-helexa-node", r.node);
+                out
+            }
+        }
+    }
 }
 
 impl Route {
@@ -78,36 +169,29 @@ pub async fn handle(gw: Arc<Gateway>, route: Route, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let limit = gw.config.gateway.max_body_bytes;
     let read = read_body(Request::from_parts(parts.clone(), body), Some(limit)).await;
-    serve(gw, route, &parts.headers, read).await
+    serve(gw, route, ClientFields::from_headers(&parts.headers), read)
+        .await
+        .into_response()
 }
 
 /// Answers one `/v1/*` request whose body has been read (or failed to be).
 pub async fn serve(
     gw: Arc<Gateway>,
     route: Route,
-    headers: &http::HeaderMap,
+    fields: ClientFields,
     body: Result<Bytes, ApiError>,
-) -> Response {
+) -> Answer {
     let started = Instant::now();
-    let request_id = headers
-        .get("x-request-id")
-        .cloned()
-        .unwrap_or(HeaderValue::from_static("-"));
-    let accept = headers.get(header::ACCEPT).cloned();
-    let user_agent = headers
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
     let mut ctx = Ctx {
         gw,
         route,
         model: String::new(),
-        request_id,
-        accept,
-        user_agent,
+        request_id: fields.request_id.unwrap_or(HeaderValue::from_static("-")),
+        accept: fields.accept,
+        user_agent: fields.user_agent,
         started,
     };
-    if let Err(e) = check_content_type(headers) {
+    if let Err(e) = check_content_type_value(fields.content_type.as_ref()) {
         return ctx.reject(e);
     }
     let body = match body {
@@ -139,7 +223,7 @@ pub async fn serve(
         let loadable =
             gw.config.loading.enabled && snap.nodes.iter().any(|v| v.can_load(&ctx.model));
         if loadable {
-            return hold_for_load(ctx, head, body).await;
+            return Answer::Other(hold_for_load(ctx, head, body).await);
         }
         let err = if router::known_anywhere(&snap, &ctx.model) {
             ApiError::new(
@@ -155,7 +239,7 @@ pub async fn serve(
     let context = ctx.context_limit(&snap);
     drop(snap);
     if let Err(resp) = ctx.prevalidate(&head, context).await {
-        return resp;
+        return Answer::Other(resp);
     }
     match ctx.dispatch(candidates, body).await {
         Ok(r) => r,
@@ -187,7 +271,11 @@ impl Ctx {
     }
 
     /// An error answered by cortex itself: logged once, counted, enveloped.
-    fn reject(&self, e: ApiError) -> Response {
+    fn reject(&self, e: ApiError) -> Answer {
+        Answer::Other(self.reject_response(e))
+    }
+
+    fn reject_response(&self, e: ApiError) -> Response {
         self.count_local(e.status().as_u16());
         tracing::warn!(request_id = ?self.request_id, model = %self.model_label(),
             code = e.code.as_str(), error = %e.message, "request refused");
@@ -252,8 +340,9 @@ impl Ctx {
             Ok(()) => Ok(()),
             Err(e) => {
                 let max = e.extras.get("max").and_then(|v| v.as_u64()).unwrap_or(0);
-                let mut resp = self.reject(e);
-                if let Some(text) = advice::for_context_refusal(self.user_agent.as_deref(), max) {
+                let mut resp = self.reject_response(e);
+                let ua = self.user_agent.as_ref().and_then(|v| v.to_str().ok());
+                if let Some(text) = advice::for_context_refusal(ua, max) {
                     if let Ok(v) = HeaderValue::from_str(&text) {
                         resp.headers_mut().insert(advice::HEADER, v);
                     }
@@ -264,7 +353,7 @@ impl Ctx {
     }
 
     /// Tries the candidates best first; the first that does not refuse wins.
-    async fn dispatch(&self, candidates: Vec<Candidate>, body: Bytes) -> Result<Response, Failure> {
+    async fn dispatch(&self, candidates: Vec<Candidate>, body: Bytes) -> Result<Answer, Failure> {
         let gw = &self.gw;
         let mut last: Option<Refusal> = None;
         for (i, c) in candidates.iter().enumerate() {
@@ -272,11 +361,11 @@ impl Ctx {
                 gw.metrics.upstream_retries.inc();
             }
             let neuron = &gw.fleet.neurons[c.node];
-            let in_flight = InFlight::new(neuron.local_counter(&self.model));
+            let in_flight = InFlight::new(neuron.replica(&self.model));
             let outcome = proxy::attempt(
                 gw,
                 c.node,
-                &self.model,
+                in_flight.replica(),
                 self.route.path(),
                 body.clone(),
                 &self.request_id,
@@ -302,68 +391,45 @@ impl Ctx {
         })
     }
 
-    fn all_refused(&self, r: &Refusal) -> Response {
+    fn all_refused(&self, r: &Refusal) -> Answer {
         let status = r.status.map(|s| s.as_u16()).unwrap_or(502);
         self.count_local(status);
         tracing::warn!(request_id = ?self.request_id, model = %self.model,
             status, reason = %r.reason, "every replica refused");
-        proxy::refusal_response(r, &self.model)
+        Answer::Other(proxy::refusal_response(r, &self.model))
     }
 
-    fn relay(&self, resp: proxy::UpstreamResponse, node: usize, in_flight: InFlight) -> Response {
+    fn relay(&self, resp: proxy::UpstreamResponse, node: usize, in_flight: InFlight) -> Answer {
         let gw = &self.gw;
-        let neuron = &gw.fleet.neurons[node];
-        let status = resp.status();
-        let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
-        let retry_after = resp.headers().get(header::RETRY_AFTER).cloned();
-        let content_length = resp.headers().get(header::CONTENT_LENGTH).cloned();
-        let is_sse = content_type
-            .as_ref()
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|s| s.starts_with("text/event-stream"));
+        let head = resp.head;
+        let sse = head.is_sse();
         let acct = Accounting {
             gw: gw.clone(),
-            model: self.model.clone(),
-            node: neuron.name.clone(),
-            status: status.as_u16(),
+            in_flight,
+            node,
+            status: head.status.as_u16(),
             started: self.started,
             request_id: self.request_id.clone(),
         };
         let relay = Relay::new(
-            resp.into_body(),
-            is_sse,
+            resp.body,
+            sse,
             self.route.expects_done(),
             ms(gw.config.upstream.idle_timeout_ms),
             acct,
-            in_flight,
         );
-        // A plain body keeps its length: hyper then sends it without chunked
-        // framing (no extra terminator write).
-        let length = content_length
-            .as_ref()
-            .filter(|_| !is_sse)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.parse::<u64>().ok())
-            .filter(|n| *n > 0);
-        let relay = relay.with_length(length);
-        let mut out = Response::new(Body::from_stream(relay));
-        *out.status_mut() = status;
-        let h = out.headers_mut();
-        if let Some(ct) = content_type {
-            h.insert(header::CONTENT_TYPE, ct);
-        }
-        if let Some(ra) = retry_after {
-            h.insert(header::RETRY_AFTER, ra);
-        }
-        if let (Some(cl), Some(_)) = (content_length, length) {
-            h.insert(header::CONTENT_LENGTH, cl);
-        }
-        if is_sse {
-            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-            h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-        }
-        h.insert("x-helexa-node", neuron.header.clone());
-        out
+        // A plain body keeps its length (no chunked framing, and the relay
+        // counts the answer complete once its last byte is out).
+        let length = head.content_length.filter(|n| !sse && *n > 0);
+        Answer::Relayed(Relayed {
+            status: head.status,
+            content_type: head.content_type,
+            retry_after: head.retry_after,
+            length,
+            sse,
+            node: gw.fleet.neurons[node].header.clone(),
+            body: Box::new(relay.with_length(length)),
+        })
     }
 
     /// After a load: re-rank (falling back to the neuron that loaded it),
@@ -373,7 +439,7 @@ impl Ctx {
         idx: usize,
         head: &RequestHead,
         body: Bytes,
-    ) -> Result<Response, Failure> {
+    ) -> Result<Answer, Failure> {
         let snap = self.gw.fleet.snapshot();
         let mut candidates = router::rank(&self.gw.fleet, &snap, &self.model);
         if candidates.is_empty() {
@@ -404,7 +470,8 @@ async fn hold_for_load(ctx: Ctx, head: RequestHead, body: Bytes) -> Response {
             Ok(r) => r,
             Err(Failure::Api(e)) => ctx.reject(e),
             Err(Failure::Refused(r)) => ctx.all_refused(&r),
-        };
+        }
+        .into_response();
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let keepalive = ms(ctx.gw.config.loading.keepalive_interval_ms.max(1));
@@ -427,7 +494,7 @@ async fn hold_for_load(ctx: Ctx, head: RequestHead, body: Bytes) -> Response {
             Err(e) => Err(Failure::Api(e)),
         };
         let resp = match res {
-            Ok(r) => r,
+            Ok(r) => r.into_response(),
             Err(Failure::Api(e)) => {
                 ctx.count_local(e.status().as_u16());
                 tracing::warn!(request_id = ?ctx.request_id, model = %ctx.model,

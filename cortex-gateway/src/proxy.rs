@@ -6,6 +6,7 @@
 //! no work, so the next-best replica may take the request.
 
 use crate::config::ms;
+use crate::fleet::Replica;
 use crate::state::Gateway;
 use crate::upstream::SendError;
 use bytes::Bytes;
@@ -33,32 +34,34 @@ pub enum Outcome {
     Failed(ApiError),
 }
 
-/// The base URL for `/v1/*` of `model` on neuron `idx` (cached).
-async fn endpoint(gw: &Gateway, idx: usize, model: &str) -> Result<Arc<str>, String> {
-    let neuron = &gw.fleet.neurons[idx];
-    if let Some(u) = neuron.cached_endpoint(model) {
+/// The base URL for `/v1/*` of `replica` on neuron `idx` (cached).
+async fn endpoint(gw: &Gateway, idx: usize, replica: &Replica) -> Result<Arc<str>, String> {
+    if let Some(u) = replica.endpoint() {
         return Ok(u);
     }
-    let url = format!("{}/models/{}/endpoint", neuron.endpoint, model);
+    let neuron = &gw.fleet.neurons[idx];
+    let url = format!("{}/models/{}/endpoint", neuron.endpoint, replica.model);
     let ep: EndpointResponse = crate::poller::get_json(gw, url.clone()).await?;
     if ep.url.is_empty() {
         return Err(format!("{url}: empty url"));
     }
-    Ok(neuron.cache_endpoint(model, &ep.url))
+    let base: Arc<str> = Arc::from(ep.url.trim_end_matches('/'));
+    replica.set_endpoint(Some(base.clone()));
+    Ok(base)
 }
 
-/// POSTs `body` to `path` of `model` on neuron `idx`.
+/// POSTs `body` to `path` of `replica`'s model on neuron `idx`.
 pub async fn attempt(
     gw: &Gateway,
     idx: usize,
-    model: &str,
+    replica: &Replica,
     path: &str,
     body: Bytes,
     request_id: &HeaderValue,
     accept: Option<&HeaderValue>,
 ) -> Outcome {
     let neuron = &gw.fleet.neurons[idx];
-    let base = match endpoint(gw, idx, model).await {
+    let base = match endpoint(gw, idx, replica).await {
         Ok(b) => b,
         Err(reason) => {
             return Outcome::Refused(Refusal {
@@ -88,7 +91,7 @@ pub async fn attempt(
         Ok(Err(e)) => {
             if matches!(e, SendError::Connect(_)) {
                 // The cached endpoint may be stale; look it up again next time.
-                neuron.forget_endpoint(model);
+                replica.set_endpoint(None);
             }
             return Outcome::Refused(Refusal {
                 status: None,
@@ -102,8 +105,8 @@ pub async fn attempt(
     };
     let status = resp.status();
     if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
-        let retry_after = resp.headers().get(header::RETRY_AFTER).cloned();
-        let content_type = resp.headers().get(header::CONTENT_TYPE).cloned();
+        let retry_after = resp.head.retry_after.clone();
+        let content_type = resp.head.content_type.clone();
         let body = read_capped(resp, gw.config.upstream.max_refusal_body_bytes).await;
         return Outcome::Refused(Refusal {
             status: Some(status),
@@ -118,7 +121,7 @@ pub async fn attempt(
 
 async fn read_capped(resp: UpstreamResponse, cap: usize) -> Bytes {
     use http_body_util::BodyExt;
-    let mut body = resp.into_body();
+    let mut body = resp.body;
     let mut out = Vec::new();
     while let Some(Ok(frame)) = body.frame().await {
         if let Ok(chunk) = frame.into_data() {

@@ -5,6 +5,7 @@
 //! into an SSE error event + `[DONE]`, and records metrics when it ends or
 //! when the client goes away (dropping it drops the upstream connection).
 
+use crate::fleet::{Replica, Series};
 use crate::state::Gateway;
 use bytes::Bytes;
 use futures_util::Stream;
@@ -14,26 +15,30 @@ use memchr::memmem::Finder;
 use serde_json::Value;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 type Upstream = crate::upstream::UpstreamBody;
 
-/// Decrements cortex's open-request count for a replica when dropped.
-pub struct InFlight(Arc<AtomicU32>);
+/// One of cortex's open requests to a replica: counted while it lives.
+pub struct InFlight(Arc<Replica>);
 
 impl InFlight {
-    pub fn new(counter: Arc<AtomicU32>) -> Self {
-        counter.fetch_add(1, Ordering::Relaxed);
-        InFlight(counter)
+    pub fn new(replica: Arc<Replica>) -> Self {
+        replica.in_flight().fetch_add(1, Ordering::Relaxed);
+        InFlight(replica)
+    }
+
+    pub fn replica(&self) -> &Replica {
+        &self.0
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight().fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -42,11 +47,29 @@ pub struct Accounting {
     /// The gateway, for its metrics (one reference count, where cloning
     /// `Metrics` was a dozen).
     pub gw: Arc<Gateway>,
-    pub model: String,
-    pub node: String,
+    /// The replica answering (its model, metric series and open count).
+    pub in_flight: InFlight,
+    /// Index of its neuron in `Fleet::neurons`.
+    pub node: usize,
     pub status: u16,
     pub started: Instant,
     pub request_id: http::HeaderValue,
+}
+
+impl Accounting {
+    fn model(&self) -> &str {
+        &self.in_flight.replica().model
+    }
+
+    fn node_name(&self) -> &str {
+        &self.gw.fleet.neurons[self.node].name
+    }
+
+    fn series(&self) -> &Series {
+        self.in_flight
+            .replica()
+            .series(&self.gw.metrics, self.node_name())
+    }
 }
 
 /// Searchers built once: making one per search was a visible share of the
@@ -180,7 +203,6 @@ pub struct Relay {
     finished: bool,
     outcome: Option<u16>,
     acct: Accounting,
-    _in_flight: InFlight,
 }
 
 impl Relay {
@@ -190,7 +212,6 @@ impl Relay {
         expects_done: bool,
         idle: Duration,
         acct: Accounting,
-        in_flight: InFlight,
     ) -> Self {
         let sse = is_sse.then(|| SseWatch::new(expects_done));
         Relay {
@@ -204,7 +225,6 @@ impl Relay {
             finished: false,
             outcome: None,
             acct,
-            _in_flight: in_flight,
         }
     }
 
@@ -218,10 +238,8 @@ impl Relay {
         if let Some(sse) = &mut self.sse {
             if sse.watch(chunk) {
                 self.acct
-                    .gw
-                    .metrics
+                    .series()
                     .ttft
-                    .with_label_values(&[self.acct.model.as_str()])
                     .observe(self.acct.started.elapsed().as_secs_f64());
             }
         } else if let Some(copy) = self.json_copy.take() {
@@ -233,8 +251,8 @@ impl Relay {
     fn fail(&mut self, err: ApiError) -> Poll<Option<Result<Bytes, std::io::Error>>> {
         self.finished = true;
         self.outcome = Some(err.status().as_u16());
-        tracing::warn!(request_id = ?self.acct.request_id, model = %self.acct.model,
-            node = %self.acct.node, error = %err.message, "upstream stream failed");
+        tracing::warn!(request_id = ?self.acct.request_id, model = %self.acct.model(),
+            node = %self.acct.node_name(), error = %err.message, "upstream stream failed");
         if self.sse.is_some() {
             Poll::Ready(Some(Ok(helexa_api::sse::error_events(&err))))
         } else {
@@ -459,17 +477,16 @@ impl Drop for Relay {
     fn drop(&mut self) {
         let a = &self.acct;
         let m = &a.gw.metrics;
-        let model = a.model.as_str();
+        let series = a.series();
         // 499: the client went away before the end (nginx's convention).
         let status = self.outcome.unwrap_or(499);
+        let elapsed = a.started.elapsed().as_secs_f64();
         let mut usage = self.sse.as_ref().and_then(|s| s.usage);
         if self.outcome == Some(a.status) {
             if let Some(copy) = self.json_copy.take() {
                 usage = usage_of(copy.bytes());
                 if (200..300).contains(&a.status) {
-                    m.ttft
-                        .with_label_values(&[model])
-                        .observe(a.started.elapsed().as_secs_f64());
+                    series.ttft.observe(elapsed);
                 }
             }
         }
@@ -477,12 +494,14 @@ impl Drop for Relay {
             m.prompt_tokens.inc_by(p);
             m.completion_tokens.inc_by(c);
         }
-        m.request_duration
-            .with_label_values(&[model])
-            .observe(a.started.elapsed().as_secs_f64());
-        m.requests_total
-            .with_label_values(&[model, a.node.as_str(), status_str(status)])
-            .inc();
+        series.duration.observe(elapsed);
+        if status == 200 {
+            series.ok.inc();
+        } else {
+            m.requests_total
+                .with_label_values(&[a.model(), a.node_name(), status_str(status)])
+                .inc();
+        }
     }
 }
 

@@ -137,8 +137,9 @@ mod tests {
         let snap = Snapshot {
             nodes: vec![view("m", 1, 0), view("m", 2, 0)],
         };
-        let c = f.neurons[0].local_counter("m");
-        c.fetch_add(3, std::sync::atomic::Ordering::SeqCst);
+        let r = f.neurons[0].replica("m");
+        r.in_flight()
+            .fetch_add(3, std::sync::atomic::Ordering::SeqCst);
         let r = rank(&f, &snap, "m");
         assert_eq!(r[0].node, 1);
         assert_eq!(r[0].score, 2);

@@ -16,7 +16,7 @@
 use crate::config::ms;
 use crate::h1::{self, Chunked, Framing, Step};
 use bytes::{Buf, Bytes, BytesMut};
-use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use http::{HeaderValue, StatusCode};
 use hyper::body::{Body, Frame, SizeHint};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -134,8 +134,37 @@ pub struct Upstream {
     auth: Option<HeaderValue>,
 }
 
-/// A response head from a neuron; its body reads the connection.
-pub type UpstreamResponse = Response<UpstreamBody>;
+/// What cortex keeps of a neuron's response head: the status and the
+/// fields it passes on or reads (no header map is built).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamHead {
+    pub status: StatusCode,
+    pub content_type: Option<HeaderValue>,
+    pub retry_after: Option<HeaderValue>,
+    /// The body's length, when the neuron sent `Content-Length`.
+    pub content_length: Option<u64>,
+}
+
+impl UpstreamHead {
+    /// Whether the body is a server-sent event stream.
+    pub fn is_sse(&self) -> bool {
+        self.content_type
+            .as_ref()
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+    }
+}
+
+/// A response from a neuron: its head, and a body that reads the connection.
+pub struct UpstreamResponse {
+    pub head: UpstreamHead,
+    pub body: UpstreamBody,
+}
+
+impl UpstreamResponse {
+    pub fn status(&self) -> StatusCode {
+        self.head.status
+    }
+}
 
 /// Where to send a request: the connect address (the pool key) and the
 /// pieces of the request line and `Host`.
@@ -342,18 +371,28 @@ async fn exchange(
         let Some(resp) = resp else {
             continue; // an interim 1xx response
         };
-        return Ok(resp.map(|(framing, reuse)| UpstreamBody::new(link, framing, reuse, limits)));
+        let (head, framing, reuse) = resp;
+        return Ok(UpstreamResponse {
+            head,
+            body: UpstreamBody::new(link, framing, reuse, limits),
+        });
     }
 }
 
-type Parsed = (Option<Response<(Framing, bool)>>, usize);
+type Parsed = (Option<(UpstreamHead, Framing, bool)>, usize);
 
-/// The response header fields kept from a neuron's answer.
-const KEPT: [HeaderName; 3] = [
-    header::CONTENT_TYPE,
-    header::CONTENT_LENGTH,
-    header::RETRY_AFTER,
-];
+/// A header value, without an allocation for the usual content types.
+fn value_of(raw: &[u8]) -> Result<HeaderValue, String> {
+    const COMMON: [&str; 3] = [
+        "application/json",
+        "text/event-stream",
+        "text/event-stream; charset=utf-8",
+    ];
+    if let Some(c) = COMMON.iter().find(|c| c.as_bytes() == raw) {
+        return Ok(HeaderValue::from_static(c));
+    }
+    HeaderValue::from_bytes(raw).map_err(|_| format!("invalid header value {raw:?}"))
+}
 
 /// Parses a response head from the front of `buf`: the response (or None
 /// for an interim 1xx) with its body framing and whether the connection
@@ -380,23 +419,23 @@ fn parse_head(buf: &[u8]) -> Result<Option<Parsed>, String> {
     };
     let reuse = framing != Framing::Close && h1::keep_alive(version, fields());
     // Only the fields cortex passes on or reads are kept.
-    let mut map = HeaderMap::with_capacity(4);
+    let mut head = UpstreamHead {
+        status,
+        content_type: None,
+        retry_after: None,
+        content_length: match framing {
+            Framing::Length(n) => Some(n),
+            _ => None,
+        },
+    };
     for h in r.headers.iter() {
-        let Some(name) = KEPT
-            .iter()
-            .find(|k| h.name.eq_ignore_ascii_case(k.as_str()))
-        else {
-            continue;
-        };
-        let Ok(value) = HeaderValue::from_bytes(h.value) else {
-            return Err(format!("invalid header {:?}", h.name));
-        };
-        map.append(name.clone(), value);
+        if h.name.eq_ignore_ascii_case("content-type") {
+            head.content_type = Some(value_of(h.value)?);
+        } else if h.name.eq_ignore_ascii_case("retry-after") {
+            head.retry_after = Some(value_of(h.value)?);
+        }
     }
-    let mut resp = Response::new((framing, reuse));
-    *resp.status_mut() = status;
-    *resp.headers_mut() = map;
-    Ok(Some((Some(resp), used)))
+    Ok(Some((Some((head, framing, reuse)), used)))
 }
 
 /// A neuron's response body, decoded from its connection as it is polled.
@@ -585,15 +624,24 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        let resp = resp.unwrap();
+        let (head, framing, reuse) = resp.unwrap();
         assert_eq!(used, 80);
-        assert_eq!(*resp.body(), (Framing::Chunked, true));
-        let (resp, _) = parse_head(b"HTTP/1.0 503 Busy\r\ncontent-length: 2\r\n\r\n")
-            .unwrap()
-            .unwrap();
-        assert_eq!(*resp.unwrap().body(), (Framing::Length(2), false));
+        assert_eq!((framing, reuse), (Framing::Chunked, true));
+        assert!(head.is_sse() && head.content_length.is_none());
+        let (resp, _) = parse_head(
+            b"HTTP/1.0 503 Busy\r\ncontent-length: 2\r\nRetry-After: 7\r\ncontent-type: text/plain\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        let (head, framing, reuse) = resp.unwrap();
+        assert_eq!((framing, reuse), (Framing::Length(2), false));
+        assert_eq!(head.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(head.content_length, Some(2));
+        assert_eq!(head.retry_after.unwrap(), "7");
+        assert_eq!(head.content_type.unwrap(), "text/plain");
         let (resp, _) = parse_head(b"HTTP/1.1 200 OK\r\n\r\n").unwrap().unwrap();
-        assert_eq!(*resp.unwrap().body(), (Framing::Close, false));
+        let (_, framing, reuse) = resp.unwrap();
+        assert_eq!((framing, reuse), (Framing::Close, false));
         let (interim, used) = parse_head(b"HTTP/1.1 100 Continue\r\n\r\n")
             .unwrap()
             .unwrap();

@@ -19,7 +19,12 @@ pub struct ApiJson<T>(pub T);
 /// `application/*+json`. A missing content type is accepted as JSON, since
 /// many hand-written clients omit it; any other explicit type is refused.
 pub fn check_content_type(headers: &http::HeaderMap) -> Result<(), ApiError> {
-    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+    check_content_type_value(headers.get(header::CONTENT_TYPE))
+}
+
+/// [`check_content_type`] for the `Content-Type` value alone.
+pub fn check_content_type_value(value: Option<&http::HeaderValue>) -> Result<(), ApiError> {
+    let Some(value) = value else {
         return Ok(());
     };
     let text = value.to_str().unwrap_or("");
