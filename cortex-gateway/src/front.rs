@@ -164,8 +164,7 @@ impl Conn {
                     return;
                 }
             };
-            let deadline = Instant::now() + self.limits.client_timeout;
-            let body = match self.read_body(&head, deadline).await {
+            let body = match self.read_body(&head).await {
                 Ok(b) => b,
                 Err(ReadError::Closed) => return,
                 Err(ReadError::Answer(resp)) => {
@@ -280,7 +279,10 @@ impl Conn {
 
     /// Reads the body `head` announces (answering `Expect: 100-continue`),
     /// refusing one over `max_body_bytes` with `413`.
-    async fn read_body(&mut self, head: &Head, deadline: Instant) -> Result<Bytes, ReadError> {
+    async fn read_body(&mut self, head: &Head) -> Result<Bytes, ReadError> {
+        // Set when the body is not all there yet (most bodies came with
+        // their head, and need no clock reading).
+        let mut deadline = None;
         let max = self.limits.max_body;
         let too_large = || {
             ReadError::Answer(
@@ -304,7 +306,7 @@ impl Conn {
                 }
                 while self.buf.len() < n {
                     self.buf.reserve(n - self.buf.len());
-                    self.read_more(deadline).await?;
+                    self.read_more(&mut deadline).await?;
                 }
                 Ok(self.buf.split_to(n).freeze())
             }
@@ -326,7 +328,7 @@ impl Conn {
                         Ok(Step::End) => return Ok(body.freeze()),
                         Ok(Step::NeedMore) => {
                             h1::room(&mut self.buf, 4096, 8192);
-                            self.read_more(deadline).await?;
+                            self.read_more(&mut deadline).await?;
                         }
                         Err(e) => {
                             return Err(ReadError::Answer(
@@ -343,8 +345,11 @@ impl Conn {
         }
     }
 
-    async fn read_more(&mut self, deadline: Instant) -> Result<(), ReadError> {
-        match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
+    /// Reads more of the body; all of it must come within `client_timeout_ms`
+    /// of the first such read.
+    async fn read_more(&mut self, deadline: &mut Option<Instant>) -> Result<(), ReadError> {
+        let until = *deadline.get_or_insert_with(|| Instant::now() + self.limits.client_timeout);
+        match tokio::time::timeout_at(until, self.stream.read_buf(&mut self.buf)).await {
             Ok(Ok(n)) if n > 0 => Ok(()),
             _ => Err(ReadError::Closed),
         }
@@ -450,8 +455,9 @@ impl Conn {
         if !no_body {
             match length {
                 Some(n) => {
-                    use std::io::Write;
-                    let _ = write!(out, "content-length: {n}\r\n");
+                    out.extend_from_slice(b"content-length: ");
+                    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                    out.extend_from_slice(b"\r\n");
                 }
                 None if chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
                 None => {}

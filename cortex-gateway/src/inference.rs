@@ -198,7 +198,8 @@ pub async fn serve(
         Ok(b) => b,
         Err(e) => return ctx.reject(e),
     };
-    let head: RequestHead = match parse_json(&body) {
+    // Borrows from `body`; `forward` is what goes to the neuron.
+    let head: RequestHead<'_> = match parse_json(&body) {
         Ok(h) => h,
         Err(e) => return ctx.reject(e),
     };
@@ -206,13 +207,13 @@ pub async fn serve(
         return ctx.reject(ApiError::missing_model());
     }
     let resolved = router::resolve_alias(&ctx.gw.config.aliases, &head.model);
-    let body = if resolved != head.model {
+    let forward = if resolved != head.model {
         match rewrite_model(&body, resolved) {
             Ok(b) => b,
             Err(e) => return ctx.reject(e),
         }
     } else {
-        body
+        body.clone()
     };
     ctx.model = resolved.to_string();
 
@@ -223,7 +224,7 @@ pub async fn serve(
         let loadable =
             gw.config.loading.enabled && snap.nodes.iter().any(|v| v.can_load(&ctx.model));
         if loadable {
-            return Answer::Other(hold_for_load(ctx, head, body).await);
+            return Answer::Other(hold_for_load(ctx, head.stream, forward).await);
         }
         let err = if router::known_anywhere(&snap, &ctx.model) {
             ApiError::new(
@@ -241,7 +242,7 @@ pub async fn serve(
     if let Err(resp) = ctx.prevalidate(&head, context).await {
         return Answer::Other(resp);
     }
-    match ctx.dispatch(candidates, body).await {
+    match ctx.dispatch(candidates, forward).await {
         Ok(r) => r,
         Err(Failure::Api(e)) => ctx.reject(e),
         Err(Failure::Refused(r)) => ctx.all_refused(&r),
@@ -305,7 +306,7 @@ impl Ctx {
     }
 
     /// Pre-validation against `context` (from [`Self::context_limit`]).
-    async fn check_prompt(&self, head: &RequestHead, context: u64) -> Result<(), ApiError> {
+    async fn check_prompt(&self, head: &RequestHead<'_>, context: u64) -> Result<(), ApiError> {
         let cfg = &self.gw.config.prevalidation;
         if !cfg.enabled || self.route == Route::Embeddings {
             return Ok(());
@@ -335,7 +336,7 @@ impl Ctx {
         res
     }
 
-    async fn prevalidate(&self, head: &RequestHead, context: u64) -> Result<(), Response> {
+    async fn prevalidate(&self, head: &RequestHead<'_>, context: u64) -> Result<(), Response> {
         match self.check_prompt(head, context).await {
             Ok(()) => Ok(()),
             Err(e) => {
@@ -434,12 +435,9 @@ impl Ctx {
 
     /// After a load: re-rank (falling back to the neuron that loaded it),
     /// pre-validate with the now-known limit, dispatch.
-    async fn after_load(
-        &self,
-        idx: usize,
-        head: &RequestHead,
-        body: Bytes,
-    ) -> Result<Answer, Failure> {
+    async fn after_load(&self, idx: usize, body: Bytes) -> Result<Answer, Failure> {
+        // Read again: the body was parsed before the wait, and owns the text.
+        let head: RequestHead<'_> = parse_json(&body).map_err(Failure::Api)?;
         let snap = self.gw.fleet.snapshot();
         let mut candidates = router::rank(&self.gw.fleet, &snap, &self.model);
         if candidates.is_empty() {
@@ -450,20 +448,20 @@ impl Ctx {
         }
         let context = self.context_limit(&snap);
         drop(snap);
-        self.check_prompt(head, context)
+        self.check_prompt(&head, context)
             .await
             .map_err(Failure::Api)?;
-        self.dispatch(candidates, body).await
+        self.dispatch(candidates, body.clone()).await
     }
 }
 
 /// No replica is loaded but one can be: load it and hold the request. A
 /// streaming request gets its SSE head at once and keep-alive comments
 /// while it waits; a plain one just waits (up to `loading.timeout_ms`).
-async fn hold_for_load(ctx: Ctx, head: RequestHead, body: Bytes) -> Response {
-    if !head.stream {
+async fn hold_for_load(ctx: Ctx, stream: bool, body: Bytes) -> Response {
+    if !stream {
         let res = match ctx.gw.loader.load(&ctx.gw, &ctx.model).await {
-            Ok(idx) => ctx.after_load(idx, &head, body).await,
+            Ok(idx) => ctx.after_load(idx, body).await,
             Err(e) => Err(Failure::Api(e)),
         };
         return match res {
@@ -490,7 +488,7 @@ async fn hold_for_load(ctx: Ctx, head: RequestHead, body: Bytes) -> Response {
             }
         };
         let res = match loaded {
-            Ok(idx) => ctx.after_load(idx, &head, body).await,
+            Ok(idx) => ctx.after_load(idx, body).await,
             Err(e) => Err(Failure::Api(e)),
         };
         let resp = match res {

@@ -9,11 +9,14 @@ use crate::tokens::Counter;
 use helexa_api::ApiError;
 use serde::Deserialize;
 use serde_json::Value;
+use std::borrow::Cow;
 
-/// The parts of any `/v1/*` body cortex reads.
+/// The parts of any `/v1/*` body cortex reads, borrowed from the body
+/// where it can be (no allocation for a message's plain text).
 #[derive(Debug, Deserialize)]
-pub struct RequestHead {
-    pub model: String,
+pub struct RequestHead<'a> {
+    #[serde(borrow)]
+    pub model: Cow<'a, str>,
     #[serde(default)]
     pub stream: bool,
     #[serde(default)]
@@ -24,26 +27,88 @@ pub struct RequestHead {
     pub max_output_tokens: Option<u64>,
     /// Chat.
     #[serde(default)]
-    pub messages: Option<Vec<MessageHead>>,
+    #[serde(borrow)]
+    pub messages: Option<Vec<MessageHead<'a>>>,
     /// Completions.
     #[serde(default)]
     pub prompt: Option<Value>,
     /// Responses (and embeddings, which are not checked).
     #[serde(default)]
     pub input: Option<Value>,
-    #[serde(default)]
-    pub instructions: Option<String>,
+    #[serde(default, borrow)]
+    pub instructions: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Deserialize)]
-pub struct MessageHead {
-    #[serde(default)]
-    pub content: Option<Value>,
+pub struct MessageHead<'a> {
+    #[serde(default, borrow)]
+    pub content: Option<Content<'a>>,
     #[serde(default)]
     pub tool_calls: Option<Value>,
 }
 
-impl RequestHead {
+/// A message's `content`: usually text (borrowed unless it has escapes),
+/// else parts or anything else, as a `Value`.
+#[derive(Debug)]
+pub enum Content<'a> {
+    Text(Cow<'a, str>),
+    Other(Value),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Content<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Content<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("message content")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Content<'a>, E> {
+                Ok(Content::Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Content<'a>, E> {
+                Ok(Content::Text(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Content<'a>, E> {
+                Ok(Content::Text(Cow::Owned(v)))
+            }
+            fn visit_unit<E>(self) -> Result<Content<'a>, E> {
+                Ok(Content::Other(Value::Null))
+            }
+            fn visit_none<E>(self) -> Result<Content<'a>, E> {
+                Ok(Content::Other(Value::Null))
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Content<'a>, E> {
+                Ok(Content::Other(Value::from(v)))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Content<'a>, E> {
+                Ok(Content::Other(Value::from(v)))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Content<'a>, E> {
+                Ok(Content::Other(Value::from(v)))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Content<'a>, E> {
+                Ok(Content::Other(Value::from(v)))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                a: A,
+            ) -> Result<Content<'a>, A::Error> {
+                Value::deserialize(SeqAccessDeserializer::new(a)).map(Content::Other)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                a: A,
+            ) -> Result<Content<'a>, A::Error> {
+                Value::deserialize(MapAccessDeserializer::new(a)).map(Content::Other)
+            }
+        }
+        d.deserialize_any(Visit(std::marker::PhantomData))
+    }
+}
+
+impl RequestHead<'_> {
     pub fn requested_output(&self) -> u64 {
         self.max_completion_tokens
             .or(self.max_tokens)
@@ -84,16 +149,23 @@ fn content_text(v: &Value, out: &mut String) {
 }
 
 /// Prompt tokens of a request as `counter` counts them.
-pub fn count_prompt(head: &RequestHead, counter: &Counter, cfg: &PrevalidationConfig) -> u64 {
+pub fn count_prompt(head: &RequestHead<'_>, counter: &Counter, cfg: &PrevalidationConfig) -> u64 {
     let mut total = 0u64;
     let mut buf = String::new();
     if let Some(msgs) = &head.messages {
         total += cfg.per_request_tokens;
         for m in msgs {
             total += cfg.per_message_tokens;
+            // Plain text alone is counted where it lies, without a copy.
+            if let (Some(Content::Text(t)), None) = (&m.content, &m.tool_calls) {
+                total += counter.count(t);
+                continue;
+            }
             buf.clear();
-            if let Some(c) = &m.content {
-                content_text(c, &mut buf);
+            match &m.content {
+                Some(Content::Text(t)) => buf.push_str(t),
+                Some(Content::Other(c)) => content_text(c, &mut buf),
+                None => {}
             }
             if let Some(tc) = &m.tool_calls {
                 buf.push_str(&tc.to_string());
@@ -141,7 +213,7 @@ pub fn count_prompt(head: &RequestHead, counter: &Counter, cfg: &PrevalidationCo
 /// `Err(400 context_length_exceeded)` when the prompt (plus the requested
 /// output) cannot fit `context`; `context == 0` means unknown: never refuse.
 pub fn check(
-    head: &RequestHead,
+    head: &RequestHead<'_>,
     context: u64,
     counter: &Counter,
     cfg: &PrevalidationConfig,
@@ -167,8 +239,9 @@ pub fn check(
 mod tests {
     use super::*;
 
-    fn head(v: Value) -> RequestHead {
-        serde_json::from_value(v).unwrap()
+    /// Parsed from text, as cortex does (borrowing where it can).
+    fn parse(text: &str) -> RequestHead<'_> {
+        serde_json::from_str(text).unwrap()
     }
 
     const EST: Counter = Counter::Estimate {
@@ -178,18 +251,34 @@ mod tests {
     #[test]
     fn chat_counts_messages_with_allowance() {
         let cfg = PrevalidationConfig::default();
-        let h = head(serde_json::json!({"model": "m", "messages": [
+        let h = parse(
+            r#"{"model": "m", "messages": [
             {"role": "user", "content": "abcdefgh"},
             {"role": "user", "content": [{"type": "text", "text": "abcd"}]}
-        ]}));
+        ]}"#,
+        );
         // 3 + (4 + 2) + (4 + ceil(5/4)=2)
         assert_eq!(count_prompt(&h, &EST, &cfg), 15);
+        assert!(matches!(
+            &h.messages.as_ref().unwrap()[0].content,
+            Some(Content::Text(Cow::Borrowed("abcdefgh")))
+        ));
+        // Escaped text (owned once unescaped: 8 characters), and a tool
+        // call with no content (its JSON, 12 characters, is counted).
+        let h = parse(
+            r#"{"model": "m", "messages": [
+            {"role": "user", "content": "ab\"cd\"ef"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id":"x"}]}
+        ]}"#,
+        );
+        // 3 + (4 + 2) + (4 + 3)
+        assert_eq!(count_prompt(&h, &EST, &cfg), 16);
     }
 
     #[test]
     fn output_request_counts_against_window() {
         let cfg = PrevalidationConfig::default();
-        let h = head(serde_json::json!({"model": "m", "prompt": "abcdefgh", "max_tokens": 10}));
+        let h = parse(r#"{"model": "m", "prompt": "abcdefgh", "max_tokens": 10}"#);
         assert!(check(&h, 12, &EST, &cfg).is_ok());
         let e = check(&h, 11, &EST, &cfg).unwrap_err();
         assert!(e

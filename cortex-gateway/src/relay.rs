@@ -11,7 +11,7 @@ use bytes::Bytes;
 use futures_util::Stream;
 use helexa_api::error::{ApiError, ErrorCode};
 use hyper::body::Body as _;
-use memchr::memmem::Finder;
+use memchr::memmem::{Finder, FinderRev};
 use serde_json::Value;
 use std::future::Future;
 use std::pin::Pin;
@@ -76,6 +76,8 @@ impl Accounting {
 /// relay's CPU.
 static DONE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"[DONE]"));
 static USAGE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
+/// `usage` comes at the end of an answer: searched for from the end.
+static USAGE_REV: LazyLock<FinderRev<'static>> = LazyLock::new(|| FinderRev::new(b"\"usage\""));
 
 /// What the relay reads from an SSE stream: the first content token, the
 /// usage, and whether `[DONE]` came.
@@ -191,9 +193,13 @@ pub struct Relay {
     /// Made the first time the upstream has nothing ready (a whole answer
     /// that is already there never needs one).
     idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// When the last chunk came; the timer is only moved when it fires
-    /// (re-armed from here), not on every chunk.
-    last_chunk: tokio::time::Instant,
+    /// When the last chunk came (or the relay began): the timer is only
+    /// moved when it fires (re-armed from here), not on every chunk. Read
+    /// from the clock when the upstream has nothing ready, not per chunk;
+    /// an answer that is all there never reads the clock.
+    last_chunk: Option<tokio::time::Instant>,
+    /// A chunk came since `last_chunk` was set.
+    fresh: bool,
     /// Bytes still expected when upstream sent a `Content-Length`: the
     /// server stops polling once that many are written, so the relay
     /// counts the response complete as soon as the last byte is out.
@@ -218,7 +224,8 @@ impl Relay {
             upstream,
             idle,
             idle_timer: None,
-            last_chunk: tokio::time::Instant::now(),
+            last_chunk: None,
+            fresh: false,
             remaining: None,
             json_copy: (!is_sse).then_some(Kept::Empty),
             sse,
@@ -346,8 +353,7 @@ impl Usage {
 /// that does not work out (no such key, or the text was inside a string);
 /// the caller then parses the whole answer.
 fn last_usage_field(body: &[u8]) -> Option<(u64, u64)> {
-    // Forward search (vectorised) for the last occurrence.
-    let at = USAGE.find_iter(body).last()?;
+    let at = USAGE_REV.rfind(body)?;
     if at > 0 && body[at - 1] == b'\\' {
         return None; // an escaped quote: inside a string
     }
@@ -372,16 +378,23 @@ fn whole_answer_usage(body: &[u8]) -> Option<(u64, u64)> {
 }
 
 impl Relay {
-    /// Ready once nothing has come for `idle` since the last chunk.
+    /// Ready once nothing has come for `idle` since the last chunk. Called
+    /// when the upstream has nothing ready: a chunk that came since the
+    /// last call came (within this poll's work) just now.
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.fresh || self.last_chunk.is_none() {
+            self.last_chunk = Some(tokio::time::Instant::now());
+            self.fresh = false;
+        }
+        let last = self.last_chunk.expect("set above");
         let timer = self
             .idle_timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(self.last_chunk + self.idle)));
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(last + self.idle)));
         loop {
             match timer.as_mut().poll(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(()) => {
-                    let due = self.last_chunk + self.idle;
+                    let due = last + self.idle;
                     if tokio::time::Instant::now() >= due {
                         return Poll::Ready(());
                     }
@@ -408,7 +421,7 @@ impl Stream for Relay {
                     let Ok(chunk) = frame.into_data() else {
                         continue; // trailers: nothing to pass on
                     };
-                    this.last_chunk = tokio::time::Instant::now();
+                    this.fresh = true;
                     this.watch(&chunk);
                     if let Some(left) = &mut this.remaining {
                         *left = left.saturating_sub(chunk.len() as u64);

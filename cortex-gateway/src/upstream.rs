@@ -20,7 +20,6 @@ use http::{HeaderValue, StatusCode};
 use hyper::body::{Body, Frame, SizeHint};
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::io::Write;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -74,12 +73,14 @@ struct PoolLimits {
     idle_timeout: Duration,
 }
 
-fn checkout(authority: &str, limits: PoolLimits) -> Option<Box<Link>> {
+fn checkout(authority: &str) -> Option<Box<Link>> {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
         let list = idle.get_mut(authority)?;
-        while let Some((mut link, since)) = list.pop() {
-            if since.elapsed() < limits.idle_timeout && usable(&mut link) {
+        // Age is left to `prune_idle` (once a second), so taking a
+        // connection reads no clock; one closed by its neuron is never used.
+        while let Some((mut link, _)) = list.pop() {
+            if usable(&mut link) {
                 return Some(link);
             }
         }
@@ -291,7 +292,9 @@ impl Upstream {
             head.extend_from_slice(b"\r\nauthorization: ");
             head.extend_from_slice(auth.as_bytes());
         }
-        let _ = write!(head, "\r\ncontent-length: {}\r\n\r\n", body.len());
+        head.extend_from_slice(b"\r\ncontent-length: ");
+        head.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+        head.extend_from_slice(b"\r\n\r\n");
         let body = if body.len() <= MAX_INLINE_BODY {
             // One write for head and body.
             head.extend_from_slice(&body);
@@ -300,7 +303,7 @@ impl Upstream {
             body
         };
         let request = (head.as_slice(), &body[..]);
-        if let Some(link) = checkout(&t.addr, self.limits) {
+        if let Some(link) = checkout(&t.addr) {
             match exchange(link, request, self.limits).await {
                 Ok(resp) => return Ok(resp),
                 // Closed before it answered anything: the neuron did no work.

@@ -68,7 +68,7 @@ pub async fn read_body(req: Request, limit_hint: Option<usize>) -> Result<Bytes,
 /// Parses JSON bytes into `T`: syntax errors are `invalid_json` (with the
 /// position), shape errors `invalid_request` with `param` naming the field,
 /// and a missing `model` is `missing_model`.
-pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+pub fn parse_json<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ApiError> {
     // The common case, valid input, without the cost of tracking the path;
     // only a failure is parsed again to say where.
     if let Ok(v) = serde_json::from_slice(bytes) {
