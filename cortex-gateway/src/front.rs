@@ -1,9 +1,12 @@
 //! cortex's client-facing HTTP/1.1 server: one per serving worker.
 //!
 //! It reads each request head with `httparse` and its body (length or
-//! chunked, with `Expect: 100-continue`), hands the request to the axum
-//! router (the routes and handlers are ordinary axum), and writes the
-//! response back, gathering every body frame that is ready into one write.
+//! chunked, with `Expect: 100-continue`). A proxied route (`POST /v1/…`)
+//! goes straight to `inference::serve` with the four header fields it reads,
+//! and a relayed answer is written from a few fields with its relay polled
+//! directly (no header map, URI or axum body on that path); every other
+//! request goes to the axum router as an `http::Request`. Every body piece
+//! that is ready is gathered into one write.
 //! While a request is being answered it keeps watching the client socket:
 //! when the client goes away the handler (and with it the upstream request)
 //! is dropped at once.

@@ -127,23 +127,17 @@ impl IntoResponse for Answer {
         match self {
             Answer::Other(r) => r,
             Answer::Relayed(r) => {
-                let mut out = Response::new(Body::from_stream(*r.body));
-                *out.status_mut() = r.status;
-                let h = out.headers_mut();
+                // The same fields the front server writes, as a header map.
+                let mut h = http::HeaderMap::new();
+                for (name, value) in r.fields() {
+                    h.insert(http::HeaderName::from_static(name), value.clone());
+                }
                 if let Some(n) = r.length {
                     h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
                 }
-                if let Some(v) = &r.content_type {
-                    h.insert(header::CONTENT_TYPE, v.clone());
-                }
-                if let Some(v) = &r.retry_after {
-                    h.insert(header::RETRY_AFTER, v.clone());
-                }
-                if r.sse {
-                    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-                    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-                }
-                h.insert("x-helexa-node", r.node);
+                let mut out = Response::new(Body::from_stream(*r.body));
+                *out.status_mut() = r.status;
+                *out.headers_mut() = h;
                 out
             }
         }

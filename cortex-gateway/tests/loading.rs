@@ -30,11 +30,17 @@ async fn unloaded_model_is_loaded_once_and_served() {
                 .send()
                 .await
                 .unwrap()
-                .status()
         }));
     }
     for t in tasks {
-        assert_eq!(t.await.unwrap(), 200);
+        // A held request's answer is relayed like any other: the neuron's
+        // status, type and body, and the node it came from.
+        let resp = t.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-helexa-node"], "node-a");
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body["object"], "chat.completion", "{body}");
     }
     assert_eq!(
         a.recorded().loads,

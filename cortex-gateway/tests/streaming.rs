@@ -23,6 +23,11 @@ async fn chunk_timing_is_preserved() {
         .to_str()
         .unwrap()
         .starts_with("text/event-stream"));
+    // Streams tell caches and buffering proxies in front to pass them on.
+    assert_eq!(resp.headers()["cache-control"], "no-cache");
+    assert_eq!(resp.headers()["x-accel-buffering"], "no");
+    assert_eq!(resp.headers()["x-helexa-node"], "node-a");
+    assert_eq!(resp.headers()["transfer-encoding"], "chunked");
     let mut body = resp.bytes_stream();
     let mut arrivals = Vec::new();
     let mut text = Vec::new();
