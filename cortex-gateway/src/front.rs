@@ -420,12 +420,12 @@ impl Conn {
         out.clear();
         let (status, length, mut body) = match answer {
             Answer::Relayed(r) => {
-                put_status(out, r.status);
+                put_status(out, r.head.status);
                 for (name, value) in r.fields() {
                     put_field(out, name, value);
                 }
                 h1::put_date(out);
-                (r.status, r.length, OutBody::Relay(r.body))
+                (r.head.status, r.length(), OutBody::Relay(r.body))
             }
             Answer::Other(resp) => {
                 let (parts, body) = resp.into_parts();

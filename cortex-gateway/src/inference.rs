@@ -12,6 +12,7 @@ use crate::relay::{status_str, Accounting, InFlight, Relay};
 use crate::router::{self, Candidate};
 use crate::state::Gateway;
 use crate::tokens::Counter;
+use crate::upstream::UpstreamHead;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
@@ -19,7 +20,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use helexa_api::error::{ApiError, ErrorCode, ErrorEnvelope};
 use helexa_api::extract::{check_content_type_value, parse_json, read_body};
-use http::{header, HeaderValue, StatusCode};
+use http::{header, HeaderValue};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -91,12 +92,8 @@ pub enum Answer {
 
 /// A neuron's response on its way to the client.
 pub struct Relayed {
-    pub status: StatusCode,
-    pub content_type: Option<HeaderValue>,
-    pub retry_after: Option<HeaderValue>,
-    /// Set for a plain body of known length (kept, so no chunked framing).
-    pub length: Option<u64>,
-    pub sse: bool,
+    /// The neuron's status and the header fields passed on.
+    pub head: UpstreamHead,
     /// `x-helexa-node`.
     pub node: HeaderValue,
     /// Boxed: a relay is several hundred bytes.
@@ -104,22 +101,33 @@ pub struct Relayed {
 }
 
 impl Relayed {
+    /// The length to announce: a plain body's, when the neuron sent one (it
+    /// is kept, so no chunked framing); a stream goes out chunked.
+    pub fn length(&self) -> Option<u64> {
+        plain_length(&self.head)
+    }
+
     /// The header fields to send (besides framing, date and request id).
     pub fn fields(&self) -> impl Iterator<Item = (&'static str, &HeaderValue)> {
         static NO_CACHE: HeaderValue = HeaderValue::from_static("no-cache");
         static NO: HeaderValue = HeaderValue::from_static("no");
         let sse = self
-            .sse
+            .head
+            .is_sse()
             .then_some([("cache-control", &NO_CACHE), ("x-accel-buffering", &NO)]);
         [
-            self.content_type.as_ref().map(|v| ("content-type", v)),
-            self.retry_after.as_ref().map(|v| ("retry-after", v)),
+            self.head.content_type.as_ref().map(|v| ("content-type", v)),
+            self.head.retry_after.as_ref().map(|v| ("retry-after", v)),
         ]
         .into_iter()
         .flatten()
         .chain(sse.into_iter().flatten())
         .chain(std::iter::once(("x-helexa-node", &self.node)))
     }
+}
+
+fn plain_length(head: &UpstreamHead) -> Option<u64> {
+    head.content_length.filter(|n| !head.is_sse() && *n > 0)
 }
 
 impl IntoResponse for Answer {
@@ -132,11 +140,11 @@ impl IntoResponse for Answer {
                 for (name, value) in r.fields() {
                     h.insert(http::HeaderName::from_static(name), value.clone());
                 }
-                if let Some(n) = r.length {
+                if let Some(n) = r.length() {
                     h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
                 }
                 let mut out = Response::new(Body::from_stream(*r.body));
-                *out.status_mut() = r.status;
+                *out.status_mut() = r.head.status;
                 *out.headers_mut() = h;
                 out
             }
@@ -397,7 +405,6 @@ impl Ctx {
     fn relay(&self, resp: proxy::UpstreamResponse, node: usize, in_flight: InFlight) -> Answer {
         let gw = &self.gw;
         let head = resp.head;
-        let sse = head.is_sse();
         let acct = Accounting {
             gw: gw.clone(),
             in_flight,
@@ -408,20 +415,16 @@ impl Ctx {
         };
         let relay = Relay::new(
             resp.body,
-            sse,
+            head.is_sse(),
             self.route.expects_done(),
             ms(gw.config.upstream.idle_timeout_ms),
             acct,
         );
-        // A plain body keeps its length (no chunked framing, and the relay
-        // counts the answer complete once its last byte is out).
-        let length = head.content_length.filter(|n| !sse && *n > 0);
+        // A plain body's length also tells the relay when the answer is
+        // complete (its last byte is out).
+        let length = plain_length(&head);
         Answer::Relayed(Relayed {
-            status: head.status,
-            content_type: head.content_type,
-            retry_after: head.retry_after,
-            length,
-            sse,
+            head,
             node: gw.fleet.neurons[node].header.clone(),
             body: Box::new(relay.with_length(length)),
         })
