@@ -33,7 +33,20 @@ fn min_nonzero(cur: Option<u32>, v: u32) -> Option<u32> {
     }
 }
 
-pub async fn list_models(State(gw): State<Arc<Gateway>>) -> Response {
+/// The client key a router request presented (put there by the server's
+/// key layer).
+#[derive(Clone)]
+pub struct Caller(pub Arc<crate::keys::Key>);
+
+/// `GET /version`: what this cortex is.
+pub async fn version() -> Response {
+    Json(crate::version::info()).into_response()
+}
+
+pub async fn list_models(
+    State(gw): State<Arc<Gateway>>,
+    caller: Option<axum::Extension<Caller>>,
+) -> Response {
     let snap = gw.fleet.snapshot();
     let mut merged: BTreeMap<String, Merged> = BTreeMap::new();
     for view in snap.nodes.iter().filter(|v| v.healthy) {
@@ -81,6 +94,13 @@ pub async fn list_models(State(gw): State<Arc<Gateway>>) -> Response {
         if let Some(m) = merged.get(target) {
             data.push(object(alias, m));
         }
+    }
+    // A key limited to some models sees only those (by id or alias).
+    if let Some(axum::Extension(Caller(key))) = caller {
+        data.retain(|m| match gw.config.aliases.get(&m.id) {
+            Some(target) => key.allows(&m.id, target),
+            None => key.may_list(&m.id),
+        });
     }
     Json(ModelList::new(data)).into_response()
 }

@@ -20,6 +20,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Client-facing model names mapped to fleet model ids.
     pub aliases: BTreeMap<String, String>,
+    /// Client API keys and their limits (docs/protocol.md §7).
+    pub keys: Vec<KeyConfig>,
 }
 
 impl Default for Config {
@@ -36,6 +38,7 @@ impl Default for Config {
             loading: LoadingConfig::default(),
             auth: AuthConfig::default(),
             aliases: BTreeMap::new(),
+            keys: Vec::new(),
         }
     }
 }
@@ -60,6 +63,9 @@ pub struct GatewayConfig {
     pub client_timeout_ms: u64,
     /// How long a client connection may idle between requests.
     pub keepalive_timeout_ms: u64,
+    /// Client connections open at once, over every worker; at the cap no
+    /// more are accepted until one closes (they wait in the backlog).
+    pub max_connections: usize,
 }
 
 impl Default for GatewayConfig {
@@ -73,6 +79,7 @@ impl Default for GatewayConfig {
             max_header_bytes: 64 * 1024,
             client_timeout_ms: 60_000,
             keepalive_timeout_ms: 75_000,
+            max_connections: 10_000,
         }
     }
 }
@@ -191,6 +198,34 @@ impl Default for LoadingConfig {
 pub struct AuthConfig {
     /// Shared secret sent to neurons as `Authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// Every `/v1` and `/admin` route needs a client key (`[[keys]]`).
+    pub require_keys: bool,
+}
+
+/// One client API key (`[[keys]]`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// Appears in logs and metrics, never the key itself.
+    pub name: String,
+    /// Hex SHA-256 of the key.
+    #[serde(default)]
+    pub key_sha256: Option<String>,
+    /// Or: the environment variable holding the key.
+    #[serde(default)]
+    pub key_env: Option<String>,
+    /// Globs over model ids and aliases this key may use; empty = all.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Requests per minute; 0 = unlimited.
+    #[serde(default)]
+    pub rpm: u64,
+    /// Prompt + completion tokens per minute; 0 = unlimited.
+    #[serde(default)]
+    pub tpm: u64,
+    /// Requests open at once; 0 = unlimited.
+    #[serde(default)]
+    pub max_concurrent: u32,
 }
 
 pub fn ms(v: u64) -> Duration {
@@ -324,6 +359,12 @@ impl Config {
                 "not an address like 127.0.0.1:9464".into(),
             ));
         }
+        if self.gateway.max_connections == 0 {
+            return Err((
+                "gateway.max_connections".into(),
+                "must be at least 1".into(),
+            ));
+        }
         if self.poll.interval_ms == 0 {
             return Err(("poll.interval_ms".into(), "must be above 0".into()));
         }
@@ -345,10 +386,16 @@ impl Config {
                     format!("duplicate neuron name `{}`", n.name),
                 ));
             }
-            if !(n.endpoint.starts_with("http://") || n.endpoint.starts_with("https://")) {
+            // cortex speaks plain HTTP/1.1 to neurons (put TLS in a
+            // tunnel or sidecar); an https:// endpoint would only fail at
+            // request time, so it is refused here.
+            if !n.endpoint.starts_with("http://") {
                 return Err((
                     "neurons.endpoint".into(),
-                    format!("`{}` must start with http://", n.endpoint),
+                    format!(
+                        "`{}` must start with http:// (cortex does not speak TLS to neurons)",
+                        n.endpoint
+                    ),
                 ));
             }
         }

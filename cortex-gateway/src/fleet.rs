@@ -24,7 +24,7 @@ pub struct Replica {
 /// The labelled series a replica's requests update most.
 #[derive(Debug)]
 pub struct Series {
-    /// `cortex_requests_total{model,node,status="200"}`.
+    /// `cortex_requests_total{model,node,status="200",key="-"}`.
     pub ok: prometheus::IntCounter,
     /// `cortex_request_duration_seconds{model}`.
     pub duration: prometheus::Histogram,
@@ -63,7 +63,7 @@ impl Replica {
         self.series.get_or_init(|| Series {
             ok: metrics
                 .requests_total
-                .with_label_values(&[&self.model, node, "200"]),
+                .with_label_values(&[&self.model, node, "200", "-"]),
             duration: metrics.request_duration.with_label_values(&[&self.model]),
             ttft: metrics.ttft.with_label_values(&[&self.model]),
         })

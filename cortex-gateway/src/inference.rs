@@ -6,12 +6,13 @@
 
 use crate::advice;
 use crate::config::ms;
+use crate::keys::{Key, Permit, RateHeaders, Refusal as KeyRefusal};
 use crate::prevalidate::{self, RequestHead};
 use crate::proxy::{self, Outcome, Refusal};
 use crate::relay::{status_str, Accounting, InFlight, Relay};
 use crate::router::{self, Candidate};
 use crate::state::Gateway;
-use crate::tokens::Counter;
+use crate::tokens::{Counter, ModelTokenizer};
 use crate::upstream::UpstreamHead;
 use axum::body::Body;
 use axum::extract::Request;
@@ -21,7 +22,7 @@ use futures_util::StreamExt;
 use helexa_api::error::{ApiError, ErrorCode, ErrorEnvelope};
 use helexa_api::extract::{check_content_type_value, parse_json, read_body};
 use http::{header, HeaderValue};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// The OpenAI endpoints cortex proxies.
@@ -58,6 +59,11 @@ struct Ctx {
     accept: Option<HeaderValue>,
     user_agent: Option<HeaderValue>,
     started: Instant,
+    /// The client key, when the request presented a configured one.
+    key: Option<Arc<Key>>,
+    /// The key's admission, until a relay takes it to settle at the end
+    /// (dropped unsettled, it gives the prompt estimate back).
+    permit: Mutex<Option<Permit>>,
 }
 
 /// The request header fields the proxied routes read. The front server
@@ -68,6 +74,9 @@ pub struct ClientFields {
     pub accept: Option<HeaderValue>,
     pub user_agent: Option<HeaderValue>,
     pub request_id: Option<HeaderValue>,
+    /// `Authorization` and `x-api-key`, for client keys.
+    pub authorization: Option<HeaderValue>,
+    pub api_key: Option<HeaderValue>,
 }
 
 impl ClientFields {
@@ -77,6 +86,8 @@ impl ClientFields {
             accept: h.get(header::ACCEPT).cloned(),
             user_agent: h.get(header::USER_AGENT).cloned(),
             request_id: h.get("x-request-id").cloned(),
+            authorization: h.get(header::AUTHORIZATION).cloned(),
+            api_key: h.get("x-api-key").cloned(),
         }
     }
 }
@@ -98,6 +109,8 @@ pub struct Relayed {
     pub node: HeaderValue,
     /// Boxed: a relay is several hundred bytes.
     pub body: Box<Relay>,
+    /// `x-ratelimit-*` for a keyed request.
+    pub rate: RateHeaders,
 }
 
 impl Relayed {
@@ -123,6 +136,26 @@ impl Relayed {
         .flatten()
         .chain(sse.into_iter().flatten())
         .chain(std::iter::once(("x-helexa-node", &self.node)))
+        .chain(self.rate.iter().map(|(n, v)| (*n, v)))
+    }
+}
+
+impl Answer {
+    /// Adds `x-ratelimit-*` header fields to the answer.
+    pub fn with_rate(mut self, rate: RateHeaders) -> Answer {
+        if rate.is_empty() {
+            return self;
+        }
+        match &mut self {
+            Answer::Relayed(r) => r.rate = rate,
+            Answer::Other(resp) => {
+                for (name, value) in rate {
+                    resp.headers_mut()
+                        .insert(http::HeaderName::from_static(name), value);
+                }
+            }
+        }
+        self
     }
 }
 
@@ -184,15 +217,80 @@ pub async fn serve(
     body: Result<Bytes, ApiError>,
 ) -> Answer {
     let started = Instant::now();
-    let mut ctx = Ctx {
-        gw,
-        route,
-        model: String::new(),
-        request_id: fields.request_id.unwrap_or(HeaderValue::from_static("-")),
-        accept: fields.accept,
-        user_agent: fields.user_agent,
-        started,
+    let request_id = fields
+        .request_id
+        .clone()
+        .unwrap_or(HeaderValue::from_static("-"));
+    let key = if gw.keys.enabled() {
+        match gw
+            .keys
+            .identify(fields.authorization.as_ref(), fields.api_key.as_ref())
+        {
+            Ok(k) => k,
+            Err(e) => {
+                gw.metrics
+                    .key_rejections
+                    .with_label_values(&["-", KeyRefusal::Unauthenticated.label()])
+                    .inc();
+                let ctx = Ctx::new(gw, route, request_id, &fields, started, None);
+                return ctx.reject(e);
+            }
+        }
+    } else {
+        None
     };
+    // Every answer to a keyed request carries its rate headers: as of now,
+    // then as of its admission.
+    let mut rate = key.as_ref().map(|k| k.peek_headers()).unwrap_or_default();
+    let ctx = Ctx::new(gw, route, request_id, &fields, started, key);
+    serve_as(ctx, fields, body, &mut rate).await.with_rate(rate)
+}
+
+impl Ctx {
+    fn new(
+        gw: Arc<Gateway>,
+        route: Route,
+        request_id: HeaderValue,
+        fields: &ClientFields,
+        started: Instant,
+        key: Option<Arc<Key>>,
+    ) -> Ctx {
+        Ctx {
+            gw,
+            route,
+            model: String::new(),
+            request_id,
+            accept: fields.accept.clone(),
+            user_agent: fields.user_agent.clone(),
+            started,
+            key,
+            permit: Mutex::new(None),
+        }
+    }
+
+    fn key_label(&self) -> &str {
+        self.key.as_ref().map_or("-", |k| k.name.as_str())
+    }
+
+    /// A refusal for the client key: counted by reason, then as any other.
+    fn reject_key(&self, why: KeyRefusal, e: ApiError) -> Answer {
+        self.gw
+            .metrics
+            .key_rejections
+            .with_label_values(&[self.key_label(), why.label()])
+            .inc();
+        self.reject(e)
+    }
+}
+
+/// [`serve`] once the client key (if any) is known; `rate` is updated on
+/// admission.
+async fn serve_as(
+    mut ctx: Ctx,
+    fields: ClientFields,
+    body: Result<Bytes, ApiError>,
+    rate: &mut RateHeaders,
+) -> Answer {
     if let Err(e) = check_content_type_value(fields.content_type.as_ref()) {
         return ctx.reject(e);
     }
@@ -209,6 +307,28 @@ pub async fn serve(
         return ctx.reject(ApiError::missing_model());
     }
     let resolved = router::resolve_alias(&ctx.gw.config.aliases, &head.model);
+    if let Some(key) = &ctx.key {
+        if !key.allows(&head.model, resolved) {
+            ctx.model = resolved.to_string();
+            return ctx.reject_key(KeyRefusal::Model, key.not_allowed(&head.model));
+        }
+        // Admission against the key's limits, with a cheap prompt
+        // estimate (bytes / 4) that the answer's usage settles later.
+        let cfg = &ctx.gw.config.prevalidation;
+        let estimate = prevalidate::count_prompt(&head, &Counter::Bytes { per_token: 4 }, cfg);
+        match key.admit(estimate) {
+            Ok(permit) => {
+                *rate = permit.headers.clone();
+                *ctx.permit.lock().unwrap_or_else(|e| e.into_inner()) = Some(permit);
+            }
+            Err(refused) => {
+                let refused = *refused;
+                *rate = refused.headers;
+                ctx.model = resolved.to_string();
+                return ctx.reject_key(refused.why, refused.error);
+            }
+        }
+    }
     let forward = if resolved != head.model {
         match rewrite_model(&body, resolved) {
             Ok(b) => b,
@@ -241,7 +361,7 @@ pub async fn serve(
     }
     let context = ctx.context_limit(&snap);
     drop(snap);
-    if let Err(resp) = ctx.prevalidate(&head, context).await {
+    if let Err(resp) = ctx.prevalidate(&head, &body, context).await {
         return Answer::Other(resp);
     }
     match ctx.dispatch(candidates, forward).await {
@@ -281,14 +401,19 @@ impl Ctx {
     fn reject_response(&self, e: ApiError) -> Response {
         self.count_local(e.status().as_u16());
         tracing::warn!(request_id = ?self.request_id, model = %self.model_label(),
-            code = e.code.as_str(), error = %e.message, "request refused");
+            key = %self.key_label(), code = e.code.as_str(), error = %e.message, "request refused");
         e.into_response()
     }
 
     fn count_local(&self, status: u16) {
         let m = &self.gw.metrics;
         m.requests_total
-            .with_label_values(&[self.model_label(), "-", status_str(status)])
+            .with_label_values(&[
+                self.model_label(),
+                "-",
+                status_str(status),
+                self.key_label(),
+            ])
             .inc();
         m.request_duration
             .with_label_values(&[self.model_label()])
@@ -307,27 +432,52 @@ impl Ctx {
             .unwrap_or(0)
     }
 
-    /// Pre-validation against `context` (from [`Self::context_limit`]).
-    async fn check_prompt(&self, head: &RequestHead<'_>, context: u64) -> Result<(), ApiError> {
-        let cfg = &self.gw.config.prevalidation;
-        if !cfg.enabled || self.route == Route::Embeddings {
-            return Ok(());
+    /// The model's tokenizer, fetched (once) on the main runtime.
+    async fn tokenizer(&self) -> Option<Arc<ModelTokenizer>> {
+        if let Some(cached) = self.gw.tokenizers.cached(&self.model) {
+            return cached;
         }
-        if context == 0 {
+        let gw = self.gw.clone();
+        let model = self.model.clone();
+        self.gw
+            .on_main(async move { gw.tokenizers.get(&gw, &model).await })
+            .await
+    }
+
+    /// Pre-validation against `context` (from [`Self::context_limit`]).
+    ///
+    /// With the model's tokenizer the count is exact, but cheap bounds come
+    /// first: a prompt whose byte count (an upper bound on its tokens)
+    /// fits is let through uncounted, and one whose lower bound (its
+    /// non-whitespace characters over the longest token, halved for what a
+    /// normalizer may drop) cannot fit is refused uncounted. Only between
+    /// the two is the prompt tokenized, off the API worker (a blocking
+    /// thread, at most one per core at a time), so a huge prompt never
+    /// stalls the other connections of its worker.
+    async fn check_prompt(
+        &self,
+        head: &RequestHead<'_>,
+        body: &Bytes,
+        context: u64,
+    ) -> Result<(), ApiError> {
+        let cfg = &self.gw.config.prevalidation;
+        if !cfg.enabled || self.route == Route::Embeddings || context == 0 {
             return Ok(());
         }
         let tokenizer = if cfg.fetch_tokenizer {
-            self.gw.tokenizers.get(&self.gw, &self.model).await
+            self.tokenizer().await
         } else {
             None
         };
-        let counter = match &tokenizer {
-            Some(t) => Counter::Exact(t),
-            None => Counter::Estimate {
-                chars_per_token: cfg.chars_per_token,
-            },
+        let res = match tokenizer {
+            None => {
+                let counter = Counter::Estimate {
+                    chars_per_token: cfg.chars_per_token,
+                };
+                prevalidate::check(head, context, &counter, cfg)
+            }
+            Some(t) => self.check_exact(head, body, context, t).await,
         };
-        let res = prevalidate::check(head, context, &counter, cfg);
         if res.is_err() {
             self.gw
                 .metrics
@@ -338,8 +488,54 @@ impl Ctx {
         res
     }
 
-    async fn prevalidate(&self, head: &RequestHead<'_>, context: u64) -> Result<(), Response> {
-        match self.check_prompt(head, context).await {
+    async fn check_exact(
+        &self,
+        head: &RequestHead<'_>,
+        body: &Bytes,
+        context: u64,
+        t: Arc<ModelTokenizer>,
+    ) -> Result<(), ApiError> {
+        let cfg = &self.gw.config.prevalidation;
+        let output = head.requested_output();
+        let upper = prevalidate::count_prompt(head, &Counter::Bytes { per_token: 1 }, cfg);
+        if upper.saturating_add(output) <= context {
+            return Ok(());
+        }
+        let lower = prevalidate::count_prompt(
+            head,
+            &Counter::AtLeast {
+                max_token_chars: t.max_token_chars,
+            },
+            cfg,
+        ) / 2;
+        if lower > context {
+            return prevalidate::decide(lower, output, context);
+        }
+        let _slot = self.gw.counting.acquire().await;
+        let body = body.clone();
+        let cfg = cfg.clone();
+        let counted = tokio::task::spawn_blocking(move || {
+            let head: RequestHead<'_> = parse_json(&body)?;
+            let n = prevalidate::count_prompt(&head, &Counter::Exact(&t.tokenizer), &cfg);
+            Ok::<u64, ApiError>(n)
+        })
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                ErrorCode::InternalError,
+                format!("token counting failed: {e}"),
+            )
+        })??;
+        prevalidate::decide(counted, output, context)
+    }
+
+    async fn prevalidate(
+        &self,
+        head: &RequestHead<'_>,
+        body: &Bytes,
+        context: u64,
+    ) -> Result<(), Response> {
+        match self.check_prompt(head, body, context).await {
             Ok(()) => Ok(()),
             Err(e) => {
                 let max = e.extras.get("max").and_then(|v| v.as_u64()).unwrap_or(0);
@@ -412,6 +608,7 @@ impl Ctx {
             status: head.status.as_u16(),
             started: self.started,
             request_id: self.request_id.clone(),
+            permit: self.permit.lock().unwrap_or_else(|e| e.into_inner()).take(),
         };
         let relay = Relay::new(
             resp.body,
@@ -427,6 +624,7 @@ impl Ctx {
             head,
             node: gw.fleet.neurons[node].header.clone(),
             body: Box::new(relay.with_length(length)),
+            rate: Vec::new(),
         })
     }
 
@@ -445,7 +643,7 @@ impl Ctx {
         }
         let context = self.context_limit(&snap);
         drop(snap);
-        self.check_prompt(&head, context)
+        self.check_prompt(&head, &body, context)
             .await
             .map_err(Failure::Api)?;
         self.dispatch(candidates, body.clone()).await
@@ -457,7 +655,7 @@ impl Ctx {
 /// while it waits; a plain one just waits (up to `loading.timeout_ms`).
 async fn hold_for_load(ctx: Ctx, stream: bool, body: Bytes) -> Response {
     if !stream {
-        let res = match ctx.gw.loader.load(&ctx.gw, &ctx.model).await {
+        let res = match load_on_main(&ctx).await {
             Ok(idx) => ctx.after_load(idx, body).await,
             Err(e) => Err(Failure::Api(e)),
         };
@@ -471,7 +669,7 @@ async fn hold_for_load(ctx: Ctx, stream: bool, body: Bytes) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let keepalive = ms(ctx.gw.config.loading.keepalive_interval_ms.max(1));
     tokio::spawn(async move {
-        let load = ctx.gw.loader.load(&ctx.gw, &ctx.model);
+        let load = load_on_main(&ctx);
         tokio::pin!(load);
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
         let loaded = loop {
@@ -538,6 +736,15 @@ async fn hold_for_load(ctx: Ctx, stream: bool, body: Bytes) -> Response {
         body,
     )
         .into_response()
+}
+
+/// Loads the request's model through the loader, on the main runtime.
+async fn load_on_main(ctx: &Ctx) -> Result<usize, ApiError> {
+    let gw = ctx.gw.clone();
+    let model = ctx.model.clone();
+    ctx.gw
+        .on_main(async move { gw.loader.load(&gw, &model).await })
+        .await
 }
 
 fn refusal_error(r: &Refusal, model: &str) -> ApiError {

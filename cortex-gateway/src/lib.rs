@@ -10,6 +10,7 @@ pub mod fleet;
 pub mod front;
 pub mod h1;
 pub mod inference;
+pub mod keys;
 pub mod loader;
 pub mod metrics;
 pub mod poller;
@@ -21,6 +22,7 @@ pub mod server;
 pub mod state;
 pub mod tokens;
 pub mod upstream;
+pub mod version;
 
 pub use config::Config;
 pub use server::{start, Running, StartError};

@@ -4,8 +4,8 @@
 //! the prometheus crate's encoder, never hand-written.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 const DURATION_BUCKETS: &[f64] = &[
@@ -33,6 +33,16 @@ pub struct Metrics {
     pub model_in_flight: IntGaugeVec,
     pub model_queue_depth: IntGaugeVec,
     pub model_loads: IntCounterVec,
+    /// `cortex_connections_open`: client connections open now.
+    pub connections_open: IntGauge,
+    /// `cortex_connections_closed_total{end}`: how client connections
+    /// ended (`clean`, `cut`, `timeout`, `refused`).
+    pub connections_closed: IntCounterVec,
+    /// `cortex_key_rejections_total{key,reason}`: requests refused for a
+    /// client key (`unauthenticated`, `model`, `rpm`, `tpm`, `concurrency`).
+    pub key_rejections: IntCounterVec,
+    /// `cortex_build_info{version,git_sha}` = 1.
+    pub build_info: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -47,9 +57,9 @@ impl Metrics {
         let requests_total = IntCounterVec::new(
             Opts::new(
                 "cortex_requests_total",
-                "Requests answered, by model, node and status",
+                "Requests answered, by model, node, status and client key name (`-`: no key)",
             ),
-            &["model", "node", "status"],
+            &["model", "node", "status", "key"],
         )
         .expect("metric");
         let request_duration = HistogramVec::new(
@@ -114,8 +124,40 @@ impl Metrics {
             &["model", "node", "result"],
         )
         .expect("metric");
+        let connections_open =
+            IntGauge::new("cortex_connections_open", "Client connections open now")
+                .expect("metric");
+        let connections_closed = IntCounterVec::new(
+            Opts::new(
+                "cortex_connections_closed_total",
+                "Client connections closed, by how they ended: clean (between requests), \
+                 cut (mid-request or mid-answer), timeout (client_timeout_ms), refused (unreadable request)",
+            ),
+            &["end"],
+        )
+        .expect("metric");
+        let key_rejections = IntCounterVec::new(
+            Opts::new(
+                "cortex_key_rejections_total",
+                "Requests refused by client-key checks, by key name and reason",
+            ),
+            &["key", "reason"],
+        )
+        .expect("metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "cortex_build_info",
+                "Always 1; the build's version and git sha",
+            ),
+            &["version", "git_sha"],
+        )
+        .expect("metric");
         for c in [
             Box::new(requests_total.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(connections_open.clone()),
+            Box::new(connections_closed.clone()),
+            Box::new(key_rejections.clone()),
+            Box::new(build_info.clone()),
             Box::new(request_duration.clone()),
             Box::new(ttft.clone()),
             Box::new(tokens_total.clone()),
@@ -142,6 +184,10 @@ impl Metrics {
             model_in_flight,
             model_queue_depth,
             model_loads,
+            connections_open,
+            connections_closed,
+            key_rejections,
+            build_info,
         }
     }
 

@@ -153,12 +153,12 @@ pub fn count_prompt(head: &RequestHead<'_>, counter: &Counter, cfg: &Prevalidati
     let mut total = 0u64;
     let mut buf = String::new();
     if let Some(msgs) = &head.messages {
-        total += cfg.per_request_tokens;
+        total = total.saturating_add(cfg.per_request_tokens);
         for m in msgs {
-            total += cfg.per_message_tokens;
+            total = total.saturating_add(cfg.per_message_tokens);
             // Plain text alone is counted where it lies, without a copy.
             if let (Some(Content::Text(t)), None) = (&m.content, &m.tool_calls) {
-                total += counter.count(t);
+                total = total.saturating_add(counter.count(t));
                 continue;
             }
             buf.clear();
@@ -170,18 +170,18 @@ pub fn count_prompt(head: &RequestHead<'_>, counter: &Counter, cfg: &Prevalidati
             if let Some(tc) = &m.tool_calls {
                 buf.push_str(&tc.to_string());
             }
-            total += counter.count(&buf);
+            total = total.saturating_add(counter.count(&buf));
         }
     }
     if let Some(p) = &head.prompt {
         match p {
-            Value::String(s) => total += counter.count(s),
+            Value::String(s) => total = total.saturating_add(counter.count(s)),
             Value::Array(items) => {
                 for it in items {
                     match it {
-                        Value::String(s) => total += counter.count(s),
-                        Value::Number(_) => total += 1,
-                        Value::Array(ids) => total += ids.len() as u64,
+                        Value::String(s) => total = total.saturating_add(counter.count(s)),
+                        Value::Number(_) => total = total.saturating_add(1),
+                        Value::Array(ids) => total = total.saturating_add(ids.len() as u64),
                         _ => {}
                     }
                 }
@@ -195,16 +195,16 @@ pub fn count_prompt(head: &RequestHead<'_>, counter: &Counter, cfg: &Prevalidati
             match i {
                 Value::Array(items) => {
                     for it in items {
-                        total += cfg.per_message_tokens;
+                        total = total.saturating_add(cfg.per_message_tokens);
                         content_text(it, &mut buf);
                     }
                 }
                 other => content_text(other, &mut buf),
             }
-            total += counter.count(&buf);
+            total = total.saturating_add(counter.count(&buf));
         }
         if let Some(s) = &head.instructions {
-            total += cfg.per_message_tokens + counter.count(s);
+            total = total.saturating_add(cfg.per_message_tokens.saturating_add(counter.count(s)));
         }
     }
     total
@@ -221,9 +221,18 @@ pub fn check(
     if !cfg.enabled || context == 0 {
         return Ok(());
     }
-    let prompt = count_prompt(head, counter, cfg);
-    let output = head.requested_output();
-    if prompt > context || prompt + output > context {
+    decide(
+        count_prompt(head, counter, cfg),
+        head.requested_output(),
+        context,
+    )
+}
+
+/// Whether `prompt` tokens plus `output` requested fit `context`. The
+/// client's numbers never overflow the sum (a `max_tokens` near u64::MAX is
+/// simply too many).
+pub fn decide(prompt: u64, output: u64, context: u64) -> Result<(), ApiError> {
+    if prompt > context || prompt.saturating_add(output) > context {
         let shown_output = if prompt > context { 0 } else { output };
         return Err(ApiError::context_length_exceeded(
             context,

@@ -54,6 +54,9 @@ pub struct Accounting {
     pub status: u16,
     pub started: Instant,
     pub request_id: http::HeaderValue,
+    /// The client key's admission: settled from the answer's usage at the
+    /// end (and its open-request slot released).
+    pub permit: Option<crate::keys::Permit>,
 }
 
 impl Accounting {
@@ -488,6 +491,7 @@ impl Relay {
 
 impl Drop for Relay {
     fn drop(&mut self) {
+        let permit = self.acct.permit.take();
         let a = &self.acct;
         let m = &a.gw.metrics;
         let series = a.series();
@@ -508,12 +512,19 @@ impl Drop for Relay {
             m.completion_tokens.inc_by(c);
         }
         series.duration.observe(elapsed);
-        if status == 200 {
-            series.ok.inc();
-        } else {
-            m.requests_total
-                .with_label_values(&[a.model(), a.node_name(), status_str(status)])
-                .inc();
+        match &permit {
+            None if status == 200 => series.ok.inc(),
+            None => m
+                .requests_total
+                .with_label_values(&[a.model(), a.node_name(), status_str(status), "-"])
+                .inc(),
+            Some(p) => m
+                .requests_total
+                .with_label_values(&[a.model(), a.node_name(), status_str(status), &p.key().name])
+                .inc(),
+        }
+        if let Some(p) = permit {
+            p.settle(usage);
         }
     }
 }

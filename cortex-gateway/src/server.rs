@@ -25,8 +25,8 @@ pub enum StartError {
         what: &'static str,
         source: std::io::Error,
     },
-    #[error("cannot build the HTTP client: {0}")]
-    Client(#[from] reqwest::Error),
+    #[error("{0}")]
+    Build(#[from] crate::state::BuildError),
 }
 
 /// A running cortex.
@@ -62,10 +62,52 @@ pub fn app(gw: Arc<Gateway>) -> Router {
         .route("/v1/models", get(api::list_models))
         .route("/health", get(api::health))
         .route("/ready", get(api::ready))
+        .route("/version", get(api::version))
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(gw.clone(), client_key))
         .with_state(gw)
+}
+
+/// Client keys on the router's routes (`GET /v1/models`, `/admin/…`): the
+/// key found is put in the request's extensions for the handler (the
+/// proxied `POST /v1/…` routes check their key in `inference::serve`).
+/// `/health`, `/ready` and `/version` stay public.
+async fn client_key(State(gw): Gw, mut req: Request, next: axum::middleware::Next) -> Response {
+    let path = req.uri().path();
+    let guarded = path.starts_with("/v1/") || path.starts_with("/admin/");
+    if !guarded
+        || !gw.keys.enabled()
+        || req.method() == http::Method::POST && path.starts_with("/v1/")
+    {
+        return next.run(req).await;
+    }
+    let h = req.headers();
+    match gw
+        .keys
+        .identify(h.get(http::header::AUTHORIZATION), h.get("x-api-key"))
+    {
+        Ok(Some(key)) => {
+            let rate = key.peek_headers();
+            req.extensions_mut().insert(api::Caller(key));
+            let mut resp = next.run(req).await;
+            for (name, value) in rate {
+                resp.headers_mut()
+                    .insert(http::HeaderName::from_static(name), value);
+            }
+            resp
+        }
+        Ok(None) => next.run(req).await,
+        Err(e) => {
+            gw.metrics
+                .key_rejections
+                .with_label_values(&["-", crate::keys::Refusal::Unauthenticated.label()])
+                .inc();
+            tracing::warn!(path = %path, code = e.code.as_str(), "request refused: no valid API key");
+            axum::response::IntoResponse::into_response(e)
+        }
+    }
 }
 
 type Gw = State<Arc<Gateway>>;

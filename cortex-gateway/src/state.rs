@@ -5,12 +5,14 @@
 
 use crate::config::{ms, Config};
 use crate::fleet::{Fleet, Neuron};
+use crate::keys::Keys;
 use crate::loader::Loader;
 use crate::metrics::Metrics;
 use crate::tokens::Tokenizers;
 use crate::upstream::Upstream;
 use http::{header, HeaderMap, HeaderValue};
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 pub struct Gateway {
     pub config: Config,
@@ -25,6 +27,26 @@ pub struct Gateway {
     pub loader: Loader,
     /// Set once shutdown has begun: `/ready` turns 503.
     pub draining: AtomicBool,
+    /// Client API keys and their live limits.
+    pub keys: Keys,
+    /// One permit per open client connection (`gateway.max_connections`),
+    /// shared by every worker.
+    pub connections: Arc<tokio::sync::Semaphore>,
+    /// The runtime the poller runs on: control-plane work started from an
+    /// API worker (tokenizer fetches, loads) runs here, so the `control`
+    /// client and its pooled connections live on one runtime only.
+    pub main: tokio::runtime::Handle,
+    /// Exact token counts run off the API workers, this many at once.
+    pub counting: tokio::sync::Semaphore,
+}
+
+/// Why a gateway could not be built from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+    #[error("invalid configuration: key `{0}`: {1}")]
+    Config(String, String),
 }
 
 /// `Authorization: Bearer <token>` for the neurons, when `[auth] token` is set.
@@ -36,7 +58,26 @@ pub fn bearer(config: &Config) -> Option<HeaderValue> {
 }
 
 impl Gateway {
-    pub fn new(config: Config) -> Result<Gateway, reqwest::Error> {
+    /// Runs `fut` on the main runtime and waits for it (from any runtime).
+    pub async fn on_main<F>(&self, fut: F) -> F::Output
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match self.main.spawn(fut).await {
+            Ok(v) => v,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => std::future::pending().await, // the runtime is shutting down
+        }
+    }
+
+    /// Builds the gateway; must be called inside the runtime that will run
+    /// the poller (its handle is kept as [`Gateway::main`]).
+    pub fn new(config: Config) -> Result<Gateway, BuildError> {
+        let keys = Keys::from_config(&config, |var| {
+            std::env::var_os(var).and_then(|v| v.into_string().ok())
+        })
+        .map_err(|(k, m)| BuildError::Config(k, m))?;
         let mut headers = HeaderMap::new();
         if let Some(v) = bearer(&config) {
             headers.insert(header::AUTHORIZATION, v);
@@ -54,7 +95,12 @@ impl Gateway {
                 .map(|n| Neuron::new(&n.name, &n.endpoint))
                 .collect(),
         );
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ok(Gateway {
+            keys,
+            connections: Arc::new(tokio::sync::Semaphore::new(config.gateway.max_connections)),
+            main: tokio::runtime::Handle::current(),
+            counting: tokio::sync::Semaphore::new(cores),
             fleet,
             metrics: Metrics::new(),
             control,

@@ -11,7 +11,34 @@ use std::sync::{Arc, RwLock};
 use tokenizers::Tokenizer;
 use tokio::sync::OnceCell;
 
-type Cell = Arc<OnceCell<Option<Arc<Tokenizer>>>>;
+type Cell = Arc<OnceCell<Option<Arc<ModelTokenizer>>>>;
+
+/// A model's tokenizer and the longest token in its vocabulary, in
+/// characters of the vocabulary's own spelling (never fewer than the
+/// characters the token stands for: byte-level BPE spells each byte as one
+/// character, SentencePiece a space as `▁`, WordPiece adds `##`), so that
+/// the non-whitespace characters of a text over it bound the text's token
+/// count from below (up to what a normalizer removes).
+pub struct ModelTokenizer {
+    pub tokenizer: Tokenizer,
+    pub max_token_chars: usize,
+}
+
+impl ModelTokenizer {
+    pub fn new(tokenizer: Tokenizer) -> Self {
+        let max_token_chars = tokenizer
+            .get_vocab(true)
+            .keys()
+            .map(|k| k.chars().count())
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        ModelTokenizer {
+            tokenizer,
+            max_token_chars,
+        }
+    }
+}
 
 #[derive(Default)]
 pub struct Tokenizers {
@@ -37,7 +64,7 @@ impl Tokenizers {
     }
 
     /// The cached answer, without fetching: `Some(None)` = known absent.
-    pub fn cached(&self, model: &str) -> Option<Option<Arc<Tokenizer>>> {
+    pub fn cached(&self, model: &str) -> Option<Option<Arc<ModelTokenizer>>> {
         self.cells
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -55,7 +82,7 @@ impl Tokenizers {
     /// The tokenizer of `model`, fetched from a neuron that has it loaded the
     /// first time. `None` when no neuron serves one (or fetching failed; a
     /// network failure is not remembered and is retried next time).
-    pub async fn get(&self, gw: &Gateway, model: &str) -> Option<Arc<Tokenizer>> {
+    pub async fn get(&self, gw: &Gateway, model: &str) -> Option<Arc<ModelTokenizer>> {
         let cell = self.cell(model);
         let res = cell.get_or_try_init(|| fetch(gw, model)).await.cloned();
         match res {
@@ -68,7 +95,7 @@ impl Tokenizers {
     }
 }
 
-async fn fetch(gw: &Gateway, model: &str) -> Result<Option<Arc<Tokenizer>>, String> {
+async fn fetch(gw: &Gateway, model: &str) -> Result<Option<Arc<ModelTokenizer>>, String> {
     let snap = gw.fleet.snapshot();
     // Only a replica that has finished loading can answer for its tokenizer:
     // asking one that is still loading would cache a 404 for good.
@@ -102,9 +129,10 @@ async fn fetch(gw: &Gateway, model: &str) -> Result<Option<Arc<Tokenizer>>, Stri
     if bytes.len() > cfg.max_tokenizer_bytes {
         return Ok(None);
     }
-    let parsed = tokio::task::spawn_blocking(move || Tokenizer::from_bytes(&bytes))
-        .await
-        .map_err(|e| e.to_string())?;
+    let parsed =
+        tokio::task::spawn_blocking(move || Tokenizer::from_bytes(&bytes).map(ModelTokenizer::new))
+            .await
+            .map_err(|e| e.to_string())?;
     match parsed {
         Ok(t) => {
             tracing::info!(model, node = %neuron.name, "tokenizer cached; counting exactly");
@@ -120,7 +148,20 @@ async fn fetch(gw: &Gateway, model: &str) -> Result<Option<Arc<Tokenizer>>, Stri
 /// How to turn text into a token count.
 pub enum Counter<'a> {
     Exact(&'a Tokenizer),
-    Estimate { chars_per_token: f64 },
+    Estimate {
+        chars_per_token: f64,
+    },
+    /// `ceil(bytes / per_token)`: with 1 an upper bound on any BPE,
+    /// SentencePiece or WordPiece count (a token stands for at least one
+    /// byte); with 4, a rough estimate that costs nothing.
+    Bytes {
+        per_token: usize,
+    },
+    /// `ceil(non-whitespace characters / max_token_chars)`: a lower bound
+    /// (see [`ModelTokenizer`]).
+    AtLeast {
+        max_token_chars: usize,
+    },
 }
 
 impl Counter<'_> {
@@ -134,6 +175,13 @@ impl Counter<'_> {
                 Err(_) => estimate(text, 4.0),
             },
             Counter::Estimate { chars_per_token } => estimate(text, *chars_per_token),
+            Counter::Bytes { per_token } => text.len().div_ceil((*per_token).max(1)) as u64,
+            Counter::AtLeast { max_token_chars } => {
+                text.chars()
+                    .filter(|c| !c.is_whitespace())
+                    .count()
+                    .div_ceil((*max_token_chars).max(1)) as u64
+            }
         }
     }
 

@@ -418,7 +418,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<Parsed>, String> {
     let framing = if code == 204 || code == 304 {
         Framing::Empty
     } else {
-        h1::framing(fields(), Framing::Close)?
+        h1::framing(fields(), Framing::Close).map_err(|e| e.to_string())?
     };
     let reuse = framing != Framing::Close && h1::keep_alive(version, fields());
     // Only the fields cortex passes on or reads are kept.

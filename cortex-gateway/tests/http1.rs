@@ -267,7 +267,7 @@ async fn an_over_limit_body_is_refused_before_it_is_read() {
     assert_eq!(a.recorded().v1_count, 0);
     let text = h.metrics().await;
     assert!(
-        text.contains(r#"cortex_requests_total{model="-",node="-",status="413"} 1"#),
+        text.contains(r#"cortex_requests_total{key="-",model="-",node="-",status="413"} 1"#),
         "{text}"
     );
 }
@@ -322,4 +322,145 @@ async fn a_client_that_stops_reading_is_given_up_and_frees_the_upstream() {
     .await;
     assert_eq!(a.recorded().completed, 0);
     assert_eq!(h.chat("m", false).await.status(), 200, "cortex lives on");
+}
+
+/// Each framing rule that closes a request-smuggling gap, over raw TCP: the
+/// answer is 400 (or 501 for a transfer coding cortex does not implement),
+/// the connection is closed after it, and the bytes that a lenient reader
+/// would have taken for a second request are never served.
+#[tokio::test]
+async fn strict_framing_refuses_desync_patterns_and_closes() {
+    let (a, h) = one_neuron(|_| {}).await;
+    let addr = h.cortex.addr;
+    let smuggled = "GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n";
+    let cases: Vec<(&str, String, u16)> = vec![
+        (
+            "Content-Length with a sign",
+            format!("POST /v1/chat/completions HTTP/1.1\r\nContent-Length: +5\r\n\r\n{{}}   {smuggled}"),
+            400,
+        ),
+        (
+            "Content-Length with trailing non-ASCII whitespace",
+            format!("POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 2\u{a0}\r\n\r\n{{}}{smuggled}"),
+            400,
+        ),
+        (
+            "Transfer-Encoding on HTTP/1.0",
+            format!("POST /v1/chat/completions HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{{}}\r\n0\r\n\r\n{smuggled}"),
+            400,
+        ),
+        (
+            "a chunk-size line without digits",
+            format!("POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\r\n\r\n{smuggled}"),
+            400,
+        ),
+        (
+            "a chunk-size line with only an extension",
+            format!("POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n;x\r\n\r\n{smuggled}"),
+            400,
+        ),
+        (
+            "a chunk size over 64 bits",
+            format!("POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n10000000000000002\r\n{{}}\r\n0\r\n\r\n{smuggled}"),
+            400,
+        ),
+        (
+            "a bare LF in a chunk extension",
+            format!("POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2;a\nb\r\n{{}}\r\n0\r\n\r\n{smuggled}"),
+            400,
+        ),
+        (
+            "gzip before chunked",
+            format!("POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\n{{}}\r\n0\r\n\r\n{smuggled}"),
+            501,
+        ),
+        (
+            "chunked twice",
+            format!("POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{{}}\r\n0\r\n\r\n{smuggled}"),
+            400,
+        ),
+    ];
+    for (what, raw, status) in cases {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(raw.as_bytes()).await.unwrap();
+        let mut buf = BytesMut::new();
+        let ans = read_answer(&mut s, &mut buf, false).await;
+        assert_eq!(ans.status, status, "{what}");
+        assert_eq!(ans.header("connection"), Some("close"), "{what}");
+        assert!(ans.json()["error"]["message"].is_string(), "{what}");
+        // Nothing more comes: the smuggled request is not answered.
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "{what}: the connection is closed");
+        assert!(
+            buf.is_empty() && rest.is_empty(),
+            "{what}: {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+    assert_eq!(
+        a.recorded().v1_count,
+        0,
+        "no refused request reached the neuron"
+    );
+    wait_until("every refused connection is counted", 10, || async {
+        h.metrics()
+            .await
+            .contains(r#"cortex_connections_closed_total{end="refused"} 9"#)
+    })
+    .await;
+    // What already worked still works: trailers, extensions, 100-continue.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let body = serde_json::to_string(&chat_body("m", false)).unwrap();
+    let raw = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x};ext=\"q\"\r\n{body}\r\n0\r\nx-trailer: 1\r\n\r\n",
+        body.len()
+    );
+    s.write_all(raw.as_bytes()).await.unwrap();
+    let mut buf = BytesMut::new();
+    let ans = read_answer(&mut s, &mut buf, false).await;
+    assert_eq!(ans.status, 200);
+}
+
+/// `gateway.max_connections`: the connection over the cap is not served
+/// until one closes; open and closed connections are counted by how they
+/// ended.
+#[tokio::test]
+async fn connections_over_the_cap_wait_and_ends_are_counted() {
+    // No harness request goes to the API listener (its keep-alive
+    // connection would hold a slot): only this test's connections count.
+    let a = helexa_testkit::MockNeuron::start("a", vec![]).await;
+    let mut cfg = config(&[("node-a", &a)]);
+    cfg.gateway.max_connections = 2;
+    cfg.gateway.workers = 1;
+    let h = start(cfg).await;
+    let addr = h.cortex.addr;
+    let get = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut c1 = TcpStream::connect(addr).await.unwrap();
+    let mut c2 = TcpStream::connect(addr).await.unwrap();
+    for c in [&mut c1, &mut c2] {
+        c.write_all(get).await.unwrap();
+        let mut buf = BytesMut::new();
+        assert_eq!(read_answer(c, &mut buf, false).await.status, 200);
+    }
+    // A third connects (the kernel's backlog takes it) but is not served.
+    let mut c3 = TcpStream::connect(addr).await.unwrap();
+    c3.write_all(get).await.unwrap();
+    let mut buf3 = BytesMut::new();
+    let early = tokio::time::timeout(Duration::from_millis(500), c3.read_buf(&mut buf3)).await;
+    assert!(early.is_err(), "served over the cap");
+    // One closes cleanly: the third is served.
+    drop(c1);
+    let ans = read_answer(&mut c3, &mut buf3, false).await;
+    assert_eq!(ans.status, 200);
+    // A request cut off mid-head counts as cut.
+    c2.write_all(b"GET /health HTTP/1.1\r\nHo").await.unwrap();
+    drop(c2);
+    wait_until("the ends are counted", 10, || async {
+        let m = h.metrics().await;
+        m.contains(r#"cortex_connections_closed_total{end="clean"} 1"#)
+            && m.contains(r#"cortex_connections_closed_total{end="cut"} 1"#)
+            && m.contains("cortex_connections_open 1")
+    })
+    .await;
 }

@@ -40,8 +40,8 @@ async fn exposition_has_every_family_with_real_values() {
         .starts_with("text/plain"));
     let text = resp.text().await.unwrap();
     for needle in [
-        "cortex_requests_total{model=\"m\",node=\"node-a\",status=\"200\"} 2",
-        "cortex_requests_total{model=\"m\",node=\"-\",status=\"400\"} 1",
+        "cortex_requests_total{key=\"-\",model=\"m\",node=\"node-a\",status=\"200\"} 2",
+        "cortex_requests_total{key=\"-\",model=\"m\",node=\"-\",status=\"400\"} 1",
         "cortex_prevalidation_rejections_total{model=\"m\"} 1",
         "cortex_neuron_up{node=\"node-a\"} 1",
         "cortex_model_in_flight{model=\"m\",node=\"node-a\"} 3",
