@@ -80,6 +80,10 @@ pub struct Neuron {
     pub header: http::HeaderValue,
     /// Per model: cortex's own state for its replica here.
     replicas: RwLock<HashMap<String, Arc<Replica>>>,
+    /// Set when a request here got no response head within
+    /// `upstream.first_byte_timeout_ms`: the neuron is unhealthy until a
+    /// poll succeeds again, so one hung neuron costs one client one timeout.
+    suspect: std::sync::atomic::AtomicBool,
 }
 
 impl Neuron {
@@ -90,7 +94,16 @@ impl Neuron {
             header: http::HeaderValue::from_str(name)
                 .unwrap_or(http::HeaderValue::from_static("invalid-node-name")),
             replicas: RwLock::default(),
+            suspect: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    pub fn is_suspect(&self) -> bool {
+        self.suspect.load(Ordering::Relaxed)
+    }
+
+    pub fn set_suspect(&self, v: bool) {
+        self.suspect.store(v, Ordering::Relaxed);
     }
 
     fn existing(&self, model: &str) -> Option<Arc<Replica>> {

@@ -152,6 +152,8 @@ impl Metrics {
             &["version", "git_sha"],
         )
         .expect("metric");
+        let v = crate::version::info();
+        build_info.with_label_values(&[v.version, v.git_sha]).set(1);
         for c in [
             Box::new(requests_total.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(connections_open.clone()),

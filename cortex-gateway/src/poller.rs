@@ -45,6 +45,24 @@ pub async fn refresh_node(gw: &Arc<Gateway>, idx: usize) {
     store(gw, |nodes| nodes[idx] = v);
 }
 
+/// A neuron took a request and sent nothing within the first-byte timeout:
+/// it is unhealthy from now until a poll succeeds (rather than after
+/// `unhealthy_after` failed polls, each as long as the poll timeout).
+pub fn mark_hung(gw: &Arc<Gateway>, idx: usize) {
+    let neuron = &gw.fleet.neurons[idx];
+    if neuron.is_suspect() {
+        return;
+    }
+    neuron.set_suspect(true);
+    tracing::warn!(node = %neuron.name,
+        first_byte_timeout_ms = gw.config.upstream.first_byte_timeout_ms,
+        "neuron sent no response in time; unhealthy until it answers a poll");
+    store(gw, |nodes| {
+        nodes[idx].healthy = false;
+        nodes[idx].consecutive_failures = gw.config.poll.unhealthy_after;
+    });
+}
+
 fn store(gw: &Arc<Gateway>, edit: impl FnOnce(&mut Vec<NodeView>)) {
     let prev = gw.fleet.snapshot();
     let mut snap = (*prev).clone();
@@ -132,6 +150,7 @@ async fn poll_node(gw: &Gateway, idx: usize, prev: NodeView) -> NodeView {
     );
     match (health, models) {
         (Ok(health), Ok(models)) => {
+            neuron.set_suspect(false);
             if !prev.healthy {
                 tracing::info!(node = %neuron.name, models = models.len(), "neuron is healthy");
             }
@@ -159,7 +178,8 @@ async fn poll_node(gw: &Gateway, idx: usize, prev: NodeView) -> NodeView {
         }
         (h, m) => {
             let failures = prev.consecutive_failures + 1;
-            let healthy = prev.healthy && failures < gw.config.poll.unhealthy_after;
+            let healthy =
+                prev.healthy && !neuron.is_suspect() && failures < gw.config.poll.unhealthy_after;
             let err = h.err().or(m.err()).unwrap_or_default();
             if prev.healthy && !healthy {
                 tracing::warn!(node = %neuron.name, failures, error = %err, "neuron is unhealthy");

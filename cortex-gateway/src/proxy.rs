@@ -52,7 +52,7 @@ async fn endpoint(gw: &Gateway, idx: usize, replica: &Replica) -> Result<Arc<str
 
 /// POSTs `body` to `path` of `replica`'s model on neuron `idx`.
 pub async fn attempt(
-    gw: &Gateway,
+    gw: &Arc<Gateway>,
     idx: usize,
     replica: &Replica,
     path: &str,
@@ -80,13 +80,14 @@ pub async fn attempt(
     .await;
     let resp = match sent {
         Err(_) => {
+            crate::poller::mark_hung(gw, idx);
             return Outcome::Failed(ApiError::new(
                 ErrorCode::UpstreamTimeout,
                 format!(
                     "neuron `{}` sent no response within {} ms",
                     neuron.name, gw.config.upstream.first_byte_timeout_ms
                 ),
-            ))
+            ));
         }
         Ok(Err(e)) => {
             if matches!(e, SendError::Connect(_)) {

@@ -113,6 +113,9 @@ pub struct Behaviour {
     pub memory_available_mb: u64,
     /// Keep bodies and headers of `/v1/*` requests (off for benchmarks).
     pub record: bool,
+    /// Accept connections and requests but never answer any (a hung
+    /// neuron: alive to TCP, silent to HTTP).
+    pub hang: bool,
 }
 
 impl Default for Behaviour {
@@ -130,6 +133,7 @@ impl Default for Behaviour {
             load_fails: false,
             memory_available_mb: 16_000,
             record: true,
+            hang: false,
         }
     }
 }
@@ -317,7 +321,16 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/responses", post(responses))
         .route("/v1/embeddings", post(embeddings))
+        .layer(axum::middleware::from_fn_with_state(shared.clone(), hang))
         .with_state(shared)
+}
+
+/// Every route waits forever while `hang` is set.
+async fn hang(State(s): St, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    if s.lock().behaviour.hang {
+        std::future::pending::<()>().await;
+    }
+    next.run(req).await
 }
 
 type St = State<Arc<Shared>>;
