@@ -7,7 +7,10 @@
 //!   "context_length": 4096, "max_output_tokens": 512, "tokenizer": true,
 //!   "ignore_sigterm": false, "log": "/path/to/log"}`.
 //! Each request may carry `"fake": {"chunks": 3, "delay_ms": 10,
-//! "die": false, "die_after_chunks": null}`. The log gets one line per event
+//! "die": false, "die_after_chunks": null, "head_delay_ms": 0}`
+//! (`head_delay_ms`: wait that long before answering at all). A stream
+//! with `stream_options.include_usage` ends with a usage-only chunk, as the
+//! real engine's does; usage is `prompt_tokens` 1 and one token per chunk. The log gets one line per event
 //! (`pid N`, `args …`, `start K`, `end K complete|dropped`) so that tests can
 //! see what the engine saw.
 
@@ -57,6 +60,7 @@ struct Fake {
     delay_ms: u64,
     die: bool,
     die_after_chunks: Option<u32>,
+    head_delay_ms: u64,
 }
 
 struct Engine {
@@ -203,6 +207,11 @@ async fn generate(State(e): State<S>, Json(body): Json<Value>) -> Response {
         std::process::exit(9);
     }
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = body
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    tokio::time::sleep(Duration::from_millis(fake.head_delay_ms)).await;
     let k = e.next.fetch_add(1, Ordering::SeqCst);
     e.in_flight.fetch_add(1, Ordering::SeqCst);
     e.log(&format!("start {k}"));
@@ -243,8 +252,16 @@ async fn generate(State(e): State<S>, Json(body): Json<Value>) -> Response {
             }
             if i == chunks {
                 guard.complete = true;
+                let mut last = String::new();
+                if include_usage {
+                    let u = json!({"id": "c", "object": "chat.completion.chunk", "model": id,
+                        "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": chunks,
+                        "total_tokens": chunks + 1}});
+                    last.push_str(&format!("data: {u}\n\n"));
+                }
+                last.push_str("data: [DONE]\n\n");
                 return Some((
-                    Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"data: [DONE]\n\n")),
+                    Ok::<_, std::io::Error>(bytes::Bytes::from(last)),
                     (i + 1, guard),
                 ));
             }
