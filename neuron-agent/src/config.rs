@@ -667,6 +667,17 @@ device = "cuda:1"
             .unwrap_err()
             .to_string();
         assert!(e.contains("listen"), "{e}");
+        let e = Config::load_with_env(None, env(&[("NEURON_METRICS_LISTEN", "nowhere")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("metrics_listen"), "{e}");
+        let e = Config::load_with_env(None, env(&[("NEURON_ENGINE_HEALTH_FAILURES", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("engine_health_failures"), "{e}");
+        let c =
+            Config::load_with_env(None, env(&[("NEURON_ENGINE_HEALTH_FAILURES", "1")])).unwrap();
+        assert_eq!(c.engine_health_failures, 1);
         let f =
             write("[[models]]\nid = \"a\"\npath = \"/a\"\n[[models]]\nid = \"a\"\npath = \"/b\"\n");
         let e = Config::load_with_env(Some(f.path()), env(&[]))

@@ -162,9 +162,6 @@ async fn forward_inner(
     started: Instant,
     label: &mut String,
 ) -> Result<Response, ApiError> {
-    if state.is_draining() {
-        return Err(super::control::shutting_down(state));
-    }
     check_content_type(req.headers())?;
     let accept = req.headers().get(header::ACCEPT).cloned();
     let body = read_body(req, Some(state.config.max_body_bytes)).await?;
@@ -182,14 +179,18 @@ async fn forward_inner(
             metrics.refused(label, reason);
         }
     };
+    // Refusals other than admission's (which logs its numbers below).
+    let refuse_route = |e: &ApiError| {
+        let reason = route_reason(e);
+        refuse(reason);
+        tracing::warn!(model = %model, reason = reason.as_str(), code = e.code.as_str(), request_id = ?request_id, "request refused");
+    };
     if state.is_draining() {
-        refuse(RefuseReason::ShuttingDown);
-        return Err(super::control::shutting_down(state));
+        let e = super::control::shutting_down(state);
+        refuse_route(&e);
+        return Err(e);
     }
-    let route = state
-        .registry
-        .route(&model)
-        .inspect_err(|e| refuse(route_reason(e)))?;
+    let route = state.registry.route(&model).inspect_err(refuse_route)?;
     let permit = route.admission.acquire().await.map_err(|why| {
         let limits = route.admission.limits();
         let (message, reason) = match why {
@@ -222,7 +223,7 @@ async fn forward_inner(
     let engine = state
         .registry
         .current_engine(&model)
-        .inspect_err(|e| refuse(route_reason(e)))?;
+        .inspect_err(refuse_route)?;
     metrics.admitted.with_label_values(&[label.as_str()]).inc();
     let mut upstream = state
         .registry
@@ -256,7 +257,7 @@ async fn forward_inner(
             // and then lost is a 502.
             if e.is_connect() {
                 if let Err(loading) = state.registry.current_engine(&model) {
-                    refuse(route_reason(&loading));
+                    refuse_route(&loading);
                     return Err(loading);
                 }
             }
