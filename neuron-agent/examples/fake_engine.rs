@@ -5,9 +5,12 @@
 //! Behaviour comes from the JSON file passed as `--model`:
 //! `{"ready_delay_ms": 0, "fail_load": "reason", "exit_code": 3,
 //!   "context_length": 4096, "max_output_tokens": 512, "tokenizer": true,
-//!   "ignore_sigterm": false, "log": "/path/to/log"}`.
+//!   "ignore_sigterm": false, "log": "/path/to/log", "unhealthy_after_ms": null}`
+//! (`unhealthy_after_ms`: once ready, `/health` answers 500 after that long).
 //! Each request may carry `"fake": {"chunks": 3, "delay_ms": 10,
-//! "die": false, "die_after_chunks": null, "head_delay_ms": 0}`
+//! "die": false, "die_after_chunks": null, "stall_after_chunks": null,
+//! "head_delay_ms": 0}` (`stall_after_chunks`: the stream then sends nothing
+//! more, while the engine stays healthy)
 //! (`head_delay_ms`: wait that long before answering at all). A stream
 //! with `stream_options.include_usage` ends with a usage-only chunk, as the
 //! real engine's does; usage is `prompt_tokens` 1 and one token per chunk. The log gets one line per event
@@ -51,6 +54,7 @@ struct Behaviour {
     tokenizer: Option<bool>,
     ignore_sigterm: bool,
     log: Option<String>,
+    unhealthy_after_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -60,6 +64,7 @@ struct Fake {
     delay_ms: u64,
     die: bool,
     die_after_chunks: Option<u32>,
+    stall_after_chunks: Option<u32>,
     head_delay_ms: u64,
 }
 
@@ -67,6 +72,7 @@ struct Engine {
     id: String,
     b: Behaviour,
     ready: AtomicBool,
+    unhealthy: AtomicBool,
     in_flight: AtomicU64,
     generated: AtomicU64,
     next: AtomicU64,
@@ -102,6 +108,7 @@ async fn main() {
         id: args.id.clone().unwrap_or_else(|| "fake".into()),
         b: b.clone(),
         ready: AtomicBool::new(false),
+        unhealthy: AtomicBool::new(false),
         in_flight: AtomicU64::new(0),
         generated: AtomicU64::new(0),
         next: AtomicU64::new(0),
@@ -139,12 +146,24 @@ async fn main() {
             std::process::exit(e.b.exit_code.unwrap_or(3));
         }
         e.ready.store(true, Ordering::SeqCst);
+        if let Some(ms) = e.b.unhealthy_after_ms {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            e.unhealthy.store(true, Ordering::SeqCst);
+            e.log("unhealthy");
+        }
         eprintln!("fake engine ready");
     });
     axum::serve(listener, app).await.unwrap();
 }
 
 async fn health(State(e): State<S>) -> Response {
+    if e.unhealthy.load(Ordering::SeqCst) {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"status": "broken"})),
+        )
+            .into_response();
+    }
     if !e.ready.load(Ordering::SeqCst) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -243,12 +262,17 @@ async fn generate(State(e): State<S>, Json(body): Json<Value>) -> Response {
     let body = futures_util::stream::unfold((0u32, guard), move |(i, mut guard)| {
         let id = id.clone();
         let die_after = fake.die_after_chunks;
+        let stall_after = fake.stall_after_chunks;
         async move {
             if i > chunks {
                 return None;
             }
             if die_after == Some(i) {
                 std::process::exit(9);
+            }
+            if stall_after == Some(i) {
+                guard.e.log("stalled");
+                std::future::pending::<()>().await;
             }
             if i == chunks {
                 guard.complete = true;

@@ -408,3 +408,94 @@ async fn engine_silent_past_the_first_byte_timeout_is_a_504() {
     assert_eq!(sample(&after, r#"neuron_model_in_flight{model="m"}"#), 0.0);
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_engine_whose_stream_stalls_is_killed() {
+    let fx = Fixture::new();
+    let mut m = fx.model("m", json!({}));
+    m.preload = true;
+    let mut c = config(vec![m]);
+    c.engine_stall_timeout_secs = 1;
+    c.restart_backoff_initial_ms = 300;
+    let agent = start(c).await;
+    eventually(20, "loaded", || async {
+        model_health(&agent, "m").await["status"] == "loaded"
+    })
+    .await;
+    let pid = agent.registry().engine_pid("m").unwrap();
+    let before = scrape(&agent).await;
+
+    // The engine keeps answering /health; only its stream goes quiet.
+    let sent = Instant::now();
+    let r = post(
+        &agent,
+        "/v1/chat/completions",
+        chat("m", json!({"chunks": 10, "stall_after_chunks": 2}), true),
+    )
+    .await;
+    let text = tokio::time::timeout(Duration::from_secs(10), r.text())
+        .await
+        .expect("the stream must end, not hang")
+        .unwrap();
+    let took = sent.elapsed();
+    assert!(text.contains("t1 "), "{text}");
+    assert!(
+        text.contains(r#""code":"upstream_error""#) && text.ends_with("data: [DONE]\n\n"),
+        "{text}"
+    );
+    assert!(took >= Duration::from_millis(950), "{took:?}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    assert!(fx.log("m").contains(&"stalled".to_string()));
+    eventually(20, "replaced and loaded", || async {
+        model_health(&agent, "m").await["status"] == "loaded"
+            && agent.registry().engine_pid("m") != Some(pid)
+    })
+    .await;
+    let after = scrape(&agent).await;
+    let delta = |series: &str| sample(&after, series) - sample(&before, series);
+    assert_eq!(
+        delta(r#"neuron_engine_health_failures_total{model="m",reason="stalled"}"#),
+        1.0
+    );
+    assert_eq!(delta(r#"neuron_engine_restarts_total{model="m"}"#), 1.0);
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_answering_health_with_errors_is_restarted() {
+    let fx = Fixture::new();
+    let mut m = fx.model("m", json!({"unhealthy_after_ms": 300}));
+    m.preload = true;
+    let mut c = config(vec![m]);
+    c.engine_poll_interval_ms = 50;
+    c.engine_health_failures = 4;
+    let agent = start(c).await;
+    eventually(20, "loaded", || async {
+        model_health(&agent, "m").await["status"] == "loaded"
+    })
+    .await;
+    let pid = agent.registry().engine_pid("m").unwrap();
+    eventually(20, "restarted", || async {
+        sample(
+            &scrape(&agent).await,
+            r#"neuron_engine_restarts_total{model="m"}"#,
+        ) >= 1.0
+    })
+    .await;
+    assert!(!alive(pid), "the unhealthy engine was killed and reaped");
+    let text = scrape(&agent).await;
+    let errors = sample(
+        &text,
+        r#"neuron_engine_health_failures_total{model="m",reason="error"}"#,
+    );
+    // Four in a row killed the first engine (and maybe some of the next).
+    assert!(errors >= 4.0, "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            r#"neuron_engine_health_failures_total{model="m",reason="timeout"}"#
+        ),
+        0.0
+    );
+    agent.shutdown().await;
+}

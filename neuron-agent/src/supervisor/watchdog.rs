@@ -31,6 +31,11 @@ impl Watchdog {
     pub async fn run(self, stop: CancellationToken) -> Option<String> {
         let check_every =
             (self.stall / 10).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        // One ticker for the whole watch, so that stall checks keep their
+        // pace whatever the polls do (a fresh sleep per select would lose
+        // every race to a shorter poll interval or a quick poll).
+        let mut stall_tick = tokio::time::interval(check_every);
+        stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failures: u32 = 0;
         loop {
             let probe = self.probe();
@@ -38,7 +43,7 @@ impl Watchdog {
             let outcome = loop {
                 tokio::select! {
                     r = &mut probe => break r,
-                    _ = tokio::time::sleep(check_every) => {
+                    _ = stall_tick.tick() => {
                         if let Some(why) = self.stalled() {
                             return Some(why);
                         }
@@ -73,7 +78,7 @@ impl Watchdog {
             loop {
                 tokio::select! {
                     _ = &mut next => break,
-                    _ = tokio::time::sleep(check_every) => {
+                    _ = stall_tick.tick() => {
                         if let Some(why) = self.stalled() {
                             return Some(why);
                         }
