@@ -180,7 +180,7 @@ impl Cluster {
         std::fs::write(
             &neuron_cfg,
             format!(
-                "listen = \"127.0.0.1:{neuron_port}\"\nnode = \"e2e-node\"\n\n[[models]]\nid = \"{MODEL_ID}\"\npath = \"{}\"\npreload = true\nmax_in_flight = {}\nmax_queue_depth = 32\nmax_wait_secs = 120\n",
+                "listen = \"127.0.0.1:{neuron_port}\"\nmetrics_listen = \"127.0.0.1:0\"\nnode = \"e2e-node\"\n\n[[models]]\nid = \"{MODEL_ID}\"\npath = \"{}\"\npreload = true\nmax_in_flight = {}\nmax_queue_depth = 32\nmax_wait_secs = 120\n",
                 model.display(),
                 opts.max_in_flight
             ),

@@ -5,9 +5,15 @@
 //! Behaviour comes from the JSON file passed as `--model`:
 //! `{"ready_delay_ms": 0, "fail_load": "reason", "exit_code": 3,
 //!   "context_length": 4096, "max_output_tokens": 512, "tokenizer": true,
-//!   "ignore_sigterm": false, "log": "/path/to/log"}`.
+//!   "ignore_sigterm": false, "log": "/path/to/log", "unhealthy_after_ms": null}`
+//! (`unhealthy_after_ms`: once ready, `/health` answers 500 after that long).
 //! Each request may carry `"fake": {"chunks": 3, "delay_ms": 10,
-//! "die": false, "die_after_chunks": null}`. The log gets one line per event
+//! "die": false, "die_after_chunks": null, "stall_after_chunks": null,
+//! "head_delay_ms": 0}` (`stall_after_chunks`: the stream then sends nothing
+//! more, while the engine stays healthy)
+//! (`head_delay_ms`: wait that long before answering at all). A stream
+//! with `stream_options.include_usage` ends with a usage-only chunk, as the
+//! real engine's does; usage is `prompt_tokens` 1 and one token per chunk. The log gets one line per event
 //! (`pid N`, `args …`, `start K`, `end K complete|dropped`) so that tests can
 //! see what the engine saw.
 
@@ -48,6 +54,7 @@ struct Behaviour {
     tokenizer: Option<bool>,
     ignore_sigterm: bool,
     log: Option<String>,
+    unhealthy_after_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -57,12 +64,15 @@ struct Fake {
     delay_ms: u64,
     die: bool,
     die_after_chunks: Option<u32>,
+    stall_after_chunks: Option<u32>,
+    head_delay_ms: u64,
 }
 
 struct Engine {
     id: String,
     b: Behaviour,
     ready: AtomicBool,
+    unhealthy: AtomicBool,
     in_flight: AtomicU64,
     generated: AtomicU64,
     next: AtomicU64,
@@ -98,6 +108,7 @@ async fn main() {
         id: args.id.clone().unwrap_or_else(|| "fake".into()),
         b: b.clone(),
         ready: AtomicBool::new(false),
+        unhealthy: AtomicBool::new(false),
         in_flight: AtomicU64::new(0),
         generated: AtomicU64::new(0),
         next: AtomicU64::new(0),
@@ -135,12 +146,24 @@ async fn main() {
             std::process::exit(e.b.exit_code.unwrap_or(3));
         }
         e.ready.store(true, Ordering::SeqCst);
+        if let Some(ms) = e.b.unhealthy_after_ms {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            e.unhealthy.store(true, Ordering::SeqCst);
+            e.log("unhealthy");
+        }
         eprintln!("fake engine ready");
     });
     axum::serve(listener, app).await.unwrap();
 }
 
 async fn health(State(e): State<S>) -> Response {
+    if e.unhealthy.load(Ordering::SeqCst) {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"status": "broken"})),
+        )
+            .into_response();
+    }
     if !e.ready.load(Ordering::SeqCst) {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -203,6 +226,11 @@ async fn generate(State(e): State<S>, Json(body): Json<Value>) -> Response {
         std::process::exit(9);
     }
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = body
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    tokio::time::sleep(Duration::from_millis(fake.head_delay_ms)).await;
     let k = e.next.fetch_add(1, Ordering::SeqCst);
     e.in_flight.fetch_add(1, Ordering::SeqCst);
     e.log(&format!("start {k}"));
@@ -234,6 +262,7 @@ async fn generate(State(e): State<S>, Json(body): Json<Value>) -> Response {
     let body = futures_util::stream::unfold((0u32, guard), move |(i, mut guard)| {
         let id = id.clone();
         let die_after = fake.die_after_chunks;
+        let stall_after = fake.stall_after_chunks;
         async move {
             if i > chunks {
                 return None;
@@ -241,10 +270,22 @@ async fn generate(State(e): State<S>, Json(body): Json<Value>) -> Response {
             if die_after == Some(i) {
                 std::process::exit(9);
             }
+            if stall_after == Some(i) {
+                guard.e.log("stalled");
+                std::future::pending::<()>().await;
+            }
             if i == chunks {
                 guard.complete = true;
+                let mut last = String::new();
+                if include_usage {
+                    let u = json!({"id": "c", "object": "chat.completion.chunk", "model": id,
+                        "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": chunks,
+                        "total_tokens": chunks + 1}});
+                    last.push_str(&format!("data: {u}\n\n"));
+                }
+                last.push_str("data: [DONE]\n\n");
                 return Some((
-                    Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"data: [DONE]\n\n")),
+                    Ok::<_, std::io::Error>(bytes::Bytes::from(last)),
                     (i + 1, guard),
                 ));
             }

@@ -139,7 +139,7 @@ impl Admission {
 
     /// Waits until no request runs, or `timeout` passes; true when idle.
     pub async fn drain(&self, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         loop {
             let notified = self.counters.idle.notified();
             if self.in_flight() == 0 {
@@ -166,6 +166,14 @@ impl Admission {
     pub fn admitted_total(&self) -> u64 {
         self.counters.admitted.load(Ordering::Relaxed)
     }
+}
+
+/// `now + after`, or a far-off instant when that would overflow (a
+/// configured timeout of `u64::MAX` seconds means "never", not a panic).
+pub fn deadline_after(after: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(after)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 #[cfg(test)]
@@ -219,6 +227,21 @@ mod tests {
             .unwrap();
         assert_eq!(g.in_flight(), 1);
         drop(p);
+    }
+
+    #[tokio::test]
+    async fn huge_limits_do_not_overflow() {
+        let g = Arc::new(Admission::new(Limits {
+            max_in_flight: u32::MAX,
+            max_queue_depth: u32::MAX,
+            max_wait: Duration::from_secs(u64::MAX),
+        }));
+        let p = g.acquire().await.unwrap();
+        assert_eq!(g.in_flight(), 1);
+        assert!(!g.drain(Duration::from_millis(10)).await);
+        drop(p);
+        assert!(g.drain(Duration::from_secs(u64::MAX)).await);
+        assert!(deadline_after(Duration::MAX) > tokio::time::Instant::now());
     }
 
     #[tokio::test]

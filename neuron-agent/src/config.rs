@@ -14,6 +14,8 @@ use std::time::Duration;
 
 /// Default listen address of the agent.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:13131";
+/// Default address of the Prometheus listener.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9465";
 /// Id of the embedded default model.
 pub const DEFAULT_MODEL_ID: &str = "smollm2-135m-instruct";
 /// File name of the embedded default model.
@@ -51,6 +53,8 @@ pub enum ConfigError {
 pub struct Config {
     /// Address the agent's HTTP API binds to.
     pub listen: String,
+    /// Address of the Prometheus listener (`GET /metrics`).
+    pub metrics_listen: String,
     /// Name of this node in the fleet (default: the hostname).
     pub node: Option<String>,
     /// Base URL cortex should use for this agent (`/models/{id}/endpoint`);
@@ -65,6 +69,18 @@ pub struct Config {
     pub engine_stop_timeout_secs: u64,
     /// How often each engine's `/health` is polled for `/health` figures.
     pub engine_poll_interval_ms: u64,
+    /// How long one poll of a running engine's `/health` may take before it
+    /// counts as a failed health check.
+    pub engine_health_timeout_ms: u64,
+    /// Consecutive failed health checks after which the engine is killed
+    /// (SIGKILL to its process group) and restarted.
+    pub engine_health_failures: u32,
+    /// While requests stream from an engine: seconds without any response
+    /// byte from it after which it is killed as stalled and restarted.
+    pub engine_stall_timeout_secs: u64,
+    /// Seconds an engine may take to send a request's response head; then
+    /// the client gets `504 upstream_timeout`.
+    pub engine_first_byte_timeout_secs: u64,
     /// On SIGTERM/SIGINT, how long running requests may take to finish.
     pub drain_timeout_secs: u64,
     /// On unload, how long in-flight requests of that model may take.
@@ -200,12 +216,17 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: DEFAULT_LISTEN.to_string(),
+            metrics_listen: DEFAULT_METRICS_LISTEN.to_string(),
             node: None,
             advertise_url: None,
             engine_program: None,
             engine_ready_timeout_secs: 300,
             engine_stop_timeout_secs: 10,
             engine_poll_interval_ms: 1000,
+            engine_health_timeout_ms: 5000,
+            engine_health_failures: 3,
+            engine_stall_timeout_secs: 60,
+            engine_first_byte_timeout_secs: 300,
             drain_timeout_secs: 30,
             unload_drain_secs: 30,
             restart_backoff_initial_ms: 500,
@@ -236,7 +257,7 @@ impl Config {
     /// Loads `path` (a missing file means defaults), applies `NEURON_…`
     /// overrides from the process environment, validates.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        Self::load_with_env(path, std::env::vars())
+        Self::load_with_env(path, utf8_env(std::env::vars_os()))
     }
 
     /// As [`Config::load`] with an explicit environment (for tests).
@@ -316,6 +337,10 @@ impl Config {
     /// Expands paths and checks cross-field rules.
     pub fn finish(&mut self) -> Result<(), String> {
         self.listen_addr()?;
+        self.metrics_addr()?;
+        if self.engine_health_failures == 0 {
+            return Err("engine_health_failures must be at least 1".into());
+        }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return Err(format!(
                 "log_format must be \"text\" or \"json\", got {:?}",
@@ -369,6 +394,15 @@ impl Config {
         Ok(())
     }
 
+    pub fn metrics_addr(&self) -> Result<SocketAddr, String> {
+        self.metrics_listen.parse().map_err(|e| {
+            format!(
+                "metrics_listen {:?} is not an address: {e}",
+                self.metrics_listen
+            )
+        })
+    }
+
     pub fn listen_addr(&self) -> Result<SocketAddr, String> {
         self.listen
             .parse()
@@ -396,12 +430,43 @@ impl Config {
     pub fn engine_poll_interval(&self) -> Duration {
         Duration::from_millis(self.engine_poll_interval_ms.max(10))
     }
+    pub fn engine_health_timeout(&self) -> Duration {
+        Duration::from_millis(self.engine_health_timeout_ms.max(1))
+    }
+    pub fn engine_stall_timeout(&self) -> Duration {
+        Duration::from_secs(self.engine_stall_timeout_secs.max(1))
+    }
+    pub fn engine_first_byte_timeout(&self) -> Duration {
+        Duration::from_secs(self.engine_first_byte_timeout_secs.max(1))
+    }
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_timeout_secs)
     }
     pub fn unload_drain(&self) -> Duration {
         Duration::from_secs(self.unload_drain_secs)
     }
+}
+
+/// The UTF-8 variables of an environment. A variable whose name or value is
+/// not UTF-8 cannot be a config override (or `HELEXA_MODEL_DIR`, read as
+/// text here): it is skipped with a warning instead of panicking as
+/// `std::env::vars` would.
+pub fn utf8_env(
+    vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Vec<(String, String)> {
+    vars.into_iter()
+        .filter_map(|(k, v)| match (k.into_string(), v.into_string()) {
+            (Ok(k), Ok(v)) => Some((k, v)),
+            (Ok(k), Err(_)) => {
+                tracing::warn!(variable = %k, "environment variable is not UTF-8; ignored");
+                None
+            }
+            (Err(k), _) => {
+                tracing::warn!(variable = %k.to_string_lossy(), "environment variable name is not UTF-8; ignored");
+                None
+            }
+        })
+        .collect()
 }
 
 /// Sets `NEURON_A__B__0__C=value` into `table` at `a.b[0].c`. The value is
@@ -602,12 +667,40 @@ device = "cuda:1"
             .unwrap_err()
             .to_string();
         assert!(e.contains("listen"), "{e}");
+        let e = Config::load_with_env(None, env(&[("NEURON_METRICS_LISTEN", "nowhere")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("metrics_listen"), "{e}");
+        let e = Config::load_with_env(None, env(&[("NEURON_ENGINE_HEALTH_FAILURES", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("engine_health_failures"), "{e}");
+        let c =
+            Config::load_with_env(None, env(&[("NEURON_ENGINE_HEALTH_FAILURES", "1")])).unwrap();
+        assert_eq!(c.engine_health_failures, 1);
         let f =
             write("[[models]]\nid = \"a\"\npath = \"/a\"\n[[models]]\nid = \"a\"\npath = \"/b\"\n");
         let e = Config::load_with_env(Some(f.path()), env(&[]))
             .unwrap_err()
             .to_string();
         assert!(e.contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn non_utf8_variables_are_skipped_not_fatal() {
+        use std::ffi::OsString;
+        use std::os::unix::ffi::OsStringExt;
+        let bad = OsString::from_vec(vec![0x66, 0xff, 0x6f]);
+        let vars = vec![
+            (OsString::from("NEURON_NODE"), OsString::from("n1")),
+            (OsString::from("NEURON_LISTEN"), bad.clone()),
+            (bad, OsString::from("x")),
+        ];
+        let env = utf8_env(vars);
+        assert_eq!(env, vec![("NEURON_NODE".to_string(), "n1".to_string())]);
+        let c = Config::load_with_env(None, env).unwrap();
+        assert_eq!(c.node_name(), "n1");
+        assert_eq!(c.listen, DEFAULT_LISTEN);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use crate::api::{self, AppState};
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,7 +32,9 @@ const FIGURES_EVERY: Duration = Duration::from_secs(5);
 pub struct Agent {
     state: AppState,
     addr: SocketAddr,
+    metrics_addr: SocketAddr,
     server: JoinHandle<()>,
+    metrics_server: JoinHandle<()>,
     stop_serving: CancellationToken,
     figures: JoinHandle<()>,
 }
@@ -44,11 +47,18 @@ impl Agent {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         let addr = listener.local_addr()?;
+        let metrics_addr = config.metrics_addr().map_err(anyhow::Error::msg)?;
+        let metrics_listener = TcpListener::bind(metrics_addr).await.map_err(|e| {
+            anyhow::anyhow!("cannot listen on {metrics_addr} (metrics_listen): {e}")
+        })?;
+        let metrics_addr = metrics_listener.local_addr()?;
         let advertise = config
             .advertise_url
             .clone()
             .unwrap_or_else(|| default_advertise_url(addr));
-        let registry = Registry::new(Arc::new(config));
+        let ids: Vec<String> = config.models.iter().map(|m| m.id.clone()).collect();
+        let metrics = Arc::new(Metrics::new(&ids, &api::version()));
+        let registry = Registry::new(Arc::new(config), metrics);
         let state = AppState::new(
             registry.clone(),
             advertise.trim_end_matches('/').to_string(),
@@ -64,13 +74,25 @@ impl Agent {
                 tracing::error!(error = %e, "HTTP server failed");
             }
         });
-        tracing::info!(%addr, node = %state.node, "neuron agent listening");
+        let metrics_app = api::metrics_router(state.clone());
+        let stop = stop_serving.clone();
+        let metrics_server = tokio::spawn(async move {
+            let served = axum::serve(metrics_listener, metrics_app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        });
+        tracing::info!(%addr, %metrics_addr, node = %state.node, "neuron agent listening");
         registry.spawn_preload();
         let figures = tokio::spawn(state.clone().refresh_figures(FIGURES_EVERY));
         Ok(Agent {
             state,
             addr,
+            metrics_addr,
             server,
+            metrics_server,
             stop_serving,
             figures,
         })
@@ -83,6 +105,11 @@ impl Agent {
     /// `http://127.0.0.1:PORT`-style base URL of this agent.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// `http://127.0.0.1:PORT` of the metrics listener.
+    pub fn metrics_url(&self) -> String {
+        format!("http://{}", self.metrics_addr)
     }
 
     pub fn registry(&self) -> &Registry {
@@ -121,6 +148,13 @@ impl Agent {
             .is_err()
         {
             server.abort();
+        }
+        let mut metrics_server = self.metrics_server;
+        if tokio::time::timeout(Duration::from_secs(2), &mut metrics_server)
+            .await
+            .is_err()
+        {
+            metrics_server.abort();
         }
         tracing::info!("neuron agent stopped");
     }

@@ -2,8 +2,9 @@
 //!
 //! `error` is the one error envelope (PROTOCOL.md §2); `extract` makes axum's
 //! body rejections speak it; `sse` frames server-sent events; `shutdown` waits
-//! for SIGTERM/SIGINT; the rest are the request and response shapes of the
-//! OpenAI API that helexa serves.
+//! for SIGTERM/SIGINT; `version` is the `/version` body and `version_build`
+//! the build-script half that fills it in; the rest are the request and
+//! response shapes of the OpenAI API that helexa serves.
 
 pub mod chat;
 pub mod completions;
@@ -12,6 +13,9 @@ pub mod extract;
 pub mod models;
 pub mod shutdown;
 pub mod sse;
+pub mod version;
+pub mod version_build;
 
 pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use extract::ApiJson;
+pub use version::VersionInfo;

@@ -16,6 +16,11 @@ use helexa_protocol::{
 };
 use http::{header, HeaderValue};
 
+/// `GET /version` (PROTOCOL.md §8), public.
+pub async fn version(State(state): State<AppState>) -> Json<helexa_api::VersionInfo> {
+    Json(state.version.clone())
+}
+
 pub async fn discovery(State(state): State<AppState>) -> Json<Discovery> {
     let figures = state.figures();
     let catalogue = state

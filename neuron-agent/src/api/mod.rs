@@ -1,19 +1,22 @@
 //! The agent's HTTP API (PROTOCOL.md §3): the router, its shared state, and
 //! the cross-cutting layers (auth, body limit, envelope for unknown routes).
 //! Handlers are split by family: `control.rs` (cortex's routes) and
-//! `inference.rs` (the OpenAI routes forwarded to engines).
+//! `inference.rs` (the OpenAI routes forwarded to engines, whose answers
+//! `relay.rs` streams back); `GET /metrics` has its own listener.
 
 mod control;
 mod inference;
+mod relay;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use helexa_api::{ApiError, ErrorCode};
+use helexa_api::{ApiError, ErrorCode, VersionInfo};
 use helexa_protocol::{DeviceHealth, DeviceInfo, MemoryMb};
 use http::{header, HeaderValue, Method, StatusCode};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +33,8 @@ pub struct NodeFigures {
 
 pub struct AppInner {
     pub registry: Registry,
+    pub metrics: Arc<Metrics>,
+    pub version: VersionInfo,
     pub config: Arc<Config>,
     pub node: String,
     pub hostname: String,
@@ -66,6 +71,8 @@ impl AppState {
                 devices: crate::discovery::devices(),
                 device_health: crate::discovery::device_health(),
             }),
+            metrics: registry.metrics().clone(),
+            version: version(),
             registry,
             config,
         }))
@@ -104,6 +111,7 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     let limit = state.config.max_body_bytes;
     Router::new()
+        .route("/version", get(control::version))
         .route("/discovery", get(control::discovery))
         .route("/health", get(control::health))
         .route("/models", get(control::models))
@@ -123,12 +131,40 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// `Authorization: Bearer <token>` on every route but `GET /health`.
+/// This build of the agent (`GET /version`).
+pub fn version() -> VersionInfo {
+    helexa_api::version_info!("neuron")
+}
+
+/// The metrics listener: `GET /metrics` only. The per-model gauges are set
+/// from the registry's cached state at each scrape.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    state
+        .metrics
+        .set_model_gauges(&state.registry.model_gauges());
+    let mut resp = state.metrics.encode().into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}
+
+/// `Authorization: Bearer <token>` on every route but `GET /health` and
+/// `GET /version`.
 async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let Some(token) = state.config.auth.token.as_deref() else {
         return next.run(req).await;
     };
-    if req.method() == Method::GET && req.uri().path() == "/health" {
+    if req.method() == Method::GET && matches!(req.uri().path(), "/health" | "/version") {
         return next.run(req).await;
     }
     let presented = req

@@ -67,6 +67,7 @@ impl Fixture {
 pub fn config(models: Vec<ModelSpec>) -> Config {
     let mut c = Config {
         listen: "127.0.0.1:0".into(),
+        metrics_listen: "127.0.0.1:0".into(),
         node: Some("test-node".into()),
         engine_program: Some(fake_engine()),
         engine_ready_timeout_secs: 20,
@@ -116,6 +117,31 @@ pub async fn post_json(agent: &Agent, path: &str, body: Value) -> (u16, Value) {
     let r = post(agent, path, body).await;
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// The agent's `/metrics` text.
+pub async fn scrape(agent: &Agent) -> String {
+    let r = client()
+        .get(format!("{}/metrics", agent.metrics_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let ctype = r.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
+    r.text().await.unwrap()
+}
+
+/// The value of one sample (`name{labels}` exactly as exposed, labels in
+/// name order), 0 when the series is absent.
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse::<f64>().unwrap())
+        })
+        .unwrap_or(0.0)
 }
 
 /// Polls `f` every 20 ms until it is true or `secs` pass.

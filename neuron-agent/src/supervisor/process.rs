@@ -1,4 +1,4 @@
-//! One engine child process: how it is started, how the agent learns that it
+//! One engine child process (the supervisor's): how it is started, how the agent learns that it
 //! is ready, how it is stopped — and how it never outlives the agent.
 //!
 //! Protocol (see `engine_server`): `<program> engine --model … --listen
@@ -184,7 +184,7 @@ impl EngineProcess {
             stderr_tail,
             exited: None,
         };
-        let deadline = tokio::time::Instant::now() + config.engine_ready_timeout();
+        let deadline = crate::admission::deadline_after(config.engine_ready_timeout());
         let outcome = tokio::select! {
             r = proc.wait_ready(spec, client, deadline) => r,
             _ = cancel.cancelled() => Err(StartError::Cancelled),
@@ -339,6 +339,19 @@ impl EngineProcess {
                 describe(s)
             }
             Err(e) => format!("wait failed: {e}"),
+        }
+    }
+
+    /// SIGKILL to the engine's process group at once (a hung engine gets no
+    /// SIGTERM: it would not act on it), then reap. Idempotent.
+    pub async fn kill(&mut self) {
+        if self.exited.is_some() {
+            return;
+        }
+        signal_group(self.pid, libc::SIGKILL);
+        let _ = self.child.start_kill();
+        if let Ok(s) = self.child.wait().await {
+            self.exited = Some(s);
         }
     }
 
