@@ -1,4 +1,5 @@
-//! cortex's configuration: TOML file, then `CORTEX_…` environment overrides.
+//! cortex's configuration: TOML file, then `CORTEX_…` environment overrides
+//! (the layer shared with the neuron, `helexa-config`).
 //!
 //! Key names are a contract (docs/cortex.md); a missing file means defaults,
 //! an invalid one is an error naming the file, the line and the key.
@@ -175,7 +176,7 @@ impl Default for PrevalidationConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LoadingConfig {
-    /// Load a catalogued-but-unloaded model on demand (PROTOCOL §5.5).
+    /// Load a catalogued-but-unloaded model on demand (docs/protocol.md §5.5).
     pub enabled: bool,
     /// How long a request is held while its model loads.
     pub timeout_ms: u64,
@@ -232,109 +233,31 @@ pub fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("invalid config file {path}: line {line}, key `{key}`: {message}")]
-    Invalid {
-        path: String,
-        line: usize,
-        key: String,
-        message: String,
-    },
-    #[error("invalid environment override {var}: key `{key}`: {message}")]
-    Env {
-        var: String,
-        key: String,
-        message: String,
-    },
-}
+pub use helexa_config::ConfigError;
+
+/// cortex's configuration layer: `CORTEX_A__B` overrides key `a.b`;
+/// `CORTEX_CONFIG`, `CORTEX_LOG_FORMAT` and `CORTEX_WORKER_THREADS` are flags.
+pub const LAYER: helexa_config::Layer = helexa_config::Layer {
+    prefix: "CORTEX_",
+    not_keys: &["CONFIG", "LOG", "LOG_FORMAT", "WORKER_THREADS"],
+};
 
 impl Config {
     /// Loads `path` (missing = defaults) and applies `CORTEX_…` overrides
     /// from the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let env: Vec<(String, String)> = std::env::vars().collect();
-        Self::load_with_env(path, &env)
+        let text = helexa_config::read_file(path)?;
+        Self::from_toml(&text, &path.display().to_string())
     }
 
-    pub fn load_with_env(path: &Path, env: &[(String, String)]) -> Result<Config, ConfigError> {
-        let display = path.display().to_string();
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => {
-                return Err(ConfigError::Read {
-                    path: display,
-                    source: e,
-                })
-            }
-        };
-        Self::from_toml_with_env(&text, &display, env)
-    }
-
-    pub fn from_toml_with_env(
-        text: &str,
-        path: &str,
-        env: &[(String, String)],
-    ) -> Result<Config, ConfigError> {
-        // The file alone first, so an error can name its line and key.
-        let mut table: toml::Table = match text.parse::<toml::Table>() {
-            Ok(t) => t,
-            Err(e) => {
-                return Err(ConfigError::Invalid {
-                    path: path.into(),
-                    line: line_of(text, e.span()),
-                    key: "-".into(),
-                    message: e.message().to_string(),
-                })
-            }
-        };
-        if let Err((key, message)) = typed(&table) {
-            let line = toml::from_str::<Config>(text)
-                .err()
-                .map(|e| line_of(text, e.span()))
-                .unwrap_or_else(|| find_key_line(text, &key));
-            return Err(ConfigError::Invalid {
-                path: path.into(),
-                line,
-                key,
-                message,
-            });
-        }
-        for (var, value) in env {
-            let Some(rest) = var.strip_prefix("CORTEX_") else {
-                continue;
-            };
-            // Only nested keys (`__`) and the neuron list are overrides, so
-            // that CORTEX_CONFIG / CORTEX_LOG stay free for flags.
-            let keys: Vec<String> = rest.split("__").map(|k| k.to_ascii_lowercase()).collect();
-            if keys.len() < 2 && rest != "NEURONS" && rest != "ALIASES" {
-                continue;
-            }
-            set_path(&mut table, &keys, parse_env_value(value));
-            if let Err((key, message)) = typed(&table) {
-                return Err(ConfigError::Env {
-                    var: var.clone(),
-                    key,
-                    message,
-                });
-            }
-        }
-        let config = typed(&table).map_err(|(key, message)| ConfigError::Env {
-            var: "CORTEX_*".into(),
-            key,
-            message,
-        })?;
+    /// As [`Config::load`] for file text `text` shown as `path` in errors.
+    pub fn from_toml(text: &str, path: &str) -> Result<Config, ConfigError> {
+        let config: Config = LAYER.load(None::<()>, text, path)?;
         config
             .validate()
             .map_err(|(key, message)| ConfigError::Invalid {
                 path: path.into(),
-                line: find_key_line(text, &key),
+                line: helexa_config::find_key_line(text, &key),
                 key,
                 message,
             })?;
@@ -403,64 +326,15 @@ impl Config {
     }
 }
 
-fn typed(table: &toml::Table) -> Result<Config, (String, String)> {
-    let value = toml::Value::Table(table.clone());
-    serde_path_to_error::deserialize::<_, Config>(value).map_err(|e| {
-        let key = e.path().to_string();
-        (key, e.into_inner().to_string())
-    })
-}
-
-fn parse_env_value(raw: &str) -> toml::Value {
-    match format!("v = {raw}").parse::<toml::Table>() {
-        Ok(mut t) => t
-            .remove("v")
-            .unwrap_or_else(|| toml::Value::String(raw.into())),
-        Err(_) => toml::Value::String(raw.into()),
-    }
-}
-
-fn set_path(table: &mut toml::Table, keys: &[String], value: toml::Value) {
-    let (last, parents) = keys.split_last().expect("at least one key");
-    let mut cur = table;
-    for k in parents {
-        let entry = cur
-            .entry(k.clone())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        if !entry.is_table() {
-            *entry = toml::Value::Table(toml::Table::new());
-        }
-        cur = entry.as_table_mut().expect("table");
-    }
-    cur.insert(last.clone(), value);
-}
-
-fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> usize {
-    match span {
-        Some(r) => text[..r.start.min(text.len())].matches('\n').count() + 1,
-        None => 0,
-    }
-}
-
-/// Best-effort line of `a.b.key` in the file: the last segment at a line start.
-fn find_key_line(text: &str, key: &str) -> usize {
-    let last = key.rsplit('.').next().unwrap_or(key);
-    text.lines()
-        .position(|l| {
-            let t = l.trim_start();
-            t.starts_with(last) && t[last.len()..].trim_start().starts_with('=')
-        })
-        .map(|i| i + 1)
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
+// figment::Jail's closures return figment::Error, which is large.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 
     #[test]
     fn empty_means_defaults() {
-        let c = Config::from_toml_with_env("", "x", &[]).unwrap();
+        let c = Config::from_toml("", "x").unwrap();
         assert_eq!(c, Config::default());
         assert_eq!(c.gateway.listen, "127.0.0.1:8080");
         assert_eq!(c.neurons[0].name, "local");
@@ -470,46 +344,61 @@ mod tests {
 
     #[test]
     fn file_and_env_overrides() {
-        let text = "[poll]\ninterval_ms = 250\n\n[[neurons]]\nname = \"node-a\"\nendpoint = \"http://10.0.0.5:13131\"\n";
-        let env = vec![
-            (
-                "CORTEX_GATEWAY__LISTEN".to_string(),
-                "0.0.0.0:9000".to_string(),
-            ),
-            ("CORTEX_POLL__TIMEOUT_MS".to_string(), "700".to_string()),
-            ("CORTEX_CONFIG".to_string(), "/x.toml".to_string()),
-            ("CORTEX_AUTH__TOKEN".to_string(), "s3cret".to_string()),
-        ];
-        let c = Config::from_toml_with_env(text, "x", &env).unwrap();
-        assert_eq!(c.poll.interval_ms, 250);
-        assert_eq!(c.poll.timeout_ms, 700);
-        assert_eq!(c.gateway.listen, "0.0.0.0:9000");
-        assert_eq!(c.neurons.len(), 1);
-        assert_eq!(c.neurons[0].name, "node-a");
-        assert_eq!(c.auth.token.as_deref(), Some("s3cret"));
+        figment::Jail::expect_with(|jail| {
+            let text = "[poll]\ninterval_ms = 250\n\n[[neurons]]\nname = \"node-a\"\nendpoint = \"http://10.0.0.5:13131\"\n";
+            jail.set_env("CORTEX_GATEWAY__LISTEN", "0.0.0.0:9000");
+            jail.set_env("CORTEX_POLL__TIMEOUT_MS", "700");
+            jail.set_env("CORTEX_CONFIG", "/x.toml");
+            jail.set_env("CORTEX_LOG_FORMAT", "json");
+            jail.set_env("CORTEX_AUTH__TOKEN", "s3cret");
+            jail.set_env("CORTEX_AUTH__REQUIRE_KEYS", "false");
+            let c = Config::from_toml(text, "x").unwrap();
+            assert_eq!(c.poll.interval_ms, 250);
+            assert_eq!(c.poll.timeout_ms, 700);
+            assert_eq!(c.gateway.listen, "0.0.0.0:9000");
+            assert_eq!(c.neurons.len(), 1);
+            assert_eq!(c.neurons[0].name, "node-a");
+            assert_eq!(c.auth.token.as_deref(), Some("s3cret"));
+            jail.set_env(
+                "CORTEX_NEURONS",
+                r#"[{name = "b", endpoint = "http://10.0.0.6:13131"}]"#,
+            );
+            let c = Config::from_toml(text, "x").unwrap();
+            assert_eq!(c.neurons[0].name, "b");
+            Ok(())
+        });
     }
 
     #[test]
     fn invalid_file_names_line_and_key() {
         let text = "[gateway]\nlisten = \"127.0.0.1:1\"\n\n[poll]\ninterval_ms = \"fast\"\n";
-        let e = Config::from_toml_with_env(text, "/etc/c.toml", &[]).unwrap_err();
+        let e = Config::from_toml(text, "/etc/c.toml").unwrap_err();
         let msg = e.to_string();
         assert!(msg.contains("/etc/c.toml"), "{msg}");
         assert!(msg.contains("line 5"), "{msg}");
         assert!(msg.contains("poll.interval_ms"), "{msg}");
-        let e = Config::from_toml_with_env("[poll]\nbogus = 1\n", "c", &[]).unwrap_err();
-        assert!(e.to_string().contains("line 2"), "{e}");
+        let e = Config::from_toml("[poll]\nbogus = 1\n", "c").unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
-        let e = Config::from_toml_with_env("[poll\n", "c", &[]).unwrap_err();
+        let e = Config::from_toml("[poll\n", "c").unwrap_err();
         assert!(e.to_string().contains("line 1"), "{e}");
+        let e = Config::from_toml(
+            "[[neurons]]\nname = \"a\"\nendpoint = \"https://x:1\"\n",
+            "c",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("neurons.endpoint"), "{e}");
+        assert!(e.to_string().contains("line 3"), "{e}");
     }
 
     #[test]
     fn bad_env_override_names_variable() {
-        let env = vec![("CORTEX_POLL__INTERVAL_MS".to_string(), "soon".to_string())];
-        let e = Config::from_toml_with_env("", "c", &env).unwrap_err();
-        assert!(e.to_string().contains("CORTEX_POLL__INTERVAL_MS"), "{e}");
-        assert!(e.to_string().contains("poll.interval_ms"), "{e}");
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("CORTEX_POLL__INTERVAL_MS", "soon");
+            let e = Config::from_toml("", "c").unwrap_err();
+            assert!(e.to_string().contains("CORTEX_POLL__INTERVAL_MS"), "{e}");
+            assert!(e.to_string().contains("poll.interval_ms"), "{e}");
+            Ok(())
+        });
     }
 }
 
@@ -521,7 +410,7 @@ mod example_tests {
     #[test]
     fn example_config_is_the_defaults() {
         let text = include_str!("../../config/cortex.toml");
-        let c = Config::from_toml_with_env(text, "config/cortex.toml", &[]).unwrap();
+        let c = Config::from_toml(text, "config/cortex.toml").unwrap();
         assert_eq!(c, Config::default());
     }
 }

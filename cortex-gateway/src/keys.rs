@@ -31,6 +31,51 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
+/// The key table in force; replaced whole on reload (`SIGHUP`), keeping
+/// the live limit state of keys whose settings did not change.
+#[derive(Debug, Default)]
+pub struct KeyTable {
+    current: std::sync::RwLock<Arc<Keys>>,
+    /// Whether any key is configured: the per-request check when none is.
+    enabled: std::sync::atomic::AtomicBool,
+}
+
+impl KeyTable {
+    pub fn new(keys: Keys) -> Self {
+        KeyTable {
+            enabled: std::sync::atomic::AtomicBool::new(keys.enabled()),
+            current: std::sync::RwLock::new(Arc::new(keys)),
+        }
+    }
+
+    /// Whether any key is configured.
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Acquire)
+    }
+
+    /// The table in force.
+    pub fn get(&self) -> Arc<Keys> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Puts `new` in force. A key whose name, digest, models and limits are
+    /// unchanged keeps its live state (buckets, open requests).
+    pub fn replace(&self, mut new: Keys) {
+        let old = self.get();
+        for k in new.keys.iter_mut() {
+            if let Some(o) = old.keys.iter().find(|o| o.same_settings(k)) {
+                *k = o.clone();
+            }
+        }
+        let enabled = new.enabled();
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+        self.enabled.store(enabled, Ordering::Release);
+    }
+}
+
 /// The configured keys.
 #[derive(Debug, Default)]
 pub struct Keys {
@@ -266,6 +311,14 @@ fn unauthenticated(message: &str) -> ApiError {
 }
 
 impl Key {
+    fn same_settings(&self, other: &Key) -> bool {
+        self.name == other.name
+            && bool::from(self.digest.ct_eq(&other.digest))
+            && self.models == other.models
+            && (self.rpm, self.tpm, self.max_concurrent)
+                == (other.rpm, other.tpm, other.max_concurrent)
+    }
+
     /// Whether this key may use a model requested as `requested` (an id or
     /// an alias) that resolved to `resolved`.
     pub fn allows(&self, requested: &str, resolved: &str) -> bool {
@@ -506,7 +559,7 @@ mod tests {
     use super::*;
 
     fn config(toml: &str) -> Config {
-        Config::from_toml_with_env(toml, "t", &[]).unwrap()
+        Config::from_toml(toml, "t").unwrap()
     }
 
     fn hex(key: &str) -> String {

@@ -1,5 +1,5 @@
 //! The agent's configuration: `neuron.toml`, then `NEURON_…` environment
-//! overrides, then command-line flags (PROTOCOL.md §1).
+//! overrides, then command-line flags (docs/protocol.md §1).
 //!
 //! Every key has a sane default, so a missing file is a working node that
 //! serves the embedded default model. An invalid file is a start-up error
@@ -22,23 +22,21 @@ pub const DEFAULT_MODEL_ID: &str = "smollm2-135m-instruct";
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 /// Folder of the default model when `$HELEXA_MODEL_DIR` is unset.
 pub const DEFAULT_MODEL_DIR: &str = "~/.cache/helexa/models";
-/// Environment variables with this prefix override config keys.
-pub const ENV_PREFIX: &str = "NEURON_";
-/// `NEURON_*` variables that are not config keys (read by the CLI itself).
-const ENV_NOT_KEYS: &[&str] = &["NEURON_CONFIG", "NEURON_LOG", "NEURON_LOG_FORMAT"];
+/// The configuration layer shared with cortex (`helexa-config`):
+/// `NEURON_A__B` overrides key `a.b` (`NEURON_MODELS__0__MAX_QUEUE_DEPTH`
+/// indexes `[[models]]`); `NEURON_CONFIG`, `NEURON_LOG` and
+/// `NEURON_LOG_FORMAT` are read by the command line instead.
+pub const LAYER: helexa_config::Layer = helexa_config::Layer {
+    prefix: "NEURON_",
+    not_keys: &["CONFIG", "LOG", "LOG_FORMAT"],
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    /// toml's message names the line, the column and the key.
-    #[error("invalid config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("invalid environment override {var}: {message}")]
-    Env { var: String, message: String },
+    /// The file or an override: names the file, line and key, or the
+    /// variable and key.
+    #[error(transparent)]
+    Layer(#[from] helexa_config::ConfigError),
     #[error("invalid configuration{}: {message}", .origin.as_ref().map(|p| format!(" ({})", p.display())).unwrap_or_default())]
     Invalid {
         origin: Option<PathBuf>,
@@ -273,10 +271,10 @@ impl Config {
                     (String::new(), None)
                 }
                 Err(e) => {
-                    return Err(ConfigError::Read {
+                    return Err(ConfigError::Layer(helexa_config::ConfigError::Read {
                         path: p.to_path_buf(),
                         source: e,
-                    })
+                    }))
                 }
             },
             None => (String::new(), None),
@@ -284,50 +282,21 @@ impl Config {
         let shown = origin
             .clone()
             .unwrap_or_else(|| PathBuf::from("<defaults>"));
-        // First pass on the text itself, so that errors carry line and key.
-        let _: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: shown.clone(),
-            message: e.to_string(),
-        })?;
-        let mut table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: shown.clone(),
-            message: e.to_string(),
-        })?;
         let env: Vec<(String, String)> = env.into_iter().collect();
         let model_dir = env
             .iter()
             .find(|(k, _)| k == "HELEXA_MODEL_DIR")
             .map(|(_, v)| PathBuf::from(v));
-        if !table.contains_key("models") {
-            let models = vec![ModelSpec::default_model_in(model_dir)];
-            table.insert(
-                "models".into(),
-                toml::Value::try_from(models).expect("model specs serialise"),
-            );
+        /// What a file without `[[models]]` gets: the default model.
+        #[derive(Serialize)]
+        struct Base {
+            models: Vec<ModelSpec>,
         }
-        let mut env: Vec<(String, String)> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !ENV_NOT_KEYS.contains(&k.as_str()))
-            .collect();
-        env.sort();
-        for (var, value) in &env {
-            apply_env(&mut table, var, value)?;
-            // Each override is checked alone so that a bad one is named.
-            let _: Config =
-                toml::Value::Table(table.clone())
-                    .try_into()
-                    .map_err(|e: toml::de::Error| ConfigError::Env {
-                        var: var.clone(),
-                        message: e.message().to_string(),
-                    })?;
-        }
+        let base = Base {
+            models: vec![ModelSpec::default_model_in(model_dir)],
+        };
         let mut config: Config =
-            toml::Value::Table(table)
-                .try_into()
-                .map_err(|e: toml::de::Error| ConfigError::Parse {
-                    path: shown.clone(),
-                    message: e.to_string(),
-                })?;
+            LAYER.load_with_env(Some(base), &text, &shown.display().to_string(), env)?;
         config
             .finish()
             .map_err(|message| ConfigError::Invalid { origin, message })?;
@@ -447,108 +416,7 @@ impl Config {
     }
 }
 
-/// The UTF-8 variables of an environment. A variable whose name or value is
-/// not UTF-8 cannot be a config override (or `HELEXA_MODEL_DIR`, read as
-/// text here): it is skipped with a warning instead of panicking as
-/// `std::env::vars` would.
-pub fn utf8_env(
-    vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
-) -> Vec<(String, String)> {
-    vars.into_iter()
-        .filter_map(|(k, v)| match (k.into_string(), v.into_string()) {
-            (Ok(k), Ok(v)) => Some((k, v)),
-            (Ok(k), Err(_)) => {
-                tracing::warn!(variable = %k, "environment variable is not UTF-8; ignored");
-                None
-            }
-            (Err(k), _) => {
-                tracing::warn!(variable = %k.to_string_lossy(), "environment variable name is not UTF-8; ignored");
-                None
-            }
-        })
-        .collect()
-}
-
-/// Sets `NEURON_A__B__0__C=value` into `table` at `a.b[0].c`. The value is
-/// read as a TOML value when it is one (`8`, `true`, `[1,2]`), else as a string.
-fn apply_env(table: &mut toml::Table, var: &str, value: &str) -> Result<(), ConfigError> {
-    let key = &var[ENV_PREFIX.len()..];
-    let parts: Vec<String> = key.split("__").map(|p| p.to_ascii_lowercase()).collect();
-    let result = if parts.iter().any(|p| p.is_empty()) {
-        Err("empty key segment".to_string())
-    } else {
-        set_in_table(table, &parts, parse_env_value(value))
-    };
-    result.map_err(|message| ConfigError::Env {
-        var: var.to_string(),
-        message,
-    })
-}
-
-fn set_in_table(
-    table: &mut toml::Table,
-    parts: &[String],
-    value: toml::Value,
-) -> Result<(), String> {
-    let (head, rest) = parts.split_first().expect("at least one segment");
-    if rest.is_empty() {
-        table.insert(head.clone(), value);
-        return Ok(());
-    }
-    let next_is_index = rest[0].parse::<usize>().is_ok();
-    let entry = table.entry(head.clone()).or_insert_with(|| {
-        if next_is_index && head == "models" {
-            // Overriding models[N] without a file starts from the defaults.
-            toml::Value::try_from(Config::default().models).unwrap_or(toml::Value::Array(vec![]))
-        } else if next_is_index {
-            toml::Value::Array(vec![])
-        } else {
-            toml::Value::Table(toml::Table::new())
-        }
-    });
-    set_in_value(entry, rest, value)
-}
-
-fn set_in_value(cur: &mut toml::Value, parts: &[String], value: toml::Value) -> Result<(), String> {
-    match cur {
-        toml::Value::Table(t) => set_in_table(t, parts, value),
-        toml::Value::Array(a) => {
-            let (head, rest) = parts.split_first().expect("at least one segment");
-            let idx: usize = head
-                .parse()
-                .map_err(|_| format!("`{head}` is not an array index"))?;
-            if idx > a.len() {
-                return Err(format!(
-                    "index {idx} skips entries (the array has {})",
-                    a.len()
-                ));
-            }
-            if idx == a.len() {
-                a.push(toml::Value::Table(toml::Table::new()));
-            }
-            if rest.is_empty() {
-                a[idx] = value;
-                Ok(())
-            } else {
-                set_in_value(&mut a[idx], rest, value)
-            }
-        }
-        _ => Err(format!(
-            "`{}` is inside a value that is not a table",
-            parts[0]
-        )),
-    }
-}
-
-fn parse_env_value(value: &str) -> toml::Value {
-    let probe = format!("v = {value}");
-    match toml::from_str::<toml::Table>(&probe) {
-        Ok(mut t) => t
-            .remove("v")
-            .unwrap_or_else(|| toml::Value::String(value.into())),
-        Err(_) => toml::Value::String(value.to_string()),
-    }
-}
+pub use helexa_config::utf8_env;
 
 /// Re-exported so that docs and tests can list defaults.
 pub fn defaults_as_toml() -> String {
