@@ -224,6 +224,7 @@ pub async fn serve(
     let key = if gw.keys.enabled() {
         match gw
             .keys
+            .get()
             .identify(fields.authorization.as_ref(), fields.api_key.as_ref())
         {
             Ok(k) => k,

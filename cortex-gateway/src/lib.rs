@@ -17,6 +17,7 @@ pub mod poller;
 pub mod prevalidate;
 pub mod proxy;
 pub mod relay;
+pub mod reload;
 pub mod router;
 pub mod server;
 pub mod state;

@@ -61,9 +61,12 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("tokio runtime")?;
     rt.block_on(async move {
-        // Handlers first: a SIGTERM during start-up must drain, not kill.
+        // Handlers first: a SIGTERM during start-up must drain, not kill,
+        // and a SIGHUP must not end the process.
         let stop = helexa_api::shutdown::Signals::first();
+        let hangups = cortex_gateway::reload::Hangups::install().context("SIGHUP handler")?;
         let running = cortex_gateway::start(config).await?;
+        hangups.spawn(running.gateway.clone(), args.config.clone());
         stop.await;
         running.shutdown();
         running.wait().await;

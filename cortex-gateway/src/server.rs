@@ -86,6 +86,7 @@ async fn client_key(State(gw): Gw, mut req: Request, next: axum::middleware::Nex
     let h = req.headers();
     match gw
         .keys
+        .get()
         .identify(h.get(http::header::AUTHORIZATION), h.get("x-api-key"))
     {
         Ok(Some(key)) => {

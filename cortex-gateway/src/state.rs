@@ -5,7 +5,7 @@
 
 use crate::config::{ms, Config};
 use crate::fleet::{Fleet, Neuron};
-use crate::keys::Keys;
+use crate::keys::{KeyTable, Keys};
 use crate::loader::Loader;
 use crate::metrics::Metrics;
 use crate::tokens::Tokenizers;
@@ -27,8 +27,8 @@ pub struct Gateway {
     pub loader: Loader,
     /// Set once shutdown has begun: `/ready` turns 503.
     pub draining: AtomicBool,
-    /// Client API keys and their live limits.
-    pub keys: Keys,
+    /// Client API keys and their live limits (replaced on reload).
+    pub keys: KeyTable,
     /// One permit per open client connection (`gateway.max_connections`),
     /// shared by every worker.
     pub connections: Arc<tokio::sync::Semaphore>,
@@ -57,6 +57,14 @@ pub fn bearer(config: &Config) -> Option<HeaderValue> {
     Some(v)
 }
 
+/// The key table of `config`, reading `key_env` variables from the process.
+pub fn keys_of(config: &Config) -> Result<Keys, BuildError> {
+    Keys::from_config(config, |var| {
+        std::env::var_os(var).and_then(|v| v.into_string().ok())
+    })
+    .map_err(|(k, m)| BuildError::Config(k, m))
+}
+
 impl Gateway {
     /// Runs `fut` on the main runtime and waits for it (from any runtime).
     pub async fn on_main<F>(&self, fut: F) -> F::Output
@@ -74,10 +82,7 @@ impl Gateway {
     /// Builds the gateway; must be called inside the runtime that will run
     /// the poller (its handle is kept as [`Gateway::main`]).
     pub fn new(config: Config) -> Result<Gateway, BuildError> {
-        let keys = Keys::from_config(&config, |var| {
-            std::env::var_os(var).and_then(|v| v.into_string().ok())
-        })
-        .map_err(|(k, m)| BuildError::Config(k, m))?;
+        let keys = keys_of(&config)?;
         let mut headers = HeaderMap::new();
         if let Some(v) = bearer(&config) {
             headers.insert(header::AUTHORIZATION, v);
@@ -97,7 +102,7 @@ impl Gateway {
         );
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ok(Gateway {
-            keys,
+            keys: KeyTable::new(keys),
             connections: Arc::new(tokio::sync::Semaphore::new(config.gateway.max_connections)),
             main: tokio::runtime::Handle::current(),
             counting: tokio::sync::Semaphore::new(cores),

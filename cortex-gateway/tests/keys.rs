@@ -332,3 +332,53 @@ async fn wait_loaded(h: &Harness, model: &str, secret: &str) {
     })
     .await
 }
+
+/// `SIGHUP`'s reload: new keys take effect, a key whose settings did not
+/// change keeps its limit state, and an invalid file keeps the running
+/// keys and names its line and key.
+#[tokio::test]
+async fn reload_swaps_keys_and_keeps_the_old_ones_on_a_bad_file() {
+    let a = MockNeuron::start("a", vec![MockModel::loaded("m", 0)]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cortex.toml");
+    let write = |keys: &str| {
+        let text = format!(
+            "[gateway]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n[poll]\ninterval_ms = 50\n[auth]\nrequire_keys = true\n[[neurons]]\nname = \"node-a\"\nendpoint = \"{}\"\n{keys}",
+            a.url()
+        );
+        std::fs::write(&path, text).unwrap();
+    };
+    let key_a = format!(
+        "[[keys]]\nname = \"a\"\nkey_sha256 = \"{}\"\nrpm = 2\n",
+        hex("sk-a")
+    );
+    let key_b = format!("[[keys]]\nname = \"b\"\nkey_sha256 = \"{}\"\n", hex("sk-b"));
+    write(&key_a);
+    let h = start(cortex_gateway::Config::load(&path).unwrap()).await;
+    wait_loaded(&h, "m", "sk-a").await;
+    let auth_a = Some(("authorization", "Bearer sk-a"));
+    let auth_b = Some(("authorization", "Bearer sk-b"));
+    assert_eq!(chat_with(&h, auth_a, "m", false).await.status(), 200);
+    assert_eq!(chat_with(&h, auth_b, "m", false).await.status(), 401);
+
+    write(&format!("{key_a}{key_b}"));
+    let gw = &h.cortex.gateway;
+    assert!(cortex_gateway::reload::reload(gw, &path).is_ok());
+    assert_eq!(chat_with(&h, auth_b, "m", false).await.status(), 200);
+    // Key a kept its bucket: its second request of the minute passes, the
+    // third is over rpm = 2.
+    assert_eq!(chat_with(&h, auth_a, "m", false).await.status(), 200);
+    assert_eq!(chat_with(&h, auth_a, "m", false).await.status(), 429);
+
+    write(&format!("{key_b}rpm = \"lots\"\n"));
+    let e = cortex_gateway::reload::reload(gw, &path).unwrap_err();
+    assert!(
+        e.contains("keys") && e.contains("rpm") && e.contains("line"),
+        "{e}"
+    );
+    assert_eq!(
+        chat_with(&h, auth_b, "m", false).await.status(),
+        200,
+        "the running keys stay"
+    );
+}
