@@ -153,7 +153,9 @@ impl Metrics {
         )
         .expect("metric");
         let v = crate::version::info();
-        build_info.with_label_values(&[v.version, v.git_sha]).set(1);
+        build_info
+            .with_label_values(&[v.version.as_str(), v.git_sha.as_str()])
+            .set(1);
         for c in [
             Box::new(requests_total.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(connections_open.clone()),
