@@ -142,3 +142,53 @@ async fn completions_prompt_and_no_limit() {
         .starts_with("Zed"));
     assert_eq!(a.recorded().v1_count, 1);
 }
+
+/// With an exact tokenizer, a prompt far over the window is refused from a
+/// cheap lower bound (never tokenized on the API worker), and one whose
+/// byte count fits is let through uncounted; the count reported is a true
+/// lower bound. A huge prompt does not hold up other requests, and
+/// `max_tokens` near u64::MAX is simply too many (no overflow).
+#[tokio::test]
+async fn bounds_decide_before_exact_counting_and_client_numbers_saturate() {
+    let a = MockNeuron::start("a", vec![MockModel::loaded("m", 120)]).await;
+    a.set(|bh| bh.serve_tokenizer = true);
+    let mut cfg = config(&[("node-a", &a)]);
+    cfg.gateway.workers = 1;
+    let h = start(cfg).await;
+    h.wait_replicas("m", 1).await;
+    // Fetch the tokenizer once.
+    assert_eq!(
+        h.post("/v1/chat/completions", &body("hello", None))
+            .await
+            .status(),
+        200
+    );
+    let words = 400_000;
+    let huge = vec!["hello"; words].join(" ");
+    let big_body = body(&huge, None);
+    let big = h.post("/v1/chat/completions", &big_body);
+    let small = async {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        h.post("/v1/chat/completions", &body("hello", None)).await
+    };
+    let (big, small) = tokio::join!(big, small);
+    assert_eq!(small.status(), 200);
+    assert_eq!(big.status(), 400);
+    let err = envelope(big).await;
+    assert_eq!(err["code"], "context_length_exceeded");
+    let shown = err["estimated_prompt_tokens"].as_u64().unwrap();
+    assert!(
+        shown > 120 && shown <= words as u64,
+        "a lower bound over the window: {shown}"
+    );
+    let resp = h
+        .post("/v1/chat/completions", &body("hello", Some(u64::MAX)))
+        .await;
+    assert_eq!(resp.status(), 400);
+    assert_eq!(envelope(resp).await["code"], "context_length_exceeded");
+    assert_eq!(
+        a.recorded().v1_count,
+        2,
+        "only the two small ones reached the neuron"
+    );
+}

@@ -1,4 +1,4 @@
-//! The error envelope every helexa HTTP error uses (PROTOCOL.md §2).
+//! The error envelope every helexa HTTP error uses (docs/protocol.md §2).
 //!
 //! `ApiError` is both what handlers return and what clients parse; it carries
 //! the status, the OpenAI `type`/`code`/`param`, optional extras (such as
@@ -9,7 +9,7 @@ use http::{header, HeaderValue, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-/// The `code` values of PROTOCOL.md §2, with their status and `type`.
+/// The `code` values of docs/protocol.md §2, with their status and `type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     InvalidJson,
@@ -200,7 +200,8 @@ impl ApiError {
         let message = if requested_output > 0 {
             format!(
                 "This model's maximum context length is {max} tokens. However, you requested {} tokens ({prompt_tokens} in the messages, {requested_output} in the completion). Please reduce the length of the messages or completion.",
-                prompt_tokens + requested_output
+                // u128: a client's max_tokens may be anything up to u64::MAX.
+                prompt_tokens as u128 + requested_output as u128
             )
         } else {
             format!(
