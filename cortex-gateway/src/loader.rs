@@ -1,4 +1,4 @@
-//! On-demand loading (PROTOCOL §5.5): when no replica is loaded but a healthy
+//! On-demand loading (docs/protocol.md §5.5): when no replica is loaded but a healthy
 //! neuron's catalogue has the model, ask one to load it and hold the request.
 //!
 //! Single-flight per model: concurrent requests share one load, which runs as

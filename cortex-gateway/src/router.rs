@@ -1,4 +1,4 @@
-//! Decides where a request goes (PROTOCOL §5); it never sends anything.
+//! Decides where a request goes (docs/protocol.md §5); it never sends anything.
 //!
 //! Score = max(cortex's own open requests, polled in_flight) + polled
 //! queue_depth; lowest first, ties by node name. The local count is what

@@ -1,4 +1,4 @@
-//! Every error path answers with the PROTOCOL §2 envelope, right status and
+//! Every error path answers with the docs/protocol.md §2 envelope, right status and
 //! code, and the process keeps serving.
 
 mod common;

@@ -1,4 +1,4 @@
-//! On-demand load (PROTOCOL §5.5): hold the request, single-flight per model,
+//! On-demand load (docs/protocol.md §5.5): hold the request, single-flight per model,
 //! SSE keep-alives while a streaming request waits.
 
 mod common;

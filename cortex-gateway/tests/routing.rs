@@ -1,4 +1,4 @@
-//! Least-busy routing (PROTOCOL §5): choice, flip, spread of a burst, ties.
+//! Least-busy routing (docs/protocol.md §5): choice, flip, spread of a burst, ties.
 
 mod common;
 use common::*;

@@ -1,4 +1,4 @@
-//! Per-model admission (PROTOCOL.md §3): at most `max_in_flight` requests
+//! Per-model admission (docs/protocol.md §3): at most `max_in_flight` requests
 //! run, at most `max_queue_depth` wait, none waits longer than `max_wait`.
 //!
 //! The decision is made before any response byte is sent. A [`Permit`]

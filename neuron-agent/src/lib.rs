@@ -3,7 +3,7 @@
 //! The agent discovers the machine (`discovery`, `gpu`), keeps the catalogue
 //! of models (`registry`), runs and watches one engine process per loaded
 //! model (`supervisor`; `engine_server` is the engine itself), admits requests per
-//! model (`admission`) and serves PROTOCOL.md §3 over HTTP (`api`), with
+//! model (`admission`) and serves docs/protocol.md §3 over HTTP (`api`), with
 //! Prometheus metrics on their own listener (`metrics`); `server` ties them
 //! together with start-up and bounded shutdown.
 

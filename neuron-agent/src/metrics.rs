@@ -1,5 +1,5 @@
 //! The agent's Prometheus metrics (`neuron_*`), served as text on their own
-//! listener (`metrics_listen`, PROTOCOL.md §8).
+//! listener (`metrics_listen`, docs/protocol.md §8).
 //!
 //! Counters and histograms are updated where things happen (admission, the
 //! relay of an engine's answer, the supervisor); gauges are set from the

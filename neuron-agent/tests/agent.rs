@@ -1,4 +1,4 @@
-//! The agent's public HTTP API against fake engines (PROTOCOL.md §3).
+//! The agent's public HTTP API against fake engines (docs/protocol.md §3).
 
 mod support;
 

@@ -1,4 +1,4 @@
-//! Operations (PROTOCOL.md §8) against the real agent with fake engines:
+//! Operations (docs/protocol.md §8) against the real agent with fake engines:
 //! Prometheus metrics on their own listener, `GET /version`, and what the
 //! agent does about engines that hang without exiting.
 
@@ -382,7 +382,7 @@ async fn engine_silent_past_the_first_byte_timeout_is_a_504() {
     assert_eq!(r.status(), 504);
     assert!(
         r.headers().get("retry-after").is_none(),
-        "504 is not retryable in PROTOCOL.md §2"
+        "504 is not retryable in docs/protocol.md §2"
     );
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "upstream_timeout", "{v}");

@@ -2,7 +2,7 @@
 //!
 //! axum's own `Json` rejects with plain-text bodies; every helexa route uses
 //! `ApiJson` (or `parse_json` on raw bytes) so that malformed JSON, a wrong
-//! content type or an over-limit body gets the PROTOCOL §2 envelope.
+//! content type or an over-limit body gets the docs/protocol.md §2 envelope.
 
 use crate::error::{ApiError, ErrorCode};
 use axum::extract::{FromRequest, Request};

@@ -1,6 +1,6 @@
 //! OpenAI wire types shared by every helexa process and by the tests.
 //!
-//! `error` is the one error envelope (PROTOCOL.md §2); `extract` makes axum's
+//! `error` is the one error envelope (docs/protocol.md §2); `extract` makes axum's
 //! body rejections speak it; `sse` frames server-sent events; `shutdown` waits
 //! for SIGTERM/SIGINT; `version` is the `/version` body and `version_build`
 //! the build-script half that fills it in; the rest are the request and

@@ -1,4 +1,4 @@
-//! `GET /version` (PROTOCOL.md §8): what build of a helexa process answers.
+//! `GET /version` (docs/protocol.md §8): what build of a helexa process answers.
 //!
 //! The body is the same for cortex and neuron, so its type lives here. The
 //! values are fixed at build time by the binary's `build.rs` (which includes

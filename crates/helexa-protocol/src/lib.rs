@@ -1,4 +1,4 @@
-//! The cortex <-> neuron wire types (PROTOCOL.md §3).
+//! The cortex <-> neuron wire types (docs/protocol.md §3).
 //!
 //! Both sides serialise and parse exactly these structs. Every field carries
 //! `#[serde(default)]` so that a newer cortex can poll an older neuron and the

@@ -1,4 +1,4 @@
-//! Test doubles for helexa: an in-process mock neuron that speaks PROTOCOL §3.
+//! Test doubles for helexa: an in-process mock neuron that speaks docs/protocol.md §3.
 //!
 //! Tests start real HTTP servers on `127.0.0.1:0` and steer them at run time
 //! (reported load, latency, chunking, refusals, mid-stream death, tokenizer)

@@ -1,4 +1,4 @@
-//! A mock neuron agent: the control routes of PROTOCOL §3 plus `/v1/*`.
+//! A mock neuron agent: the control routes of docs/protocol.md §3 plus `/v1/*`.
 //!
 //! Everything it reports or does (load, latency, chunking, refusals, death
 //! mid-stream, tokenizer) is steerable while it runs, and it records requests.

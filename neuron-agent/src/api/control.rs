@@ -16,7 +16,7 @@ use helexa_protocol::{
 };
 use http::{header, HeaderValue};
 
-/// `GET /version` (PROTOCOL.md §8), public.
+/// `GET /version` (docs/protocol.md §8), public.
 pub async fn version(State(state): State<AppState>) -> Json<helexa_api::VersionInfo> {
     Json(state.version.clone())
 }

@@ -1,4 +1,4 @@
-//! The agent's HTTP API (PROTOCOL.md §3): the router, its shared state, and
+//! The agent's HTTP API (docs/protocol.md §3): the router, its shared state, and
 //! the cross-cutting layers (auth, body limit, envelope for unknown routes).
 //! Handlers are split by family: `control.rs` (cortex's routes) and
 //! `inference.rs` (the OpenAI routes forwarded to engines, whose answers

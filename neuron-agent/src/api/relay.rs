@@ -5,7 +5,7 @@
 //! status and duration) for the agent's metrics.
 //!
 //! A stream that breaks after its first byte ends, for SSE, with an error
-//! event and `[DONE]` (PROTOCOL.md §2), never a silent cut. When the agent
+//! event and `[DONE]` (docs/protocol.md §2), never a silent cut. When the agent
 //! itself asked the engine for usage (`stream_options.include_usage`, so that
 //! token counters see every stream), the usage-only chunk is taken out again
 //! before the client sees it. Reading SSE is `sse-parse`'s job; the only
