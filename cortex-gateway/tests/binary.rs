@@ -1,5 +1,6 @@
 //! The `cortex` binary: config errors stop start-up with file, line and key;
-//! flags and env overrides apply; SIGTERM drains and exits.
+//! flags and env overrides apply; SIGHUP reloads without ending it;
+//! SIGTERM drains and exits.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -63,6 +64,21 @@ fn runs_with_missing_config_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(up, "cortex did not listen on the flag/env addresses");
+    // SIGHUP reloads (here: a missing file, so the defaults again); it
+    // never ends the process, as the signal's default action would.
+    for _ in 0..3 {
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGHUP);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(child.try_wait().unwrap().is_none(), "cortex died on SIGHUP");
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut s, &mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
