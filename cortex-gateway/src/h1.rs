@@ -145,7 +145,7 @@ impl Chunked {
                         let mut fields = [httparse::EMPTY_HEADER; 64];
                         if !matches!(
                             httparse::parse_headers(&buf[..n], &mut fields),
-                            Ok(httparse::Status::Complete(_))
+                            Ok(httparse::Status::Complete((used, _))) if used == n
                         ) {
                             return Err(FramingError::Trailers(self.max_trailers));
                         }
