@@ -302,7 +302,7 @@ fn framing_of<'a>(
                     ));
                 }
             }
-            if codings == 0 {
+            if value.split(|b| *b == b',').all(|c| trim_ows(c).is_empty()) {
                 return Err(Invalid("empty Transfer-Encoding"));
             }
         }
