@@ -383,7 +383,10 @@ pub fn stricter(input: &[u8], status: u16) -> Option<&'static str> {
         // reads only the last line, so an empty line before
         // "Transfer-Encoding: chunked" passes there
         // (regressions/h1_request/te_empty_then_chunked).
-        if te.iter().any(|v| v.split(|b| *b == b',').all(|c| trim(c).is_empty())) {
+        if te
+            .iter()
+            .any(|v| v.split(|b| *b == b',').all(|c| trim(c).is_empty()))
+        {
             return Some("C2: an empty Transfer-Encoding field line");
         }
     }
@@ -443,11 +446,7 @@ fn chunked_stricter(body: &[u8]) -> Option<&'static str> {
             // (100). Anything else wrong with them hyper refuses too.
             let mut many = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let end = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
-            let whole = if buf.starts_with(b"\r\n") {
-                2
-            } else {
-                end?
-            };
+            let whole = if buf.starts_with(b"\r\n") { 2 } else { end? };
             match httparse::parse_headers(&buf[..whole], &mut many) {
                 // Rule E4. httparse ends the section early, at an empty
                 // line made with a bare LF ("0\r\n\nGET / ..."): cortex
@@ -508,7 +507,9 @@ fn trailer_section(body: &[u8]) -> Option<&[u8]> {
         if size == 0 {
             return body.get(at..);
         }
-        at = at.checked_add(usize::try_from(size).ok()?)?.checked_add(2)?;
+        at = at
+            .checked_add(usize::try_from(size).ok()?)?
+            .checked_add(2)?;
     }
 }
 
@@ -648,8 +649,8 @@ pub enum BodyRead {
 /// On failure, also what was buffered then.
 pub fn read_chunked(body: &[u8], sizes: &[u8]) -> (BodyRead, Bytes) {
     use cortex_gateway::front::BodyReader;
-    let mut reader = BodyReader::new(h1::Framing::Chunked, MAX_BODY, MAX_HEAD)
-        .expect("no declared length");
+    let mut reader =
+        BodyReader::new(h1::Framing::Chunked, MAX_BODY, MAX_HEAD).expect("no declared length");
     let mut buf = BytesMut::new();
     let mut at = 0;
     let mut k = 0;
