@@ -145,7 +145,7 @@ impl Chunked {
                         let mut fields = [httparse::EMPTY_HEADER; 64];
                         if !matches!(
                             httparse::parse_headers(&buf[..n], &mut fields),
-                            Ok(httparse::Status::Complete(_))
+                            Ok(httparse::Status::Complete((used, _))) if used == n
                         ) {
                             return Err(FramingError::Trailers(self.max_trailers));
                         }
@@ -302,7 +302,7 @@ fn framing_of<'a>(
                     ));
                 }
             }
-            if codings == 0 {
+            if value.split(|b| *b == b',').all(|c| trim_ows(c).is_empty()) {
                 return Err(Invalid("empty Transfer-Encoding"));
             }
         }
