@@ -64,6 +64,9 @@ struct Ctx {
     /// The key's admission, until a relay takes it to settle at the end
     /// (dropped unsettled, it gives the prompt estimate back).
     permit: Mutex<Option<Permit>>,
+    /// cortex asked the neuron for a stream's `usage` (for a `tpm` key) that
+    /// the client did not ask for: the relay drops that event.
+    strip_usage: bool,
 }
 
 /// The request header fields the proxied routes read. The front server
@@ -266,6 +269,7 @@ impl Ctx {
             started,
             key,
             permit: Mutex::new(None),
+            strip_usage: false,
         }
     }
 
@@ -330,8 +334,19 @@ async fn serve_as(
             }
         }
     }
-    let forward = if resolved != head.model {
-        match rewrite_model(&body, resolved) {
+    // A stream of a `tpm` key must end with `usage` to settle: ask for it
+    // when the client did not, and keep it from the client.
+    let want_usage = head.stream
+        && matches!(ctx.route, Route::Chat | Route::Completions)
+        && ctx.key.as_ref().is_some_and(|k| k.limits_tokens())
+        && !head
+            .stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+    ctx.strip_usage = want_usage;
+    let forward = if resolved != head.model || want_usage {
+        match rewrite_body(&body, resolved, want_usage) {
             Ok(b) => b,
             Err(e) => return ctx.reject(e),
         }
@@ -372,9 +387,17 @@ async fn serve_as(
     }
 }
 
-fn rewrite_model(body: &Bytes, model: &str) -> Result<Bytes, ApiError> {
+/// The body with `model` set (an alias resolved) and, when `usage`,
+/// `stream_options.include_usage` turned on.
+fn rewrite_body(body: &Bytes, model: &str, usage: bool) -> Result<Bytes, ApiError> {
     let mut v: serde_json::Value = parse_json(body)?;
     v["model"] = serde_json::Value::String(model.to_string());
+    if usage {
+        if !v["stream_options"].is_object() {
+            v["stream_options"] = serde_json::json!({});
+        }
+        v["stream_options"]["include_usage"] = serde_json::Value::Bool(true);
+    }
     Ok(Bytes::from(
         serde_json::to_vec(&v).expect("json re-serialises"),
     ))
@@ -617,7 +640,8 @@ impl Ctx {
             self.route.expects_done(),
             ms(gw.config.upstream.idle_timeout_ms),
             acct,
-        );
+        )
+        .stripping_usage(self.strip_usage && head.is_sse());
         // A plain body's length also tells the relay when the answer is
         // complete (its last byte is out).
         let length = plain_length(&head);

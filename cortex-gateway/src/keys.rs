@@ -490,6 +490,11 @@ impl Key {
         })
     }
 
+    /// Whether this key has a `tpm` limit (its streams need `usage`).
+    pub fn limits_tokens(&self) -> bool {
+        self.tpm > 0
+    }
+
     /// Requests of this key open now.
     pub fn open(&self) -> u32 {
         self.open.load(Ordering::Acquire)

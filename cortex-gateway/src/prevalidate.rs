@@ -37,6 +37,15 @@ pub struct RequestHead<'a> {
     pub input: Option<Value>,
     #[serde(default, borrow)]
     pub instructions: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+}
+
+/// `stream_options` (chat and completions streams).
+#[derive(Debug, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

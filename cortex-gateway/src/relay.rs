@@ -7,7 +7,7 @@
 
 use crate::fleet::{Replica, Series};
 use crate::state::Gateway;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use helexa_api::error::{ApiError, ErrorCode};
 use hyper::body::Body as _;
@@ -212,6 +212,9 @@ pub struct Relay {
     finished: bool,
     outcome: Option<u16>,
     acct: Accounting,
+    /// Set when cortex asked for the stream's `usage` and the client did
+    /// not: whole events are held here and a usage-only event is dropped.
+    strip: Option<BytesMut>,
 }
 
 impl Relay {
@@ -235,7 +238,21 @@ impl Relay {
             finished: false,
             outcome: None,
             acct,
+            strip: None,
         }
+    }
+
+    /// Drops the usage-only event (`"choices": []` and `usage`) from the
+    /// stream the client sees; the relay still reads it.
+    pub fn stripping_usage(mut self, on: bool) -> Self {
+        self.strip = on.then(BytesMut::new);
+        self
+    }
+
+    /// What of `chunk` goes to the client in strip mode: the whole events
+    /// held so far, less any usage-only one; `None` when nothing is ready.
+    fn strip_events(&mut self, chunk: &Bytes) -> Option<Bytes> {
+        strip_usage_events(self.strip.as_mut()?, chunk)
     }
 
     /// The upstream body's length (from `Content-Length`), if known.
@@ -426,6 +443,14 @@ impl Stream for Relay {
                     };
                     this.fresh = true;
                     this.watch(&chunk);
+                    let chunk = if this.strip.is_some() {
+                        match this.strip_events(&chunk) {
+                            Some(c) => c,
+                            None => continue,
+                        }
+                    } else {
+                        chunk
+                    };
                     if let Some(left) = &mut this.remaining {
                         *left = left.saturating_sub(chunk.len() as u64);
                         if *left == 0 {
@@ -483,10 +508,72 @@ impl Relay {
                 }
                 self.finished = true;
                 self.outcome = Some(self.acct.status);
-                Poll::Ready(None)
+                // An unterminated last event held back is passed on as is.
+                match self.strip.take().filter(|h| !h.is_empty()) {
+                    Some(held) => Poll::Ready(Some(Ok(held.freeze()))),
+                    None => Poll::Ready(None),
+                }
             }
         }
     }
+}
+
+/// Adds `chunk` to `held` and takes out the whole events in it, less any
+/// usage-only one; `None` when none is complete (or all were dropped).
+fn strip_usage_events(held: &mut BytesMut, chunk: &[u8]) -> Option<Bytes> {
+    held.extend_from_slice(chunk);
+    let end = last_event_end(held)?;
+    let events = held.split_to(end).freeze();
+    let mut out = BytesMut::with_capacity(events.len());
+    let mut rest = &events[..];
+    while let Some(n) = first_event_end(rest) {
+        let (event, tail) = rest.split_at(n);
+        if !is_usage_only(event) {
+            out.extend_from_slice(event);
+        }
+        rest = tail;
+    }
+    out.extend_from_slice(rest);
+    (!out.is_empty()).then(|| out.freeze())
+}
+
+/// End of the first SSE event in `b` (after its blank line).
+fn first_event_end(b: &[u8]) -> Option<usize> {
+    let lf = memchr::memmem::find(b, b"\n\n").map(|i| i + 2);
+    let crlf = memchr::memmem::find(b, b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(c)) => Some(a.min(c)),
+        (a, c) => a.or(c),
+    }
+}
+
+/// End of the last complete SSE event in `b`.
+fn last_event_end(b: &[u8]) -> Option<usize> {
+    let lf = memchr::memmem::rfind(b, b"\n\n").map(|i| i + 2);
+    let crlf = memchr::memmem::rfind(b, b"\r\n\r\n").map(|i| i + 4);
+    lf.max(crlf)
+}
+
+/// Whether an SSE event is the usage-only chunk `include_usage` adds:
+/// `usage` set and `choices` empty.
+fn is_usage_only(event: &[u8]) -> bool {
+    if memchr::memmem::find(event, b"\"usage\"").is_none() {
+        return false;
+    }
+    #[derive(serde::Deserialize)]
+    struct Chunk {
+        #[serde(default)]
+        choices: Vec<serde::de::IgnoredAny>,
+        usage: Option<serde::de::IgnoredAny>,
+    }
+    let text = String::from_utf8_lossy(event);
+    let data: String = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| d.strip_prefix(' ').unwrap_or(d))
+        .collect::<Vec<_>>()
+        .join("\n");
+    serde_json::from_str::<Chunk>(&data).is_ok_and(|c| c.choices.is_empty() && c.usage.is_some())
 }
 
 impl Drop for Relay {
@@ -619,6 +706,41 @@ mod tests {
         for e in no {
             assert!(!event_has_content(e), "{e}");
         }
+    }
+
+    #[test]
+    fn the_usage_only_event_is_dropped_whatever_the_pieces() {
+        use super::strip_usage_events;
+        let stream = concat!(
+            "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n",
+            "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let want = concat!(
+            "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n",
+            "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+            "data: [DONE]\n\n"
+        );
+        for size in 1..=stream.len() {
+            let mut held = bytes::BytesMut::new();
+            let mut out = Vec::new();
+            for piece in stream.as_bytes().chunks(size) {
+                if let Some(b) = strip_usage_events(&mut held, piece) {
+                    out.extend_from_slice(&b);
+                }
+            }
+            assert!(held.is_empty(), "size {size}");
+            assert_eq!(String::from_utf8(out).unwrap(), want, "size {size}");
+        }
+        // CRLF framing too.
+        let crlf = stream.replace("\n\n", "\r\n\r\n");
+        let mut held = bytes::BytesMut::new();
+        let out = strip_usage_events(&mut held, crlf.as_bytes()).unwrap();
+        assert_eq!(
+            String::from_utf8(out.to_vec()).unwrap(),
+            want.replace("\n\n", "\r\n\r\n")
+        );
     }
 
     #[test]

@@ -382,3 +382,62 @@ async fn reload_swaps_keys_and_keeps_the_old_ones_on_a_bad_file() {
         "the running keys stay"
     );
 }
+
+/// A `tpm` key's stream settles from `usage` even when the client did not
+/// ask for it: cortex asks the neuron for it and keeps the usage-only
+/// event from the client; a client that asked gets it as usual.
+#[tokio::test]
+async fn tpm_streams_settle_from_usage_the_client_did_not_ask_for() {
+    let (a, h) = keyed(|c| {
+        let mut k = key("tok", "sk-t");
+        k.tpm = 100_000;
+        c.keys = vec![k];
+    })
+    .await;
+    wait_loaded(&h, "m", "sk-t").await;
+    let remaining = || async {
+        let r = h
+            .client
+            .get(h.url("/v1/models"))
+            .bearer_auth("sk-t")
+            .send()
+            .await
+            .unwrap();
+        header(&r, "x-ratelimit-remaining-tokens")
+            .unwrap()
+            .parse::<i64>()
+            .unwrap()
+    };
+    let before = remaining().await;
+    let r = chat_with(&h, Some(("authorization", "Bearer sk-t")), "m", true).await;
+    assert_eq!(r.status(), 200);
+    let events = sse_data(r).await;
+    assert!(
+        events.iter().all(|e| !e.contains("\"usage\":{")),
+        "the client did not ask for usage: {events:?}"
+    );
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let sent = a.recorded().requests.last().unwrap().json();
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+    // Settled: the mock's usage (prompt = body bytes / 4, 4 completion
+    // tokens) was charged, not just the admission estimate.
+    let used = sent.to_string().len() as i64 / 4 + 4;
+    let spent = before - remaining().await;
+    assert!((spent - used).abs() <= 3, "spent {spent}, used {used}");
+
+    let body = json!({"model": "m", "stream": true, "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "hello world"}]});
+    let r = h
+        .client
+        .post(h.url("/v1/chat/completions"))
+        .bearer_auth("sk-t")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let events = sse_data(r).await;
+    assert!(
+        events.iter().any(|e| e.contains("\"usage\":{")),
+        "asked for, usage is passed on: {events:?}"
+    );
+}
