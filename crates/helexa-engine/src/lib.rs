@@ -18,5 +18,6 @@ pub mod sampling;
 mod scheduler;
 pub mod stop;
 pub mod template;
+pub mod toolcall;
 pub mod tokenizer;
 pub use engine::{Engine, GenerationStream};
