@@ -8,6 +8,8 @@
 
 mod api;
 
+pub mod constraint;
+
 pub use api::*;
 
 pub mod detok;
@@ -18,6 +20,7 @@ pub mod sampling;
 mod scheduler;
 pub mod stop;
 pub mod template;
-pub mod toolcall;
 pub mod tokenizer;
+pub mod toolcall;
+pub use constraint::{Constraint, Grammar, Guidance};
 pub use engine::{Engine, GenerationStream};
