@@ -23,6 +23,9 @@ pub struct CompletionRequest {
     pub n: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suffix: Option<String>,
+    /// Log-probabilities of each output token and this many alternatives (0–5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u32>,
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }

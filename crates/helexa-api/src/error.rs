@@ -129,7 +129,10 @@ pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
     pub param: Option<String>,
-    pub extras: Map<String, Value>,
+    /// Boxed: with serde_json's `preserve_order` (turned on by llguidance)
+    /// a map is an `IndexMap`, and `ApiError` would grow past clippy's
+    /// `result_large_err` limit for every `Result<_, ApiError>`.
+    pub extras: Box<Map<String, Value>>,
     /// Whole seconds; defaulted to 1 for retryable codes when unset.
     pub retry_after: Option<u64>,
 }
@@ -148,7 +151,7 @@ impl ApiError {
             code,
             message: message.into(),
             param: None,
-            extras: Map::new(),
+            extras: Box::default(),
             retry_after: None,
         }
     }
@@ -225,7 +228,7 @@ impl ApiError {
                 kind: self.code.error_type().to_string(),
                 code: Some(self.code.as_str().to_string()),
                 param: self.param.clone(),
-                extras: self.extras.clone(),
+                extras: (*self.extras).clone(),
             },
         }
     }

@@ -60,6 +60,8 @@ fn main() {
                         params: greedy.clone(),
                         max_new_tokens: 128,
                         stop: vec![],
+                        constraint: None,
+                        logprobs: None,
                     })
                     .unwrap()
                 })

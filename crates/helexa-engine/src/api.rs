@@ -78,6 +78,9 @@ pub struct SamplingParams {
     /// OpenAI semantics, over generated tokens.
     pub frequency_penalty: f32,
     pub presence_penalty: f32,
+    /// Added to the logits of these token ids before anything else (OpenAI
+    /// `logit_bias`; -100 bans a token in practice, 100 forces it).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -91,6 +94,7 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -104,6 +108,22 @@ pub struct GenerationRequest {
     pub max_new_tokens: usize,
     /// Stop strings: matched across token boundaries and never emitted.
     pub stop: Vec<String>,
+    /// A grammar every generated token must follow (structured outputs, tool
+    /// calls); the sequence also stops when the grammar is complete.
+    pub constraint: Option<crate::constraint::Constraint>,
+    /// Report each generated token's log-probability and this many
+    /// alternatives (`None`: no log-probabilities).
+    pub logprobs: Option<usize>,
+}
+
+/// One generated token's log-probability, with the most likely alternatives
+/// (best first), all under the distribution the token was drawn from (after
+/// `logit_bias`, penalties and any grammar mask; before temperature).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +150,14 @@ pub enum GenEvent {
     Prefilled { prompt_tokens: usize },
     /// New text: UTF-8 complete, with any possible stop-string prefix held back.
     /// `tokens` is how many generated tokens this text covers (may be 0 or >1).
-    Text { text: String, tokens: usize },
+    Text {
+        text: String,
+        tokens: usize,
+        /// One entry per token this text covers, when the request asked for
+        /// log-probabilities (tokens whose text a stop string swallowed are
+        /// reported with the text before it).
+        logprobs: Vec<TokenLogprob>,
+    },
     /// The sequence ended.
     Finished {
         reason: FinishReason,

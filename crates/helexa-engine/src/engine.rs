@@ -2,6 +2,7 @@
 //! scheduler thread that runs every sequence.
 
 use crate::api::*;
+use crate::constraint::{Constraint, Grammar, Guidance};
 use crate::model::{gguf, safetensors, Model};
 use crate::scheduler::{Scheduler, Submission, WorkerConfig};
 use crate::template::ChatTemplate;
@@ -9,7 +10,7 @@ use candle_core::quantized::gguf_file::Value;
 use helexa_api::chat::ChatMessage;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use tokenizers::Tokenizer;
 
 /// Tokens that end a turn in the chat formats we know, besides the model's EOS.
@@ -34,6 +35,8 @@ struct Inner {
     /// Whether `tokenize(.., true)` prepends BOS.
     add_bos: Option<u32>,
     scheduler: Scheduler,
+    /// Grammar compiler and token byte table, built on first use.
+    guidance: OnceLock<Result<Arc<Guidance>, String>>,
 }
 
 fn load_err(path: &Path, message: impl Into<String>) -> EngineError {
@@ -298,6 +301,7 @@ impl Engine {
                 template,
                 add_bos: parts.add_bos,
                 scheduler,
+                guidance: OnceLock::new(),
             }),
         })
     }
@@ -351,6 +355,55 @@ impl Engine {
         self.inner
             .template
             .render(messages, tools, add_generation_prompt)
+    }
+
+    /// The grammar machinery, built on first use (tens of milliseconds).
+    fn guidance(&self) -> Result<&Arc<Guidance>, EngineError> {
+        self.inner
+            .guidance
+            .get_or_init(|| {
+                Guidance::new(self.inner.tokenizer.clone(), &self.inner.meta.eos_token_ids)
+                    .map(Arc::new)
+                    .inspect_err(|e| tracing::warn!(error = %e, "constrained decoding unavailable"))
+            })
+            .as_ref()
+            .map_err(|e| {
+                EngineError::InvalidRequest(format!(
+                    "constrained decoding is not available for this model's tokenizer: {e}"
+                ))
+            })
+    }
+
+    /// Compiles a grammar for one sequence (blocking: milliseconds for a
+    /// large schema). An unsupported schema feature is an `InvalidRequest`
+    /// naming it.
+    pub fn compile_grammar(&self, grammar: &Grammar) -> Result<Constraint, EngineError> {
+        self.guidance()?
+            .compile(grammar)
+            .map_err(EngineError::InvalidRequest)
+    }
+
+    /// The bytes token `id` stands for (for log-probabilities).
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        match self.guidance() {
+            Ok(g) => g.token_bytes(id),
+            Err(_) => self
+                .inner
+                .tokenizer
+                .decode(&[id], false)
+                .unwrap_or_default()
+                .into_bytes(),
+        }
+    }
+
+    /// Whether the chat template itself renders `tools`.
+    pub fn template_handles_tools(&self) -> bool {
+        self.inner.template.uses_tools()
+    }
+
+    /// Whether the chat template writes calls as `<tool_call>` blocks.
+    pub fn template_uses_tool_call_tags(&self) -> bool {
+        self.inner.template.uses_tool_call_tags()
     }
 
     /// Queues a sequence; never blocks. Events arrive on the returned stream;

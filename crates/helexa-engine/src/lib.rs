@@ -8,6 +8,8 @@
 
 mod api;
 
+pub mod constraint;
+
 pub use api::*;
 
 pub mod detok;
@@ -19,4 +21,6 @@ mod scheduler;
 pub mod stop;
 pub mod template;
 pub mod tokenizer;
+pub mod toolcall;
+pub use constraint::{Constraint, Grammar, Guidance};
 pub use engine::{Engine, GenerationStream};

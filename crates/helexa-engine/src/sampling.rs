@@ -61,11 +61,28 @@ impl Sampler {
     /// tokens (repetition penalty), `generated` only the generated ones
     /// (frequency and presence penalties).
     pub fn sample(&mut self, logits: &mut [f32], context: &[u32], generated: &[u32]) -> u32 {
-        self.apply_penalties(logits, context, generated);
+        self.adjust(logits, context, generated);
+        self.pick(logits)
+    }
+
+    /// Chooses from logits already adjusted by [`Sampler::adjust`] (and
+    /// possibly masked by a grammar).
+    pub fn pick(&mut self, logits: &[f32]) -> u32 {
         if self.is_greedy() {
             return argmax(logits);
         }
         self.sample_distribution(logits)
+    }
+
+    /// `logit_bias`, then the penalties, in place: what `sample` does before
+    /// choosing.
+    pub fn adjust(&mut self, logits: &mut [f32], context: &[u32], generated: &[u32]) {
+        for &(t, bias) in &self.params.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += bias;
+            }
+        }
+        self.apply_penalties(logits, context, generated);
     }
 
     fn apply_penalties(&mut self, logits: &mut [f32], context: &[u32], generated: &[u32]) {
@@ -176,7 +193,8 @@ impl Sampler {
             let probs = &mut self.probs;
             probs.clear();
             probs.extend(logits.iter().map(|&l| {
-                if l.is_nan() {
+                // -inf is a masked token (grammar): exactly 0, never drawn.
+                if l.is_nan() || l == f32::NEG_INFINITY {
                     0.0
                 } else {
                     fast_exp((l - max) * inv_t)
@@ -322,6 +340,40 @@ fn fast_exp(x: f32) -> f32 {
                     + f * (0.009_618_129
                         + f * (0.001_333_355_8 + f * (0.000_154_035_3 + f * 0.000_015_252_73))))));
     f32::from_bits(((n as i32 + 127) as u32) << 23) * p
+}
+
+/// Log-probability of `chosen` and the `top` most likely tokens (best first,
+/// ties by lower id) under the softmax of `logits`. One pass over the
+/// vocabulary plus a bounded selection; only run when a client asks.
+pub fn token_logprobs(logits: &[f32], chosen: u32, top: usize) -> crate::api::TokenLogprob {
+    let max = logits
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &l| if l > m { l } else { m });
+    let sum: f64 = logits
+        .iter()
+        .map(|&l| {
+            if l.is_nan() {
+                0.0
+            } else {
+                ((l - max) as f64).exp()
+            }
+        })
+        .sum();
+    let log_z = max as f64 + sum.ln();
+    let lp = |l: f32| (l as f64 - log_z) as f32;
+    let mut best: Vec<(u32, f32)> = Vec::new();
+    if top > 0 {
+        let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        top_k_into(logits, top.min(logits.len()), &mut best, desc);
+        best.sort_unstable_by(desc);
+    }
+    crate::api::TokenLogprob {
+        token: chosen,
+        logprob: logits
+            .get(chosen as usize)
+            .map_or(f32::NEG_INFINITY, |&l| lp(l)),
+        top: best.into_iter().map(|(t, l)| (t, lp(l))).collect(),
+    }
 }
 
 /// Index of the largest logit; ties go to the lowest id, NaN is never chosen
@@ -530,5 +582,50 @@ mod tests {
         });
         let mut s = Sampler::new(&p);
         assert_eq!(s.sample(&mut [5.0, 1.0], &[0, 99], &[99]), 1);
+    }
+
+    #[test]
+    fn logprobs_are_log_softmax_with_sorted_alternatives() {
+        let logits = [1.0f32, 3.0, 2.0, f32::NEG_INFINITY];
+        let lp = token_logprobs(&logits, 2, 2);
+        let z: f64 = [1.0f64, 3.0, 2.0].iter().map(|l| l.exp()).sum();
+        assert!((lp.logprob as f64 - (2.0 - z.ln())).abs() < 1e-5);
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert!((lp.top[0].1 as f64 - (3.0 - z.ln())).abs() < 1e-5);
+        assert_eq!(token_logprobs(&logits, 3, 0).logprob, f32::NEG_INFINITY);
+        assert!(token_logprobs(&logits, 0, 0).top.is_empty());
+    }
+
+    #[test]
+    fn logit_bias_bans_and_forces() {
+        let logits = vec![5.0f32, 1.0, 0.0];
+        let p = params(|p| {
+            p.temperature = 0.0;
+            p.logit_bias = vec![(0, -100.0), (2, 3.0), (99, 100.0)];
+        });
+        let mut l = logits.clone();
+        assert_eq!(Sampler::new(&p).sample(&mut l, &[], &[]), 2);
+        let p = params(|p| p.logit_bias = vec![(1, 100.0)]);
+        assert!(draws(&p, &logits, 200).iter().all(|&t| t == 1));
+    }
+
+    /// A grammar mask is -inf: such tokens are never drawn, whatever the
+    /// sampling path (whole vocabulary, min_p floor, top_p, top_k).
+    #[test]
+    fn masked_tokens_are_never_drawn() {
+        let mut logits = vec![f32::NEG_INFINITY; 5000];
+        logits[4321] = -3.0;
+        logits[17] = -3.5;
+        for p in [
+            params(|_| {}),
+            params(|p| p.min_p = 0.05),
+            params(|p| p.top_p = 0.99),
+            params(|p| p.top_k = 40),
+            params(|p| p.temperature = 2.0),
+        ] {
+            for t in draws(&p, &logits, 300) {
+                assert!(t == 4321 || t == 17, "drew masked token {t}");
+            }
+        }
     }
 }

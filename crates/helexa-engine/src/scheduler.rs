@@ -155,6 +155,12 @@ struct Seq {
     tx: UnboundedSender<GenEvent>,
     /// Generated tokens not yet covered by a `Text` event.
     unreported: usize,
+    /// The grammar this sequence follows, if any.
+    constraint: Option<crate::constraint::Constraint>,
+    /// Alternatives to report per token; `None`: no log-probabilities.
+    logprobs: Option<usize>,
+    /// Log-probabilities of the tokens not yet covered by a `Text` event.
+    pending_logprobs: Vec<TokenLogprob>,
 }
 
 impl Seq {
@@ -169,7 +175,12 @@ impl Seq {
     /// Sends text covering the generated tokens not reported yet.
     fn send_text(&mut self, text: String) {
         let tokens = std::mem::take(&mut self.unreported);
-        self.send(GenEvent::Text { text, tokens });
+        let logprobs = std::mem::take(&mut self.pending_logprobs);
+        self.send(GenEvent::Text {
+            text,
+            tokens,
+            logprobs,
+        });
     }
 }
 
@@ -224,6 +235,7 @@ struct Worker {
 enum Outcome {
     Continue,
     Finished(FinishReason),
+    Failed(String),
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
@@ -353,6 +365,9 @@ impl Worker {
                 stop,
                 tx,
                 unreported: 0,
+                constraint: req.constraint,
+                logprobs: req.logprobs,
+                pending_logprobs: Vec::new(),
             });
         }
     }
@@ -456,6 +471,7 @@ impl Worker {
                     self.model.release(slot);
                     self.end_one();
                 }
+                Ok(Outcome::Failed(message)) => self.finish_failed(slot, message),
                 Err(p) => {
                     self.finish_failed(slot, format!("sequence failed: {}", panic_message(&*p)));
                 }
@@ -520,15 +536,33 @@ impl Worker {
             Self::flush(seq);
             return Outcome::Finished(FinishReason::Length);
         }
-        let tok = {
+        {
             let (ctx, gen) = (&seq.tokens[..], &seq.tokens[seq.prompt_len..]);
-            seq.sampler.sample(logits, ctx, gen)
-        };
+            seq.sampler.adjust(logits, ctx, gen);
+        }
+        // Only constrained sequences pay for a mask.
+        if let Some(c) = seq.constraint.as_mut() {
+            if let Err(e) = c.mask(logits) {
+                return Outcome::Failed(e);
+            }
+        }
+        let tok = seq.sampler.pick(logits);
         seq.tokens.push(tok);
         seq.unreported += 1;
         if eos.contains(&tok) {
             Self::flush(seq);
             return Outcome::Finished(FinishReason::Stop);
+        }
+        if let Some(top) = seq.logprobs {
+            seq.pending_logprobs
+                .push(crate::sampling::token_logprobs(logits, tok, top));
+        }
+        let mut grammar_done = false;
+        if let Some(c) = seq.constraint.as_mut() {
+            match c.commit(tok) {
+                Ok(done) => grammar_done = done,
+                Err(e) => return Outcome::Failed(e),
+            }
         }
         let text = seq.decoder.push(tok);
         if !text.is_empty() {
@@ -539,6 +573,11 @@ impl Worker {
             if step.stopped {
                 return Outcome::Finished(FinishReason::Stop);
             }
+        }
+        if grammar_done {
+            // The grammar allows nothing more: as if EOS had been drawn.
+            Self::flush(seq);
+            return Outcome::Finished(FinishReason::Stop);
         }
         if seq.generated() >= seq.max_new || seq.tokens.len() >= context {
             Self::flush(seq);

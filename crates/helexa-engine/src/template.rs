@@ -30,6 +30,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    uses_tools: bool,
+    tool_call_tags: bool,
 }
 
 impl ChatTemplate {
@@ -50,10 +52,23 @@ impl ChatTemplate {
                 EngineError::Template(format!("cannot compile the chat template: {e:#}"))
             })?;
         Ok(ChatTemplate {
+            uses_tools: mentions_tools(source),
+            tool_call_tags: source.contains("<tool_call>"),
             env,
             bos_token: bos_token.unwrap_or_default(),
             eos_token: eos_token.unwrap_or_default(),
         })
+    }
+
+    /// Whether the template renders the `tools` variable itself (else the
+    /// server describes the tools in a system message of its own).
+    pub fn uses_tools(&self) -> bool {
+        self.uses_tools
+    }
+
+    /// Whether the template writes calls as `<tool_call>` blocks (Hermes, Qwen).
+    pub fn uses_tool_call_tags(&self) -> bool {
+        self.tool_call_tags
     }
 
     /// ChatML (`<|im_start|>role\ncontent<|im_end|>\n`), for models without a template.
@@ -102,12 +117,57 @@ fn message_json(m: &ChatMessage) -> Json {
         obj.insert("name".into(), Json::String(name.clone()));
     }
     if let Some(calls) = &m.tool_calls {
-        obj.insert("tool_calls".into(), Json::Array(calls.clone()));
+        // OpenAI sends `function.arguments` as JSON text; templates (Qwen,
+        // Llama 3, Hermes) expect an object they can `tojson` or iterate.
+        let calls = calls
+            .iter()
+            .map(|c| {
+                let mut c = c.clone();
+                if let Some(args) = c.pointer_mut("/function/arguments") {
+                    if let Some(parsed) = args
+                        .as_str()
+                        .and_then(|s| serde_json::from_str::<Json>(s).ok())
+                    {
+                        *args = parsed;
+                    }
+                }
+                c
+            })
+            .collect();
+        obj.insert("tool_calls".into(), Json::Array(calls));
     }
     if let Some(id) = &m.tool_call_id {
         obj.insert("tool_call_id".into(), Json::String(id.clone()));
     }
     Json::Object(obj)
+}
+
+/// Whether a template reads the `tools` variable: `tools` as a whole word
+/// inside a `{{ … }}` or `{% … %}` block.
+fn mentions_tools(source: &str) -> bool {
+    let mut rest = source;
+    while let Some(open) = rest.find(['{']) {
+        let after = &rest[open + 1..];
+        let close = match after.chars().next() {
+            Some('{') => "}}",
+            Some('%') => "%}",
+            _ => {
+                rest = after;
+                continue;
+            }
+        };
+        let Some(end) = after.find(close) else { break };
+        let block = &after[1..end];
+        let word = |c: char| c.is_alphanumeric() || c == '_';
+        if block.match_indices("tools").any(|(i, m)| {
+            !block[..i].chars().next_back().is_some_and(word)
+                && !block[i + m.len()..].chars().next().is_some_and(word)
+        }) {
+            return true;
+        }
+        rest = &after[end + close.len()..];
+    }
+    false
 }
 
 fn raise_exception(msg: String) -> Result<Value, Error> {
@@ -398,5 +458,16 @@ mod tests {
     fn is_send_sync() {
         fn check<T: Send + Sync>() {}
         check::<ChatTemplate>();
+    }
+
+    #[test]
+    fn detects_templates_that_render_tools() {
+        assert!(mentions_tools(
+            "{% if tools %}{{ tools | tojson }}{% endif %}"
+        ));
+        assert!(mentions_tools("{%- for t in tools -%}x{%- endfor %}"));
+        assert!(!mentions_tools("{{ message['content'] }} tools are nice"));
+        assert!(!mentions_tools("{% if has_tools_x %}{% endif %}"));
+        assert!(!ChatTemplate::chatml_default().uses_tools());
     }
 }

@@ -67,7 +67,7 @@ fn collect(mut s: GenerationStream) -> Run {
                 assert!(r.text.is_empty(), "Prefilled after text");
                 r.prefilled = Some(prompt_tokens);
             }
-            GenEvent::Text { text, tokens } => {
+            GenEvent::Text { text, tokens, .. } => {
                 assert!(r.prefilled.is_some(), "text before Prefilled");
                 r.text.push_str(&text);
                 r.text_tokens += tokens;
@@ -98,6 +98,8 @@ fn generate(e: &Engine, prompt: &str, max_new: usize, stop: Vec<String>) -> Run 
             params: greedy(),
             max_new_tokens: max_new,
             stop,
+            constraint: None,
+            logprobs: None,
         })
         .unwrap();
     collect(s)
@@ -173,6 +175,8 @@ fn batched_decode_matches_single_runs() {
                 params: greedy(),
                 max_new_tokens: 40,
                 stop: vec![],
+                constraint: None,
+                logprobs: None,
             })
             .unwrap()
         })
@@ -244,6 +248,8 @@ fn dropping_the_stream_cancels_and_frees_the_slot() {
             },
             max_new_tokens: 2000,
             stop: vec![],
+            constraint: None,
+            logprobs: None,
         })
         .unwrap();
     // Wait until it is decoding: the first token comes from the prefill
@@ -282,6 +288,8 @@ fn dropping_the_stream_cancels_and_frees_the_slot() {
             params: greedy(),
             max_new_tokens: 1,
             stop: vec![],
+            constraint: None,
+            logprobs: None,
         }),
         Err(EngineError::Shutdown)
     ));
@@ -296,6 +304,8 @@ fn limits_are_checked_at_submit() {
             params: greedy(),
             max_new_tokens: 500,
             stop: vec![],
+            constraint: None,
+            logprobs: None,
         })
         .err()
         .expect("too long");
@@ -314,6 +324,8 @@ fn limits_are_checked_at_submit() {
         params: greedy(),
         max_new_tokens: 500,
         stop: vec![],
+        constraint: None,
+        logprobs: None,
     })));
     let err = e
         .submit(GenerationRequest {
@@ -321,6 +333,8 @@ fn limits_are_checked_at_submit() {
             params: greedy(),
             max_new_tokens: 5,
             stop: vec![],
+            constraint: None,
+            logprobs: None,
         })
         .err()
         .expect("empty");
@@ -360,6 +374,8 @@ fn prompt_longer_than_4096_tokens_works() {
             params: greedy(),
             max_new_tokens: 4,
             stop: vec![],
+            constraint: None,
+            logprobs: None,
         })
         .unwrap(),
     );

@@ -185,6 +185,8 @@ fn generate_greedy(
         },
         max_new_tokens,
         stop: vec![],
+        constraint: None,
+        logprobs: None,
     };
     let mut stream = engine.submit(req).map_err(|e| format!("submit: {e}"))?;
     let mut text = String::new();
@@ -192,7 +194,9 @@ fn generate_greedy(
     loop {
         match stream.blocking_next() {
             Some(GenEvent::Prefilled { .. }) => {}
-            Some(GenEvent::Text { text: t, tokens }) => {
+            Some(GenEvent::Text {
+                text: t, tokens, ..
+            }) => {
                 text.push_str(&t);
                 text_tokens += tokens;
             }

@@ -170,6 +170,8 @@ fn greedy(prompt: Vec<u32>, n: usize) -> GenerationRequest {
         },
         max_new_tokens: n,
         stop: Vec::new(),
+        constraint: None,
+        logprobs: None,
     }
 }
 
@@ -180,7 +182,9 @@ fn collect(mut s: GenerationStream) -> (String, FinishReason, usize, usize, usiz
     while let Some(ev) = s.blocking_next() {
         match ev {
             GenEvent::Prefilled { .. } => {}
-            GenEvent::Text { text: t, tokens } => {
+            GenEvent::Text {
+                text: t, tokens, ..
+            } => {
                 text.push_str(&t);
                 covered += tokens;
             }

@@ -1,19 +1,38 @@
-//! `POST /v1/chat/completions` on the engine: render the model's chat
-//! template, count the prompt exactly, generate, answer whole or streamed.
+//! `POST /v1/chat/completions` on the engine: check the request, render the
+//! model's chat template (with tools), count the prompt exactly, generate
+//! `n` choices (under a grammar for structured outputs and forced tool
+//! calls), answer whole or streamed, with tool calls parsed out of the text.
 
-use super::params::{check_n, engine_error, output_budget, sampling_params, stop_strings};
+use super::logprobs;
+use super::params::{
+    check_n, choice_params, engine_error, output_budget, refuse_unsupported, sampling_params,
+    stop_strings, MAX_TOP_LOGPROBS_CHAT,
+};
 use super::stream::{collect, sse_body, sse_response, ChunkFormat};
-use super::EngineState;
+use super::tools::{call_id, call_json, generic_messages, Tools};
+use super::{structured, EngineState};
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use helexa_api::chat::{
-    ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChunkChoice,
-    Delta, ResponseMessage, Usage, CHAT_CHUNK_OBJECT, CHAT_OBJECT,
+    ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatMessage,
+    ChunkChoice, Delta, MessageContent, ResponseMessage, Usage, CHAT_CHUNK_OBJECT, CHAT_OBJECT,
 };
 use helexa_api::{sse, ApiError, ApiJson};
-use helexa_engine::GenerationRequest;
+use helexa_engine::toolcall::{self, ToolCallParser, ToolEvent};
+use helexa_engine::{Engine, GenerationRequest, TokenLogprob};
+use serde_json::{json, Value};
 use std::sync::Arc;
+
+/// OpenAI chat fields this engine does not implement: refused by name.
+const UNSUPPORTED: &[&str] = &[
+    "functions",
+    "function_call",
+    "audio",
+    "modalities",
+    "prediction",
+    "web_search_options",
+];
 
 pub async fn chat_completions(
     State(st): State<Arc<EngineState>>,
@@ -22,22 +41,102 @@ pub async fn chat_completions(
     super::respond(handle(st, req).await, "chat")
 }
 
+/// Text-only model: every content part must be text.
+fn check_contents(messages: &[ChatMessage]) -> Result<(), ApiError> {
+    for (i, m) in messages.iter().enumerate() {
+        if let Some(MessageContent::Parts(parts)) = &m.content {
+            for (j, p) in parts.iter().enumerate() {
+                let ok = p.kind == "text" && p.text.is_some();
+                if !ok {
+                    return Err(ApiError::invalid_request(
+                        format!(
+                            "content parts of type {:?} cannot be read by this text-only model; only `text` parts are supported",
+                            p.kind
+                        ),
+                        format!("messages[{i}].content[{j}]"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `logprobs` / `top_logprobs` → alternatives per token, if asked.
+fn logprobs_request(req: &ChatCompletionRequest) -> Result<Option<usize>, ApiError> {
+    let top = req.top_logprobs;
+    if let Some(k) = top {
+        if k > MAX_TOP_LOGPROBS_CHAT {
+            return Err(ApiError::invalid_request(
+                format!("`top_logprobs` must be between 0 and {MAX_TOP_LOGPROBS_CHAT}, got {k}"),
+                "top_logprobs",
+            ));
+        }
+    }
+    match (req.logprobs.unwrap_or(false), top) {
+        (true, k) => Ok(Some(k.unwrap_or(0) as usize)),
+        (false, Some(_)) => Err(ApiError::invalid_request(
+            "`top_logprobs` needs `logprobs: true`",
+            "top_logprobs",
+        )),
+        (false, None) => Ok(None),
+    }
+}
+
 async fn handle(st: Arc<EngineState>, req: ChatCompletionRequest) -> Result<Response, ApiError> {
     let engine = st.engine()?.clone();
-    check_n(req.n)?;
+    let n = check_n(req.n)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid_request(
             "`messages` must contain at least one message",
             "messages",
         ));
     }
-    let params = sampling_params(&req.sampling)?;
+    refuse_unsupported(&req.extra, UNSUPPORTED)?;
+    check_contents(&req.messages)?;
+    let params = sampling_params(&req.sampling, engine.meta().vocab_size)?;
     let stop = stop_strings(&req.sampling)?;
+    let logprobs = logprobs_request(&req)?;
+    let tools = Tools::from_request(
+        req.tools.as_deref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+    )?;
+    let format_grammar = structured::grammar(req.response_format.as_ref())?;
+    if format_grammar.is_some() && tools.active() {
+        return Err(ApiError::invalid_request(
+            "`response_format` cannot be combined with `tools` (use `tool_choice: \"none\"`, or drop one)",
+            "response_format",
+        ));
+    }
+    let native_tools = engine.template_handles_tools();
+    let tool_grammar = tools.grammar(!native_tools || engine.template_uses_tool_call_tags());
+    let grammar = match (format_grammar, tool_grammar) {
+        (Some(g), _) => Some((g, "response_format")),
+        (None, Some(g)) => Some((g, "tools")),
+        (None, None) => None,
+    };
+    let constraint = match grammar {
+        Some((g, param)) => Some(structured::compile(&engine, g, param).await?),
+        None => None,
+    };
+
     // Rendering and tokenizing a long prompt takes milliseconds: off the runtime.
-    let (messages, tools) = (req.messages.clone(), req.tools.clone());
+    let history_has_tools = req
+        .messages
+        .iter()
+        .any(|m| m.role == "tool" || m.tool_calls.as_ref().is_some_and(|c| !c.is_empty()));
+    let (messages, template_tools) = if native_tools {
+        let t = tools.active().then(|| tools.tools.clone());
+        (req.messages.clone(), t)
+    } else if tools.active() || history_has_tools {
+        (generic_messages(&req.messages, Some(&tools)), None)
+    } else {
+        (req.messages.clone(), None)
+    };
     let tok_engine = engine.clone();
     let prompt = tokio::task::spawn_blocking(move || {
-        let text = tok_engine.render_chat(&messages, tools.as_deref(), true)?;
+        let text = tok_engine.render_chat(&messages, template_tools.as_deref(), true)?;
         tok_engine.tokenize(&text, add_bos(&tok_engine, &text))
     })
     .await
@@ -49,18 +148,31 @@ async fn handle(st: Arc<EngineState>, req: ChatCompletionRequest) -> Result<Resp
         req.requested_output(),
         st.default_max_output(),
     )?;
-    let gen = engine
-        .submit(GenerationRequest {
-            prompt,
-            params,
-            max_new_tokens,
-            stop,
-        })
-        .map_err(engine_error)?;
+    let mut gens = Vec::with_capacity(n);
+    for i in 0..n {
+        gens.push(
+            engine
+                .submit(GenerationRequest {
+                    prompt: prompt.clone(),
+                    params: choice_params(&params, i),
+                    max_new_tokens,
+                    stop: stop.clone(),
+                    constraint: constraint.clone(),
+                    logprobs,
+                })
+                .map_err(engine_error)?,
+        );
+    }
     let format = ChatFormat {
         id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         created: super::unix_now(),
         model: req.model.clone(),
+        engine: engine.clone(),
+        logprobs: logprobs.is_some(),
+        tools: tools.active(),
+        parsers: (0..n).map(|_| ToolCallParser::new()).collect(),
+        calls: vec![0; n],
+        pending_logprobs: vec![Vec::new(); n],
     };
     if req.stream {
         let include_usage = req
@@ -69,28 +181,49 @@ async fn handle(st: Arc<EngineState>, req: ChatCompletionRequest) -> Result<Resp
             .map(|o| o.include_usage)
             .unwrap_or(false);
         return Ok(sse_response(sse_body(
-            gen,
+            gens,
             format,
             include_usage,
             st.keep_alive,
         )));
     }
-    let done = collect(gen).await?;
+    let done = collect(gens).await?;
+    let choices = done
+        .choices
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let (content, calls) = if format.tools {
+                toolcall::parse_all(&c.text)
+            } else {
+                (c.text, Vec::new())
+            };
+            let tool_calls: Vec<Value> = calls.iter().map(|k| call_json(k, &call_id())).collect();
+            let finish = if !tool_calls.is_empty() && c.finish_reason == "stop" {
+                "tool_calls"
+            } else {
+                c.finish_reason
+            };
+            ChatChoice {
+                index: i as u32,
+                message: ResponseMessage {
+                    role: "assistant".into(),
+                    content: (tool_calls.is_empty() || !content.is_empty()).then_some(content),
+                    tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
+                },
+                finish_reason: Some(finish.into()),
+                logprobs: format
+                    .logprobs
+                    .then(|| logprobs::chat_object(logprobs::chat_entries(&engine, &c.logprobs))),
+            }
+        })
+        .collect();
     Ok(axum::Json(ChatCompletionResponse {
         id: format.id,
         object: CHAT_OBJECT.into(),
         created: format.created,
         model: format.model,
-        choices: vec![ChatChoice {
-            index: 0,
-            message: ResponseMessage {
-                role: "assistant".into(),
-                content: Some(done.text),
-                tool_calls: None,
-            },
-            finish_reason: Some(done.finish_reason.into()),
-            logprobs: None,
-        }],
+        choices,
         usage: done.usage,
         system_fingerprint: None,
     })
@@ -98,7 +231,7 @@ async fn handle(st: Arc<EngineState>, req: ChatCompletionRequest) -> Result<Resp
 }
 
 /// Add BOS only when the model wants one and the template did not write it.
-fn add_bos(engine: &helexa_engine::Engine, text: &str) -> bool {
+fn add_bos(engine: &Engine, text: &str) -> bool {
     match engine.meta().bos_token.as_deref() {
         Some(bos) if !bos.is_empty() => !text.starts_with(bos),
         _ => true,
@@ -109,49 +242,132 @@ struct ChatFormat {
     id: String,
     created: u64,
     model: String,
+    engine: Engine,
+    logprobs: bool,
+    /// Parse tool calls out of the text.
+    tools: bool,
+    parsers: Vec<ToolCallParser>,
+    /// Calls sent so far, per choice (the next call's `index`).
+    calls: Vec<usize>,
+    /// Log-probabilities not yet sent with a content chunk, per choice.
+    pending_logprobs: Vec<Vec<Value>>,
 }
 
 impl ChatFormat {
-    fn chunk(&self, delta: Delta, finish: Option<&str>) -> Bytes {
+    fn chunk(
+        &self,
+        choice: usize,
+        delta: Delta,
+        finish: Option<&str>,
+        lps: Option<Value>,
+    ) -> Bytes {
         sse::data_event(&ChatCompletionChunk {
             id: self.id.clone(),
             object: CHAT_CHUNK_OBJECT.into(),
             created: self.created,
             model: self.model.clone(),
             choices: vec![ChunkChoice {
-                index: 0,
+                index: choice as u32,
                 delta,
                 finish_reason: finish.map(str::to_string),
-                logprobs: None,
+                logprobs: lps,
             }],
             usage: None,
         })
     }
+
+    fn content(&mut self, choice: usize, text: String) -> Bytes {
+        let lps = self.take_logprobs(choice);
+        self.chunk(
+            choice,
+            Delta {
+                content: Some(text),
+                ..Default::default()
+            },
+            None,
+            lps,
+        )
+    }
+
+    fn take_logprobs(&mut self, choice: usize) -> Option<Value> {
+        self.logprobs
+            .then(|| logprobs::chat_object(std::mem::take(&mut self.pending_logprobs[choice])))
+    }
+
+    /// Chunks of parsed events: content, or a call as its header (id, type,
+    /// name, empty arguments) then its arguments.
+    fn events(&mut self, choice: usize, events: Vec<ToolEvent>) -> Vec<u8> {
+        let mut out = Vec::new();
+        for e in events {
+            match e {
+                ToolEvent::Content(text) if text.is_empty() => {}
+                ToolEvent::Content(text) => out.extend_from_slice(&self.content(choice, text)),
+                ToolEvent::Call(call) => {
+                    let index = self.calls[choice];
+                    self.calls[choice] += 1;
+                    let head = json!([{"index": index, "id": call_id(), "type": "function",
+                        "function": {"name": call.name, "arguments": ""}}]);
+                    let args = json!([{"index": index, "function": {"arguments": call.arguments}}]);
+                    for piece in [head, args] {
+                        let delta = Delta {
+                            tool_calls: serde_json::from_value(piece).ok(),
+                            ..Default::default()
+                        };
+                        out.extend_from_slice(&self.chunk(choice, delta, None, None));
+                    }
+                }
+            }
+        }
+        out
+    }
 }
 
 impl ChunkFormat for ChatFormat {
-    fn opening(&self) -> Option<Bytes> {
+    fn opening(&mut self, choice: usize) -> Option<Bytes> {
         Some(self.chunk(
+            choice,
             Delta {
                 role: Some("assistant".into()),
                 content: Some(String::new()),
+                tool_calls: None,
             },
+            None,
             None,
         ))
     }
 
-    fn text(&self, text: &str) -> Bytes {
-        self.chunk(
-            Delta {
-                role: None,
-                content: Some(text.to_string()),
-            },
-            None,
-        )
+    fn text(&mut self, choice: usize, text: &str, lps: &[TokenLogprob]) -> Option<Bytes> {
+        if self.logprobs {
+            let entries = logprobs::chat_entries(&self.engine, lps);
+            self.pending_logprobs[choice].extend(entries);
+        }
+        if !self.tools {
+            return Some(self.content(choice, text.to_string()));
+        }
+        let events = self.parsers[choice].push(text);
+        let out = self.events(choice, events);
+        (!out.is_empty()).then(|| Bytes::from(out))
     }
 
-    fn finish(&self, reason: &str) -> Bytes {
-        self.chunk(Delta::default(), Some(reason))
+    fn finish(&mut self, choice: usize, reason: &str) -> Bytes {
+        let mut out = Vec::new();
+        if self.tools {
+            let events = self.parsers[choice].finish();
+            out = self.events(choice, events);
+        }
+        let reason = if self.calls[choice] > 0 && reason == "stop" {
+            "tool_calls"
+        } else {
+            reason
+        };
+        let lps = self
+            .pending_logprobs
+            .get(choice)
+            .is_some_and(|p| !p.is_empty())
+            .then(|| self.take_logprobs(choice))
+            .flatten();
+        out.extend_from_slice(&self.chunk(choice, Delta::default(), Some(reason), lps));
+        Bytes::from(out)
     }
 
     fn usage(&self, usage: Usage) -> Bytes {

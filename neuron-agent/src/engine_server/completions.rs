@@ -1,9 +1,13 @@
 //! `POST /v1/completions` on the engine: a raw prompt (text or token ids),
-//! no chat template; optional `echo` of the prompt.
+//! no chat template; optional `echo` of the prompt, `n` choices,
+//! `logprobs`, and `response_format` as on chat.
 
-use super::params::{check_n, engine_error, output_budget, sampling_params, stop_strings};
+use super::params::{
+    check_n, choice_params, engine_error, output_budget, refuse_unsupported, sampling_params,
+    stop_strings, MAX_LOGPROBS_COMPLETIONS,
+};
 use super::stream::{collect, sse_body, sse_response, ChunkFormat};
-use super::EngineState;
+use super::{logprobs, structured, EngineState};
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -12,8 +16,8 @@ use helexa_api::completions::{
     CompletionChoice, CompletionRequest, CompletionResponse, PromptInput, COMPLETION_OBJECT,
 };
 use helexa_api::{sse, ApiError, ApiJson, ErrorCode};
-use helexa_engine::GenerationRequest;
-use serde_json::json;
+use helexa_engine::{Engine, GenerationRequest, TokenLogprob};
+use serde_json::{json, Value};
 use std::sync::Arc;
 
 pub async fn completions(
@@ -40,16 +44,44 @@ fn single_prompt(p: &PromptInput) -> Result<PromptInput, ApiError> {
     })
 }
 
+/// `logprobs`: alternatives per token, 0..=5.
+fn logprobs_request(req: &CompletionRequest) -> Result<Option<usize>, ApiError> {
+    match req.logprobs {
+        None => Ok(None),
+        Some(k) if k > MAX_LOGPROBS_COMPLETIONS => Err(ApiError::invalid_request(
+            format!("`logprobs` must be between 0 and {MAX_LOGPROBS_COMPLETIONS}, got {k}"),
+            "logprobs",
+        )),
+        Some(_) if req.echo == Some(true) => Err(ApiError::invalid_request(
+            "`logprobs` with `echo` would need the prompt's log-probabilities, which this engine does not compute",
+            "logprobs",
+        )),
+        Some(k) => Ok(Some(k as usize)),
+    }
+}
+
 async fn handle(st: Arc<EngineState>, req: CompletionRequest) -> Result<Response, ApiError> {
     let engine = st.engine()?.clone();
-    check_n(req.n)?;
+    let n = check_n(req.n)?;
+    refuse_unsupported(&req.extra, &["best_of"]).or_else(|e| {
+        // `best_of` equal to `n` is what we do anyway.
+        match req.extra.get("best_of").and_then(|v| v.as_u64()) {
+            Some(b) if b as usize == n => Ok(()),
+            _ => Err(e),
+        }
+    })?;
+    let logprobs = logprobs_request(&req)?;
+    let constraint = match structured::grammar(req.extra.get("response_format"))? {
+        Some(g) => Some(structured::compile(&engine, g, "response_format").await?),
+        None => None,
+    };
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid_request(
             "`suffix` (fill-in-the-middle) is not supported by this model",
             "suffix",
         ));
     }
-    let params = sampling_params(&req.sampling)?;
+    let params = sampling_params(&req.sampling, engine.meta().vocab_size)?;
     let stop = stop_strings(&req.sampling)?;
     let prompt_input = single_prompt(&req.prompt)?;
     let vocab = engine.meta().vocab_size;
@@ -89,20 +121,30 @@ async fn handle(st: Arc<EngineState>, req: CompletionRequest) -> Result<Response
         }
         e
     })?;
-    let gen = engine
-        .submit(GenerationRequest {
-            prompt,
-            params,
-            max_new_tokens,
-            stop,
-        })
-        .map_err(engine_error)?;
+    let mut gens = Vec::with_capacity(n);
+    for i in 0..n {
+        gens.push(
+            engine
+                .submit(GenerationRequest {
+                    prompt: prompt.clone(),
+                    params: choice_params(&params, i),
+                    max_new_tokens,
+                    stop: stop.clone(),
+                    constraint: constraint.clone(),
+                    logprobs,
+                })
+                .map_err(engine_error)?,
+        );
+    }
     let echo = req.echo.unwrap_or(false);
     let format = CompletionFormat {
         id: format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
         created: super::unix_now(),
         model: req.model.clone(),
         echo: echo.then(|| prompt_text.clone()),
+        engine: engine.clone(),
+        logprobs: logprobs.is_some(),
+        offsets: vec![0; n],
     };
     if req.stream {
         let include_usage = req
@@ -111,29 +153,36 @@ async fn handle(st: Arc<EngineState>, req: CompletionRequest) -> Result<Response
             .map(|o| o.include_usage)
             .unwrap_or(false);
         return Ok(sse_response(sse_body(
-            gen,
+            gens,
             format,
             include_usage,
             st.keep_alive,
         )));
     }
-    let done = collect(gen).await?;
-    let text = if echo {
-        format!("{prompt_text}{}", done.text)
-    } else {
-        done.text
-    };
+    let done = collect(gens).await?;
+    let choices = done
+        .choices
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| CompletionChoice {
+            text: if echo {
+                format!("{prompt_text}{}", c.text)
+            } else {
+                c.text
+            },
+            index: i as u32,
+            finish_reason: Some(c.finish_reason.into()),
+            logprobs: format
+                .logprobs
+                .then(|| logprobs::completion_object(&engine, &c.logprobs, 0)),
+        })
+        .collect();
     Ok(axum::Json(CompletionResponse {
         id: format.id,
         object: COMPLETION_OBJECT.into(),
         created: format.created,
         model: format.model,
-        choices: vec![CompletionChoice {
-            text,
-            index: 0,
-            finish_reason: Some(done.finish_reason.into()),
-            logprobs: None,
-        }],
+        choices,
         usage: Some(done.usage),
     })
     .into_response())
@@ -144,31 +193,43 @@ struct CompletionFormat {
     created: u64,
     model: String,
     echo: Option<String>,
+    engine: Engine,
+    logprobs: bool,
+    /// Characters of each choice's text sent so far (`text_offset`).
+    offsets: Vec<usize>,
 }
 
 impl CompletionFormat {
-    fn chunk(&self, text: &str, finish: Option<&str>) -> Bytes {
+    fn chunk(&self, choice: usize, text: &str, finish: Option<&str>, lps: Value) -> Bytes {
         sse::data_event(&json!({
             "id": self.id,
             "object": COMPLETION_OBJECT,
             "created": self.created,
             "model": self.model,
-            "choices": [{"text": text, "index": 0, "finish_reason": finish, "logprobs": null}],
+            "choices": [{"text": text, "index": choice, "finish_reason": finish, "logprobs": lps}],
         }))
     }
 }
 
 impl ChunkFormat for CompletionFormat {
-    fn opening(&self) -> Option<Bytes> {
-        self.echo.as_deref().map(|t| self.chunk(t, None))
+    fn opening(&mut self, choice: usize) -> Option<Bytes> {
+        let echo = self.echo.clone()?;
+        self.offsets[choice] += echo.chars().count();
+        Some(self.chunk(choice, &echo, None, Value::Null))
     }
 
-    fn text(&self, text: &str) -> Bytes {
-        self.chunk(text, None)
+    fn text(&mut self, choice: usize, text: &str, lps: &[TokenLogprob]) -> Option<Bytes> {
+        let lps = if self.logprobs {
+            logprobs::completion_object(&self.engine, lps, self.offsets[choice])
+        } else {
+            Value::Null
+        };
+        self.offsets[choice] += text.chars().count();
+        Some(self.chunk(choice, text, None, lps))
     }
 
-    fn finish(&self, reason: &str) -> Bytes {
-        self.chunk("", Some(reason))
+    fn finish(&mut self, choice: usize, reason: &str) -> Bytes {
+        self.chunk(choice, "", Some(reason), Value::Null)
     }
 
     fn usage(&self, usage: Usage) -> Bytes {

@@ -10,8 +10,11 @@
 
 mod chat;
 mod completions;
+mod logprobs;
 mod params;
 mod stream;
+mod structured;
+mod tools;
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::response::{IntoResponse, Response};
@@ -87,6 +90,23 @@ pub struct EngineState {
 }
 
 impl EngineState {
+    /// The state of a server around an engine already loaded (in-process
+    /// tests, embedding): the same routes as `neuron engine` serves.
+    pub fn loaded(id: impl Into<String>, engine: Engine) -> Arc<EngineState> {
+        let engine_cell = OnceLock::new();
+        let _ = engine_cell.set(engine);
+        Arc::new(EngineState {
+            id: id.into(),
+            engine: engine_cell,
+            tokenizer_json: OnceLock::new(),
+            tokenizer_path: None,
+            max_output: None,
+            keep_alive: Duration::from_secs(1),
+            draining: AtomicBool::new(false),
+            started: Instant::now(),
+        })
+    }
+
     /// The loaded engine, or why there is none yet.
     fn engine(&self) -> Result<&Engine, ApiError> {
         if self.draining.load(Ordering::Relaxed) {

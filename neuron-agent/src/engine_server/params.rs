@@ -8,6 +8,13 @@ use helexa_engine::{EngineError, SamplingParams};
 
 /// Most stop strings one request may carry.
 pub const MAX_STOP_STRINGS: usize = 16;
+/// Most choices (`n`) one request may ask for.
+pub const MAX_N: u32 = 16;
+/// Most `logit_bias` entries (OpenAI's limit).
+pub const MAX_LOGIT_BIAS: usize = 300;
+/// `top_logprobs` of chat, `logprobs` of completions: OpenAI's limits.
+pub const MAX_TOP_LOGPROBS_CHAT: u32 = 20;
+pub const MAX_LOGPROBS_COMPLETIONS: u32 = 5;
 
 fn check_range(value: Option<f32>, name: &str, lo: f32, hi: f32) -> Result<Option<f32>, ApiError> {
     match value {
@@ -19,8 +26,56 @@ fn check_range(value: Option<f32>, name: &str, lo: f32, hi: f32) -> Result<Optio
     }
 }
 
+/// `logit_bias`: token id keys inside the vocabulary, biases in -100..100.
+pub fn logit_bias(
+    map: Option<&serde_json::Map<String, serde_json::Value>>,
+    vocab: usize,
+) -> Result<Vec<(u32, f32)>, ApiError> {
+    let Some(map) = map else {
+        return Ok(Vec::new());
+    };
+    if map.len() > MAX_LOGIT_BIAS {
+        return Err(ApiError::invalid_request(
+            format!(
+                "`logit_bias` may hold at most {MAX_LOGIT_BIAS} entries, got {}",
+                map.len()
+            ),
+            "logit_bias",
+        ));
+    }
+    let mut out = Vec::with_capacity(map.len());
+    for (key, value) in map {
+        let id = key
+            .parse::<u32>()
+            .ok()
+            .filter(|&id| (id as usize) < vocab)
+            .ok_or_else(|| {
+                ApiError::invalid_request(
+                    format!(
+                        "`logit_bias` keys must be token ids below the vocabulary size {vocab}, got {key:?}"
+                    ),
+                    "logit_bias",
+                )
+            })?;
+        let bias = value
+            .as_f64()
+            .filter(|b| b.is_finite() && (-100.0..=100.0).contains(b))
+            .ok_or_else(|| {
+                ApiError::invalid_request(
+                    format!(
+                        "`logit_bias[{key}]` must be a number between -100 and 100, got {value}"
+                    ),
+                    "logit_bias",
+                )
+            })?;
+        out.push((id, bias as f32));
+    }
+    Ok(out)
+}
+
 /// OpenAI sampling fields → engine sampling settings, with range checks.
-pub fn sampling_params(f: &SamplingFields) -> Result<SamplingParams, ApiError> {
+/// `vocab` bounds the token ids of `logit_bias`.
+pub fn sampling_params(f: &SamplingFields, vocab: usize) -> Result<SamplingParams, ApiError> {
     let d = SamplingParams::default();
     let temperature = check_range(f.temperature, "temperature", 0.0, 2.0)?;
     let top_p = check_range(f.top_p, "top_p", 0.0, 1.0)?;
@@ -43,6 +98,7 @@ pub fn sampling_params(f: &SamplingFields) -> Result<SamplingParams, ApiError> {
         repetition_penalty: repetition_penalty.unwrap_or(d.repetition_penalty),
         frequency_penalty: frequency_penalty.unwrap_or(d.frequency_penalty),
         presence_penalty: presence_penalty.unwrap_or(d.presence_penalty),
+        logit_bias: logit_bias(f.logit_bias.as_ref(), vocab)?,
     })
 }
 
@@ -68,15 +124,40 @@ pub fn stop_strings(f: &SamplingFields) -> Result<Vec<String>, ApiError> {
     Ok(stops)
 }
 
-/// `n` other than 1 is refused: one choice per request.
-pub fn check_n(n: Option<u32>) -> Result<(), ApiError> {
+/// `n`: how many choices, 1..=MAX_N (default 1).
+pub fn check_n(n: Option<u32>) -> Result<usize, ApiError> {
     match n {
-        None | Some(1) => Ok(()),
+        None => Ok(1),
+        Some(k) if (1..=MAX_N).contains(&k) => Ok(k as usize),
         Some(other) => Err(ApiError::invalid_request(
-            format!("only n=1 is supported, got n={other}"),
+            format!("`n` must be between 1 and {MAX_N}, got {other}"),
             "n",
         )),
     }
+}
+
+/// Seed of choice `i` of `n`: distinct per choice, reproducible when set.
+pub fn choice_params(params: &SamplingParams, i: usize) -> SamplingParams {
+    let mut p = params.clone();
+    p.seed = p.seed.map(|s| s.wrapping_add(i as u64));
+    p
+}
+
+/// Fields of the OpenAI API this engine does not implement, refused by name
+/// rather than ignored. (Unknown extension fields are still passed over.)
+pub fn refuse_unsupported(
+    extra: &serde_json::Map<String, serde_json::Value>,
+    names: &[&str],
+) -> Result<(), ApiError> {
+    for name in names {
+        if extra.get(*name).is_some_and(|v| !v.is_null()) {
+            return Err(ApiError::invalid_request(
+                format!("`{name}` is not supported by this server"),
+                *name,
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// How many tokens to generate: the request's cap, checked against the
@@ -183,7 +264,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            sampling_params(&f).unwrap_err().param.as_deref(),
+            sampling_params(&f, 10).unwrap_err().param.as_deref(),
             Some("temperature")
         );
         let f = SamplingFields {
@@ -192,11 +273,80 @@ mod tests {
             seed: Some(7),
             ..Default::default()
         };
-        let p = sampling_params(&f).unwrap();
+        let p = sampling_params(&f, 10).unwrap();
         assert_eq!(p.temperature, 0.0);
         assert_eq!(p.top_k, 5);
         assert_eq!(p.seed, Some(7));
-        assert!(check_n(Some(2)).is_err());
-        assert!(check_n(Some(1)).is_ok());
+        assert_eq!(check_n(None).unwrap(), 1);
+        assert_eq!(check_n(Some(1)).unwrap(), 1);
+        assert_eq!(check_n(Some(MAX_N)).unwrap(), MAX_N as usize);
+        assert_eq!(check_n(Some(0)).unwrap_err().param.as_deref(), Some("n"));
+        assert_eq!(
+            check_n(Some(MAX_N + 1)).unwrap_err().param.as_deref(),
+            Some("n")
+        );
+    }
+
+    /// Each range rule at its edges: the edge accepted, just outside refused.
+    #[test]
+    fn penalty_edges() {
+        for name in ["frequency_penalty", "presence_penalty"] {
+            let with = |v: f32| {
+                let mut f = SamplingFields::default();
+                match name {
+                    "frequency_penalty" => f.frequency_penalty = Some(v),
+                    _ => f.presence_penalty = Some(v),
+                }
+                sampling_params(&f, 10)
+            };
+            for ok in [-2.0, 2.0, 0.0] {
+                assert!(with(ok).is_ok(), "{name}={ok}");
+            }
+            for bad in [-2.001, 2.001, f32::NAN] {
+                assert_eq!(
+                    with(bad).unwrap_err().param.as_deref(),
+                    Some(name),
+                    "{name}={bad}"
+                );
+            }
+        }
+        let f = SamplingFields {
+            frequency_penalty: Some(-2.0),
+            presence_penalty: Some(2.0),
+            ..Default::default()
+        };
+        let p = sampling_params(&f, 10).unwrap();
+        assert_eq!((p.frequency_penalty, p.presence_penalty), (-2.0, 2.0));
+    }
+
+    #[test]
+    fn logit_bias_edges() {
+        let map = |v: serde_json::Value| v.as_object().unwrap().clone();
+        let mut ok = logit_bias(
+            Some(&map(serde_json::json!({"0": -100, "9": 100, "3": 0.5}))),
+            10,
+        )
+        .unwrap();
+        ok.sort_by_key(|e| e.0);
+        assert_eq!(ok, vec![(0, -100.0), (3, 0.5), (9, 100.0)]);
+        for bad in [
+            serde_json::json!({"1": 100.01}),
+            serde_json::json!({"1": -100.01}),
+            serde_json::json!({"1": "5"}),
+            serde_json::json!({"10": 1}),
+            serde_json::json!({"-1": 1}),
+            serde_json::json!({"abc": 1}),
+        ] {
+            let e = logit_bias(Some(&map(bad.clone())), 10).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("logit_bias"), "{bad}");
+        }
+        let many: serde_json::Map<_, _> = (0..=MAX_LOGIT_BIAS)
+            .map(|i| (i.to_string(), serde_json::json!(1)))
+            .collect();
+        assert!(logit_bias(Some(&many), 1000).is_err());
+        let most: serde_json::Map<_, _> = (0..MAX_LOGIT_BIAS)
+            .map(|i| (i.to_string(), serde_json::json!(1)))
+            .collect();
+        assert_eq!(logit_bias(Some(&most), 1000).unwrap().len(), MAX_LOGIT_BIAS);
     }
 }

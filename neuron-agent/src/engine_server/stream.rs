@@ -1,84 +1,145 @@
-//! Drives one generation to the client: either collected whole, or as an SSE
-//! stream with keep-alive comments while the prompt prefills. A client that
-//! goes away drops the `GenerationStream`, which cancels the sequence.
+//! Drives the generations of one request (one per choice, `n` of them) to
+//! the client: either collected whole, or as one SSE stream with keep-alive
+//! comments while the prompt prefills. A client that goes away drops the
+//! `GenerationStream`s, which cancels the sequences.
 
 use axum::body::Body;
 use bytes::Bytes;
+use futures_util::stream::{self, StreamExt};
 use helexa_api::chat::Usage;
 use helexa_api::{sse, ApiError, ErrorCode};
-use helexa_engine::{GenEvent, GenerationStream};
+use helexa_engine::{GenEvent, GenerationStream, TokenLogprob};
 use std::convert::Infallible;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// A finished generation.
-pub struct Collected {
+/// One finished choice.
+pub struct Choice {
     pub text: String,
     pub finish_reason: &'static str,
+    pub logprobs: Vec<TokenLogprob>,
+}
+
+/// A finished request: its choices in order, and usage (the prompt counted
+/// once, completions summed over the choices).
+pub struct Collected {
+    pub choices: Vec<Choice>,
     pub usage: Usage,
 }
 
-/// Reads every event; the text and usage of the whole answer.
-pub async fn collect(mut gen: GenerationStream) -> Result<Collected, ApiError> {
+fn stopped() -> ApiError {
+    ApiError::new(
+        ErrorCode::ShuttingDown,
+        "the engine stopped before the answer finished",
+    )
+}
+
+async fn collect_one(mut gen: GenerationStream) -> Result<(Choice, usize, usize), ApiError> {
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     while let Some(ev) = gen.next().await {
         match ev {
             GenEvent::Prefilled { .. } => {}
-            GenEvent::Text { text: t, .. } => text.push_str(&t),
+            GenEvent::Text {
+                text: t,
+                logprobs: l,
+                ..
+            } => {
+                text.push_str(&t);
+                logprobs.extend(l);
+            }
             GenEvent::Finished {
                 reason,
                 prompt_tokens,
                 completion_tokens,
             } => {
-                return Ok(Collected {
+                let choice = Choice {
                     text,
                     finish_reason: reason.as_str(),
-                    usage: Usage::new(prompt_tokens as u32, completion_tokens as u32),
-                })
+                    logprobs,
+                };
+                return Ok((choice, prompt_tokens, completion_tokens));
             }
             GenEvent::Failed { message } => {
                 return Err(ApiError::new(ErrorCode::InternalError, message))
             }
         }
     }
-    Err(ApiError::new(
-        ErrorCode::ShuttingDown,
-        "the engine stopped before the answer finished",
-    ))
+    Err(stopped())
 }
 
-/// How one API family frames its stream chunks.
+/// Reads every event of every choice; the first failure fails the request
+/// (and cancels the other choices).
+pub async fn collect(gens: Vec<GenerationStream>) -> Result<Collected, ApiError> {
+    let done = futures_util::future::try_join_all(gens.into_iter().map(collect_one)).await?;
+    let prompt = done.first().map_or(0, |d| d.1);
+    let completion: usize = done.iter().map(|d| d.2).sum();
+    Ok(Collected {
+        choices: done.into_iter().map(|d| d.0).collect(),
+        usage: Usage::new(prompt as u32, completion as u32),
+    })
+}
+
+/// How one API family frames its stream chunks. Stateful: a chat format
+/// parses tool calls out of each choice's text as it streams.
 pub trait ChunkFormat: Send + 'static {
-    /// Sent before any text (chat: the `role` delta).
-    fn opening(&self) -> Option<Bytes>;
-    fn text(&self, text: &str) -> Bytes;
-    fn finish(&self, reason: &str) -> Bytes;
+    /// Sent before any text of `choice` (chat: the `role` delta).
+    fn opening(&mut self, choice: usize) -> Option<Bytes>;
+    /// New text of `choice` (possibly nothing to send yet).
+    fn text(&mut self, choice: usize, text: &str, logprobs: &[TokenLogprob]) -> Option<Bytes>;
+    /// The end of `choice`: anything held back, then its finish chunk.
+    fn finish(&mut self, choice: usize, reason: &str) -> Bytes;
     /// The final usage chunk (`choices: []`) of `stream_options.include_usage`.
     fn usage(&self, usage: Usage) -> Bytes;
 }
 
-/// The SSE body of one generation. Keep-alive comments go out whenever
-/// nothing else was sent for `keep_alive` (during prefill, mostly).
+/// An event of one choice; `None`: its stream ended without finishing.
+type Tagged = (usize, Option<GenEvent>);
+
+fn tagged(i: usize, gen: GenerationStream) -> impl futures_util::Stream<Item = Tagged> {
+    stream::unfold(Some(gen), move |state| async move {
+        let mut gen = state?;
+        match gen.next().await {
+            Some(ev @ (GenEvent::Finished { .. } | GenEvent::Failed { .. })) => {
+                Some(((i, Some(ev)), None))
+            }
+            Some(ev) => Some(((i, Some(ev)), Some(gen))),
+            None => Some(((i, None), None)),
+        }
+    })
+}
+
+/// The SSE body of a request's generations. Keep-alive comments go out
+/// whenever nothing else was sent for `keep_alive` (during prefill, mostly).
 pub fn sse_body<F: ChunkFormat>(
-    mut gen: GenerationStream,
-    format: F,
+    gens: Vec<GenerationStream>,
+    mut format: F,
     include_usage: bool,
     keep_alive: Duration,
 ) -> Body {
     let (tx, rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
+    let n = gens.len();
     tokio::spawn(async move {
-        if let Some(open) = format.opening() {
-            if tx.send(Ok(open)).await.is_err() {
-                return;
+        for i in 0..n {
+            if let Some(open) = format.opening(i) {
+                if tx.send(Ok(open)).await.is_err() {
+                    return;
+                }
             }
         }
+        let mut events = stream::select_all(
+            gens.into_iter()
+                .enumerate()
+                .map(|(i, g)| tagged(i, g).boxed()),
+        );
         let mut tick = tokio::time::interval(keep_alive.max(Duration::from_millis(100)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.reset();
+        let (mut finished, mut prompt, mut completion) = (0usize, 0usize, 0usize);
         loop {
             let ev = tokio::select! {
-                ev = gen.next() => ev,
-                // The client went away: dropping `gen` cancels the sequence.
+                ev = events.next() => ev,
+                // The client went away: dropping `events` cancels the sequences.
                 _ = tx.closed() => return,
                 _ = tick.tick() => {
                     if tx.send(Ok(sse::keep_alive())).await.is_err() { return; }
@@ -86,40 +147,47 @@ pub fn sse_body<F: ChunkFormat>(
                 }
             };
             let out = match ev {
-                Some(GenEvent::Prefilled { .. }) => continue,
-                Some(GenEvent::Text { text, .. }) => {
+                Some((_, Some(GenEvent::Prefilled { .. }))) => continue,
+                Some((i, Some(GenEvent::Text { text, logprobs, .. }))) => {
                     if text.is_empty() {
                         continue;
                     }
-                    format.text(&text)
-                }
-                Some(GenEvent::Finished {
-                    reason,
-                    prompt_tokens,
-                    completion_tokens,
-                }) => {
-                    let mut buf = Vec::from(&format.finish(reason.as_str())[..]);
-                    if include_usage {
-                        buf.extend_from_slice(
-                            &format
-                                .usage(Usage::new(prompt_tokens as u32, completion_tokens as u32)),
-                        );
+                    match format.text(i, &text, &logprobs) {
+                        Some(b) => b,
+                        None => continue,
                     }
-                    buf.extend_from_slice(sse::DONE);
-                    let _ = tx.send(Ok(Bytes::from(buf))).await;
-                    return;
                 }
-                Some(GenEvent::Failed { message }) => {
+                Some((
+                    i,
+                    Some(GenEvent::Finished {
+                        reason,
+                        prompt_tokens,
+                        completion_tokens,
+                    }),
+                )) => {
+                    finished += 1;
+                    prompt = prompt.max(prompt_tokens);
+                    completion += completion_tokens;
+                    let mut buf = Vec::from(&format.finish(i, reason.as_str())[..]);
+                    if finished == n {
+                        if include_usage {
+                            buf.extend_from_slice(
+                                &format.usage(Usage::new(prompt as u32, completion as u32)),
+                            );
+                        }
+                        buf.extend_from_slice(sse::DONE);
+                        let _ = tx.send(Ok(Bytes::from(buf))).await;
+                        return;
+                    }
+                    Bytes::from(buf)
+                }
+                Some((_, Some(GenEvent::Failed { message }))) => {
                     let err = ApiError::new(ErrorCode::InternalError, message);
                     let _ = tx.send(Ok(sse::error_events(&err))).await;
                     return;
                 }
-                None => {
-                    let err = ApiError::new(
-                        ErrorCode::ShuttingDown,
-                        "the engine stopped before the answer finished",
-                    );
-                    let _ = tx.send(Ok(sse::error_events(&err))).await;
+                Some((_, None)) | None => {
+                    let _ = tx.send(Ok(sse::error_events(&stopped()))).await;
                     return;
                 }
             };
