@@ -34,8 +34,8 @@
 //! tokenizer (the engine's fallback); nothing is fetched from another repo.
 
 use crate::config::{Config, ModelSpec, SourceConfig};
-use helexa_protocol::DownloadProgress;
 use futures_util::StreamExt;
+use helexa_protocol::DownloadProgress;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -642,8 +642,7 @@ fn sha256_file(p: &Path) -> std::io::Result<String> {
         }
         h.update(&buf[..n]);
     }
-    Ok(h
-        .finalize()
+    Ok(h.finalize()
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect::<String>())
@@ -733,7 +732,8 @@ fn select(
         })
         .cloned()
         .collect();
-    if !files.iter().any(|f| f.ends_with(".safetensors")) || !files.iter().any(|f| f == "config.json")
+    if !files.iter().any(|f| f.ends_with(".safetensors"))
+        || !files.iter().any(|f| f == "config.json")
     {
         return Err(serr(format!(
             "no .gguf file and no safetensors model (config.json + *.safetensors); files: {}",
@@ -747,12 +747,7 @@ fn select(
 /// (case-insensitive); without `quant`, the only GGUF of the repo. Split
 /// GGUFs (`-00001-of-0000N`) are not supported yet.
 fn pick_gguf(ggufs: &[&String], quant: Option<&str>) -> Result<String, String> {
-    let list = |v: &[&String]| {
-        v.iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let list = |v: &[&String]| v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
     let matching: Vec<&String> = match quant {
         Some(q) => {
             let q = q.to_lowercase();
@@ -889,19 +884,33 @@ mod tests {
         assert_eq!(f.as_deref(), Some("m.Q4_1.gguf"));
         assert_eq!(files, names(&["m.Q4_1.gguf", "tokenizer.json"]));
         let e = select("o/m", &n, Some("Q4")).unwrap_err().to_string();
-        assert!(e.contains("ambiguous") && e.contains("m.Q4_0.gguf") && e.contains("m.Q4_1.gguf"), "{e}");
+        assert!(
+            e.contains("ambiguous") && e.contains("m.Q4_0.gguf") && e.contains("m.Q4_1.gguf"),
+            "{e}"
+        );
         let e = select("o/m", &n, Some("Q5")).unwrap_err().to_string();
-        assert!(e.contains("none") && e.contains("m.Q8_0.gguf") && e.contains("o/m"), "{e}");
+        assert!(
+            e.contains("none") && e.contains("m.Q8_0.gguf") && e.contains("o/m"),
+            "{e}"
+        );
         let e = select("o/m", &n, None).unwrap_err().to_string();
         assert!(e.contains("set quant"), "{e}");
     }
 
     #[test]
     fn safetensors_repo_takes_weights_and_configs() {
-        let n = names(&["config.json", "model.safetensors", "README.md", "tokenizer.json"]);
+        let n = names(&[
+            "config.json",
+            "model.safetensors",
+            "README.md",
+            "tokenizer.json",
+        ]);
         let (files, f) = select("o/m", &n, None).unwrap();
         assert_eq!(f, None);
-        assert_eq!(files, names(&["config.json", "model.safetensors", "tokenizer.json"]));
+        assert_eq!(
+            files,
+            names(&["config.json", "model.safetensors", "tokenizer.json"])
+        );
     }
 
     #[test]

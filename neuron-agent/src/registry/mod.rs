@@ -127,7 +127,8 @@ pub(crate) struct Inner {
     pub(crate) tasks: TaskTracker,
     pub(crate) activation: Mutex<Activation>,
     /// Models being fetched from a hub source, by id (`activation.downloads`).
-    pub(crate) downloads: Mutex<std::collections::BTreeMap<String, helexa_protocol::DownloadProgress>>,
+    pub(crate) downloads:
+        Mutex<std::collections::BTreeMap<String, helexa_protocol::DownloadProgress>>,
 }
 
 /// The registry of every catalogue model; cheap to clone.
