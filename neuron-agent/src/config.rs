@@ -738,6 +738,68 @@ device = "cuda:1"
     }
 
     #[test]
+    fn repo_models_and_sources() {
+        let f = write(
+            r#"
+hub_cache = "~/hub"
+[[sources]]
+name = "mirror"
+endpoint = "http://mirror:8080"
+token_env = "MIRROR_TOKEN"
+[[sources]]
+name = "huggingface"
+endpoint = "https://huggingface.co"
+[[models]]
+id = "a"
+repo = "org/a-GGUF"
+quant = "Q4_1"
+source = "mirror"
+"#,
+        );
+        let c = Config::load_with_env(Some(f.path()), env(&[])).unwrap();
+        assert_eq!(c.sources.len(), 2);
+        assert_eq!(c.sources[0].token_env.as_deref(), Some("MIRROR_TOKEN"));
+        assert_eq!(c.sources[1].token_env, None);
+        let m = &c.models[0];
+        assert_eq!(m.repo.as_deref(), Some("org/a-GGUF"));
+        assert_eq!(m.revision(), "main");
+        assert_eq!(m.path, PathBuf::new());
+        if let Some(home) = std::env::var_os("HOME") {
+            assert_eq!(c.hub_cache_dir(), PathBuf::from(home).join("hub"));
+        }
+        let d = Config::load_with_env(None, env(&[])).unwrap();
+        assert_eq!(d.sources, vec![SourceConfig::huggingface()]);
+        assert_eq!((d.download_retry_secs, d.download_stall_secs), (300, 60));
+
+        for (text, word) in [
+            ("[[models]]\nid = \"a\"\n", "needs a path or a repo"),
+            (
+                "[[models]]\nid = \"a\"\npath = \"/a\"\nrepo = \"o/a\"\n",
+                "not both",
+            ),
+            (
+                "[[models]]\nid = \"a\"\nrepo = \"o/a\"\nsource = \"nope\"\n",
+                "not in [[sources]]",
+            ),
+            ("[[models]]\nid = \"a\"\nrepo = \"o/a/b\"\n", "org/name"),
+            (
+                "[[models]]\nid = \"a\"\npath = \"/a\"\nquant = \"Q4\"\n",
+                "need a repo",
+            ),
+            (
+                "[[sources]]\nname = \"x\"\nendpoint = \"ftp://x\"\n",
+                "endpoint",
+            ),
+        ] {
+            let f = write(text);
+            let e = Config::load_with_env(Some(f.path()), env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(word), "{word} in {e}");
+        }
+    }
+
+    #[test]
     fn example_config_parses_and_matches_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/neuron.toml");
         let c = Config::load_with_env(Some(&path), env(&[])).unwrap();
