@@ -53,9 +53,12 @@ struct Seen {
     range: Option<String>,
 }
 
+/// A repo's files, in listing order: (name, contents).
+type RepoFiles = Vec<(String, MockFile)>;
+
 #[derive(Clone, Default)]
 struct Mock {
-    repos: Arc<Mutex<HashMap<String, Vec<(String, MockFile)>>>>,
+    repos: Arc<Mutex<HashMap<String, RepoFiles>>>,
     faults: Arc<Mutex<Faults>>,
     seen: Arc<Mutex<Vec<Seen>>>,
 }
