@@ -259,7 +259,7 @@ impl Hub {
             .await
             .map_err(|e| Attempt {
                 transient: true,
-                message: format!("GET {url}: {e}"),
+                message: format!("GET {url}: {}", chain(&e)),
             })?;
         let status = r.status();
         if !status.is_success() {
@@ -285,7 +285,17 @@ impl Hub {
         info: RepoInfo,
         progress: ProgressFn<'_>,
     ) -> Result<PathBuf, HubError> {
-        let names: Vec<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
+        // A name that could leave the snapshot folder is never fetched.
+        let names: Vec<String> = info
+            .siblings
+            .iter()
+            .map(|s| s.rfilename.clone())
+            .filter(|n| {
+                !n.is_empty()
+                    && !n.starts_with('/')
+                    && n.split('/').all(|p| !p.is_empty() && p != "." && p != "..")
+            })
+            .collect();
         let (files, model_file) = select(repo, &names, spec.quant.as_deref())?;
         let commit = info.sha.clone();
         let cache_err = |message: String| HubError::Cache {
@@ -393,7 +403,7 @@ impl Hub {
             .timeout(Duration::from_secs(30))
             .send()
             .await
-            .map_err(|e| ferr(format!("HEAD {url}: {e}")))?;
+            .map_err(|e| ferr(format!("HEAD {url}: {}", chain(&e))))?;
         let status = r.status();
         if !(status.is_success() || status.is_redirection()) {
             return Err(ferr(format!("HEAD {url}: HTTP {status}")));
@@ -537,7 +547,7 @@ impl Hub {
         }
         let r = req.send().await.map_err(|e| Attempt {
             transient: true,
-            message: format!("GET {}: {e}", w.url),
+            message: format!("GET {}: {}", w.url, chain(&e)),
         })?;
         let status = r.status();
         let append = match status.as_u16() {
@@ -578,7 +588,7 @@ impl Hub {
                     let _ = f.flush().await;
                     return Err(Attempt {
                         transient: true,
-                        message: format!("GET {}: {e}", w.url),
+                        message: format!("GET {}: {}", w.url, chain(&e)),
                     });
                 }
                 Ok(Some(Ok(c))) => c,
@@ -604,6 +614,19 @@ impl Hub {
         report(got);
         Ok(())
     }
+}
+
+/// An error with its causes (reqwest's own message is only the outer layer:
+/// "error sending request").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 fn is_transient(status: reqwest::StatusCode) -> bool {

@@ -43,6 +43,9 @@ struct Faults {
     slow_ms: u64,
     /// Answer every repo with 404 (a source that does not have it).
     not_found: bool,
+    /// Send LFS files from this other server (the hub's CDN): `HEAD` and
+    /// `GET` answer 302 with the `X-Linked-*` headers, as the hub does.
+    redirect_to: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -196,6 +199,11 @@ async fn serve(State(mock): State<Mock>, req: Request) -> Response {
         headers.insert("x-linked-size", len.to_string().parse().unwrap());
     }
     headers.insert("accept-ranges", "bytes".parse().unwrap());
+    let cdn = mock.faults.lock().unwrap().redirect_to.clone();
+    if let (Some(cdn), true) = (cdn, file.lfs) {
+        headers.insert("location", format!("{cdn}{path}").parse().unwrap());
+        return (StatusCode::FOUND, headers).into_response();
+    }
     if method == Method::HEAD {
         headers.insert("content-length", len.to_string().parse().unwrap());
         return (StatusCode::OK, headers).into_response();
@@ -443,8 +451,9 @@ async fn cached_model_starts_with_the_hub_down_and_progress_shows_while_fetching
     let before = hub.seen().len();
     let mut down = hub.source("huggingface");
     down.endpoint = closed;
-    let mut c = hub_config(cache.path(), vec![down], vec![m]);
-    c.download_retry_secs = 0;
+    let absent = repo_model("absent", "org/absent-GGUF", None);
+    let mut c = hub_config(cache.path(), vec![down], vec![m, absent]);
+    c.download_retry_secs = 2;
     let agent = start(c).await;
     eventually(20, "loaded from the cache", || async {
         model_health(&agent, "tiny").await["status"] == "loaded"
@@ -454,6 +463,23 @@ async fn cached_model_starts_with_the_hub_down_and_progress_shows_while_fetching
         hub.seen().len(),
         before,
         "no request while serving from cache"
+    );
+    // A model not in the cache: retried with back-off, then an error that
+    // names the repo and the source.
+    let began = std::time::Instant::now();
+    let (s, v) = load(&agent, "absent").await;
+    assert_eq!(s, 502, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("org/absent-GGUF")
+            && msg.contains("unreachable")
+            && msg.contains("source huggingface"),
+        "{msg}"
+    );
+    let took = began.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(10),
+        "one back-off within download_retry_secs: {took:?}"
     );
     agent.shutdown().await;
 }
@@ -540,6 +566,10 @@ async fn a_sources_token_goes_only_to_that_source() {
     first.faults().not_found = true;
     let second = Hub::start().await;
     second.add("org/m-GGUF", vec![("m.Q4_0.gguf", blob(4, 10_000))]);
+    // The second source sends the bytes from its "CDN", another host.
+    let cdn = Hub::start().await;
+    cdn.add("org/m-GGUF", vec![("m.Q4_0.gguf", blob(4, 10_000))]);
+    second.faults().redirect_to = Some(cdn.url.replace("127.0.0.1", "localhost"));
     std::env::set_var("HELEXA_TEST_TOKEN_FIRST", "tok-first");
     std::env::set_var("HELEXA_TEST_TOKEN_SECOND", "tok-second");
     let mut s1 = first.source("first");
@@ -571,6 +601,10 @@ async fn a_sources_token_goes_only_to_that_source() {
             .all(|s| s.auth.as_deref() == Some("Bearer tok-second")),
         "{two:?}"
     );
+    let three = cdn.seen();
+    assert_eq!(three.len(), 1, "{three:?}");
+    assert_eq!(three[0].method, "GET");
+    assert_eq!(three[0].auth, None, "no token to the CDN's host");
 
     // `source = "second"`: the first source is not asked (and the cache
     // already has the file, so the second is not asked either).
