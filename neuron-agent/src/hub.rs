@@ -314,7 +314,22 @@ impl Hub {
         let mut wanted = Vec::new();
         for name in &files {
             let sib = info.siblings.iter().find(|s| &s.rfilename == name);
-            wanted.push(self.head(source, repo, &commit, name, sib).await?);
+            let began = Instant::now();
+            let mut delay = Duration::from_secs(1);
+            loop {
+                match self.head(source, repo, &commit, name, sib).await {
+                    Ok(w) => {
+                        wanted.push(w);
+                        break;
+                    }
+                    Err((true, e)) if began.elapsed() + delay <= self.retry => {
+                        tracing::warn!(model = %spec.id, error = %e, retry_in_ms = delay.as_millis() as u64, "file metadata unavailable; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(30));
+                    }
+                    Err((_, e)) => return Err(e),
+                }
+            }
         }
         let total: u64 = wanted.iter().map(|w| w.size).sum();
         let have = |w: &Wanted| {
@@ -378,6 +393,7 @@ impl Hub {
     }
 
     /// `HEAD …/resolve/{commit}/{file}`: the blob name, size and checksum.
+    /// An error says whether it is transient (worth a retry).
     async fn head(
         &self,
         source: &SourceConfig,
@@ -385,7 +401,7 @@ impl Hub {
         commit: &str,
         name: &str,
         sib: Option<&Sibling>,
-    ) -> Result<Wanted, HubError> {
+    ) -> Result<Wanted, (bool, HubError)> {
         let url = format!(
             "{}/{repo}/resolve/{commit}/{}",
             source.endpoint.trim_end_matches('/'),
@@ -403,10 +419,13 @@ impl Hub {
             .timeout(Duration::from_secs(30))
             .send()
             .await
-            .map_err(|e| ferr(format!("HEAD {url}: {}", chain(&e))))?;
+            .map_err(|e| (true, ferr(format!("HEAD {url}: {}", chain(&e)))))?;
         let status = r.status();
         if !(status.is_success() || status.is_redirection()) {
-            return Err(ferr(format!("HEAD {url}: HTTP {status}")));
+            return Err((
+                is_transient(status),
+                ferr(format!("HEAD {url}: HTTP {status}")),
+            ));
         }
         let h = r.headers();
         let header = |k: &str| h.get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -414,12 +433,12 @@ impl Hub {
             .or_else(|| header("etag"))
             .map(|e| e.trim_start_matches("W/").trim_matches('"').to_string())
             .filter(|e| !e.is_empty() && !e.contains('/') && !e.contains(".."))
-            .ok_or_else(|| ferr(format!("HEAD {url}: no ETag")))?;
+            .ok_or_else(|| (false, ferr(format!("HEAD {url}: no ETag"))))?;
         let size = header("x-linked-size")
             .and_then(|s| s.parse().ok())
             .or(sib.and_then(|s| s.lfs.as_ref().and_then(|l| l.size).or(s.size)))
             .or_else(|| header("content-length").and_then(|s| s.parse().ok()))
-            .ok_or_else(|| ferr(format!("HEAD {url}: no size")))?;
+            .ok_or_else(|| (false, ferr(format!("HEAD {url}: no size"))))?;
         let sha256 = sib
             .and_then(|s| s.lfs.as_ref().map(|l| l.sha256.to_lowercase()))
             .or_else(|| is_sha256(&etag).then(|| etag.to_lowercase()));
@@ -447,6 +466,13 @@ impl Hub {
     ) -> Result<(), HubError> {
         let blob = dir.join("blobs").join(&w.etag);
         let part = dir.join("blobs").join(format!("{}.incomplete", w.etag));
+        // Two loads needing the same blob (two ids, one repo): one fetches,
+        // the other then finds it done. (Other processes are not locked out.)
+        let lock = blob_lock(&blob);
+        let _held = lock.lock().await;
+        if file_len(&blob) == Some(w.size) {
+            return Ok(());
+        }
         let ferr = |message: String| HubError::File {
             repo: repo.to_string(),
             file: w.name.clone(),
@@ -614,6 +640,21 @@ impl Hub {
         report(got);
         Ok(())
     }
+}
+
+/// The in-process lock of one blob path.
+fn blob_lock(blob: &Path) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+    static LOCKS: std::sync::OnceLock<
+        std::sync::Mutex<
+            std::collections::HashMap<PathBuf, std::sync::Arc<tokio::sync::Mutex<()>>>,
+        >,
+    > = std::sync::OnceLock::new();
+    let mut map = LOCKS
+        .get_or_init(Default::default)
+        .lock()
+        .expect("blob locks");
+    map.retain(|_, l| std::sync::Arc::strong_count(l) > 1);
+    map.entry(blob.to_path_buf()).or_default().clone()
 }
 
 /// An error with its causes (reqwest's own message is only the outer layer:

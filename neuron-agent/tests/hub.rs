@@ -43,6 +43,8 @@ struct Faults {
     slow_ms: u64,
     /// Answer every repo with 404 (a source that does not have it).
     not_found: bool,
+    /// Next `HEAD` of this file answers 503.
+    head_503_once: Vec<String>,
     /// Send LFS files from this other server (the hub's CDN): `HEAD` and
     /// `GET` answer 302 with the `X-Linked-*` headers, as the hub does.
     redirect_to: Option<String>,
@@ -205,6 +207,12 @@ async fn serve(State(mock): State<Mock>, req: Request) -> Response {
         return (StatusCode::FOUND, headers).into_response();
     }
     if method == Method::HEAD {
+        let mut f = mock.faults.lock().unwrap();
+        if f.head_503_once.contains(&name) {
+            f.head_503_once.retain(|n| *n != name);
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        }
+        drop(f);
         headers.insert("content-length", len.to_string().parse().unwrap());
         return (StatusCode::OK, headers).into_response();
     }
@@ -690,5 +698,50 @@ async fn quant_picks_one_file_and_ambiguity_names_the_candidates() {
         .join(COMMIT);
     assert_eq!(std::fs::read_dir(&snap).unwrap().count(), 1, "only Q8_0");
 
+    agent.shutdown().await;
+}
+
+/// A 503 on a file's `HEAD` is retried; two models needing the same file,
+/// loaded at once, share one download.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_503_is_retried_and_concurrent_loads_share_one_download() {
+    let hub = Hub::start().await;
+    let bytes = blob(9, 2 * 1024 * 1024);
+    hub.add("org/shared-GGUF", vec![("shared.Q4_0.gguf", bytes.clone())]);
+    {
+        let mut f = hub.faults();
+        f.head_503_once.push("shared.Q4_0.gguf".into());
+        f.slow_ms = 5;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let agent = start(hub_config(
+        cache.path(),
+        vec![hub.source("hub")],
+        vec![
+            repo_model("a", "org/shared-GGUF", None),
+            repo_model("b", "org/shared-GGUF", Some("Q4_0")),
+        ],
+    ))
+    .await;
+    let (ra, rb) = tokio::join!(load(&agent, "a"), load(&agent, "b"));
+    assert_eq!(ra.0, 200, "{}", ra.1);
+    assert_eq!(rb.0, 200, "{}", rb.1);
+    assert_cached(
+        cache.path(),
+        "org/shared-GGUF",
+        "shared.Q4_0.gguf",
+        &bytes,
+        true,
+    );
+    let seen = hub.seen();
+    let gets = seen
+        .iter()
+        .filter(|s| s.method == "GET" && s.path.contains("/resolve/"))
+        .count();
+    assert_eq!(gets, 1, "one download for both: {seen:?}");
+    assert!(
+        seen.iter().filter(|s| s.method == "HEAD").count() >= 2,
+        "the 503 HEAD was retried: {seen:?}"
+    );
     agent.shutdown().await;
 }
