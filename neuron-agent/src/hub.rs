@@ -630,7 +630,7 @@ impl Hub {
             }
             if logged.elapsed() >= Duration::from_secs(5) {
                 logged = Instant::now();
-                tracing::info!(file = %w.name, source = %source.name, bytes_done = got, bytes_total = w.size, "downloading");
+                tracing::info!(url = %w.url, file = %w.name, source = %source.name, bytes_done = got, bytes_total = w.size, "downloading");
             }
         }
         f.flush().await.map_err(|e| Attempt {
@@ -744,7 +744,10 @@ fn link(snapshot: &Path, name: &str, etag: &str) -> std::io::Result<()> {
     let _ = std::fs::remove_file(&dst);
     match std::os::unix::fs::symlink(&target, &dst) {
         Ok(()) => Ok(()),
-        Err(_) => std::fs::copy(snapshot.join(&target), &dst).map(|_| ()),
+        Err(_) => {
+            let from = dst.parent().unwrap_or(snapshot).join(&target);
+            std::fs::copy(from, &dst).map(|_| ())
+        }
     }
 }
 
