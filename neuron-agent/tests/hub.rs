@@ -745,3 +745,59 @@ async fn head_503_is_retried_and_concurrent_loads_share_one_download() {
     );
     agent.shutdown().await;
 }
+
+/// A cache laid out by another hub tool is used as is: a full snapshot with
+/// no network at all; a blob without ref or snapshot is linked after the
+/// metadata requests, without downloading it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_fetched_by_other_tools_are_reused() {
+    let cache = tempfile::tempdir().unwrap();
+    let full = blob(11, 50_000);
+    let dir = cache.path().join("models--org--pre-GGUF");
+    std::fs::create_dir_all(dir.join("blobs")).unwrap();
+    std::fs::create_dir_all(dir.join("refs")).unwrap();
+    std::fs::create_dir_all(dir.join("snapshots").join(COMMIT)).unwrap();
+    std::fs::write(dir.join("blobs").join(sha256(&full)), &full).unwrap();
+    std::os::unix::fs::symlink(
+        Path::new("../../blobs").join(sha256(&full)),
+        dir.join("snapshots").join(COMMIT).join("pre.Q4_0.gguf"),
+    )
+    .unwrap();
+    std::fs::write(dir.join("refs/main"), COMMIT).unwrap();
+
+    let only_blob = blob(12, 50_000);
+    let dir2 = cache.path().join("models--org--blob-GGUF");
+    std::fs::create_dir_all(dir2.join("blobs")).unwrap();
+    std::fs::write(dir2.join("blobs").join(sha256(&only_blob)), &only_blob).unwrap();
+
+    let hub = Hub::start().await;
+    hub.add("org/blob-GGUF", vec![("blob.Q4_0.gguf", only_blob.clone())]);
+    let agent = start(hub_config(
+        cache.path(),
+        vec![hub.source("hub")],
+        vec![
+            repo_model("pre", "org/pre-GGUF", Some("q4_0")),
+            repo_model("blob", "org/blob-GGUF", None),
+        ],
+    ))
+    .await;
+    let (s, v) = load(&agent, "pre").await;
+    assert_eq!(s, 200, "{v}");
+    assert!(hub.seen().is_empty(), "{:?}", hub.seen());
+    let (s, v) = load(&agent, "blob").await;
+    assert_eq!(s, 200, "{v}");
+    assert_cached(
+        cache.path(),
+        "org/blob-GGUF",
+        "blob.Q4_0.gguf",
+        &only_blob,
+        true,
+    );
+    let seen = hub.seen();
+    assert!(
+        seen.iter()
+            .all(|s| s.method != "GET" || s.path.starts_with("/api/")),
+        "the blob is not downloaded again: {seen:?}"
+    );
+    agent.shutdown().await;
+}
