@@ -100,6 +100,42 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The models this node can serve (its catalogue).
     pub models: Vec<ModelSpec>,
+    /// Registries speaking the Hugging Face hub HTTP API that `repo` models
+    /// are fetched from, tried in order (docs/protocol.md §9).
+    pub sources: Vec<SourceConfig>,
+    /// The hub cache folder; default `$HF_HUB_CACHE`, else `$HF_HOME/hub`,
+    /// else `~/.cache/huggingface/hub` (shared with other hub tools).
+    pub hub_cache: Option<PathBuf>,
+    /// How long a load keeps retrying (exponential back-off, 1 s doubling
+    /// to 30 s) while every source is unreachable or failing transiently.
+    pub download_retry_secs: u64,
+    /// A download with no byte received for this long is dropped and resumed.
+    pub download_stall_secs: u64,
+}
+
+/// One model registry speaking the Hugging Face hub HTTP API.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Name used in logs, errors and a model's `source`.
+    pub name: String,
+    /// Base URL, e.g. `https://huggingface.co`.
+    pub endpoint: String,
+    /// Environment variable holding the bearer token sent to this source
+    /// only (unset or empty: no token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_env: Option<String>,
+}
+
+impl SourceConfig {
+    /// The public hub, token from `$HF_TOKEN`.
+    pub fn huggingface() -> Self {
+        SourceConfig {
+            name: "huggingface".into(),
+            endpoint: "https://huggingface.co".into(),
+            token_env: Some("HF_TOKEN".into()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -116,8 +152,22 @@ pub struct AuthConfig {
 pub struct ModelSpec {
     /// The model id clients send in `model`.
     pub id: String,
-    /// A `.gguf` file or a safetensors directory; `~` expands.
+    /// A `.gguf` file or a safetensors directory; `~` expands. Exactly one
+    /// of `path` and `repo` is set.
+    #[serde(default, skip_serializing_if = "path_is_empty")]
     pub path: PathBuf,
+    /// A hub repository (`org/name`) fetched from `sources` instead of `path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    /// Branch, tag or commit of `repo` (default `main`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// Picks the GGUF file of `repo` whose name contains it (case-insensitive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quant: Option<String>,
+    /// Only this source (a `[[sources]]` name); default: each in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     /// Load at start-up.
     #[serde(default)]
     pub preload: bool,
@@ -150,6 +200,10 @@ pub struct ModelSpec {
     pub extra_args: Vec<String>,
 }
 
+fn path_is_empty(p: &Path) -> bool {
+    p.as_os_str().is_empty()
+}
+
 fn default_max_in_flight() -> u32 {
     4
 }
@@ -166,6 +220,10 @@ impl ModelSpec {
         ModelSpec {
             id: id.into(),
             path: path.into(),
+            repo: None,
+            revision: None,
+            quant: None,
+            source: None,
             preload: false,
             max_in_flight: default_max_in_flight(),
             max_queue_depth: default_max_queue_depth(),
@@ -195,6 +253,21 @@ impl ModelSpec {
         let mut spec = ModelSpec::new(DEFAULT_MODEL_ID, dir.join(DEFAULT_MODEL_FILE));
         spec.preload = true;
         spec
+    }
+
+    /// A spec fetched from a hub repository instead of a local path.
+    pub fn from_repo(id: impl Into<String>, repo: impl Into<String>) -> Self {
+        let mut spec = ModelSpec::new(id, PathBuf::new());
+        spec.repo = Some(repo.into());
+        spec
+    }
+
+    /// The revision of `repo` to fetch (`main` unless set).
+    pub fn revision(&self) -> &str {
+        self.revision
+            .as_deref()
+            .filter(|r| !r.is_empty())
+            .unwrap_or("main")
     }
 
     /// The device indexes this spec runs on (`cuda:N` → `[N]`; CPU → `[]`).
@@ -236,6 +309,10 @@ impl Default for Config {
             log_format: "text".to_string(),
             auth: AuthConfig::default(),
             models: vec![ModelSpec::default_model()],
+            sources: vec![SourceConfig::huggingface()],
+            hub_cache: None,
+            download_retry_secs: 300,
+            download_stall_secs: 60,
         }
     }
 }
@@ -334,6 +411,24 @@ impl Config {
                 ));
             }
         }
+        let mut names = std::collections::HashSet::new();
+        for (i, s) in self.sources.iter().enumerate() {
+            if s.name.trim().is_empty() {
+                return Err(format!("sources[{i}].name is empty"));
+            }
+            if !names.insert(s.name.clone()) {
+                return Err(format!("sources[{i}].name {:?} appears twice", s.name));
+            }
+            if !(s.endpoint.starts_with("http://") || s.endpoint.starts_with("https://")) {
+                return Err(format!(
+                    "sources[{i}] ({}): endpoint must start with http:// or https://, got {:?}",
+                    s.name, s.endpoint
+                ));
+            }
+        }
+        if let Some(p) = &self.hub_cache {
+            self.hub_cache = Some(expand_tilde(p));
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, m) in self.models.iter_mut().enumerate() {
             if m.id.trim().is_empty() {
@@ -354,6 +449,46 @@ impl Config {
                         "models[{i}] ({}): device must be \"cpu\" or \"cuda:N\", got {d:?}",
                         m.id
                     ));
+                }
+            }
+            match (&m.repo, m.path.as_os_str().is_empty()) {
+                (Some(_), false) => {
+                    return Err(format!(
+                        "models[{i}] ({}): set either path or repo, not both",
+                        m.id
+                    ))
+                }
+                (None, true) => {
+                    return Err(format!("models[{i}] ({}): needs a path or a repo", m.id))
+                }
+                (Some(r), true) => {
+                    if r.is_empty()
+                        || r.starts_with('/')
+                        || r.ends_with('/')
+                        || r.split('/').count() > 2
+                        || r.split('/').any(|p| p == "." || p == "..")
+                    {
+                        return Err(format!(
+                            "models[{i}] ({}): repo must look like \"org/name\", got {r:?}",
+                            m.id
+                        ));
+                    }
+                    if let Some(src) = &m.source {
+                        if !names.contains(src) {
+                            return Err(format!(
+                                "models[{i}] ({}): source {src:?} is not in [[sources]]",
+                                m.id
+                            ));
+                        }
+                    }
+                }
+                (None, false) => {
+                    if m.revision.is_some() || m.quant.is_some() || m.source.is_some() {
+                        return Err(format!(
+                            "models[{i}] ({}): revision, quant and source need a repo",
+                            m.id
+                        ));
+                    }
                 }
             }
             m.path = expand_tilde(&m.path);
@@ -407,6 +542,21 @@ impl Config {
     }
     pub fn engine_first_byte_timeout(&self) -> Duration {
         Duration::from_secs(self.engine_first_byte_timeout_secs.max(1))
+    }
+    /// The hub cache folder: `hub_cache`, else `$HF_HUB_CACHE`, else
+    /// `$HF_HOME/hub`, else `~/.cache/huggingface/hub`.
+    pub fn hub_cache_dir(&self) -> PathBuf {
+        if let Some(p) = &self.hub_cache {
+            return p.clone();
+        }
+        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+        if let Some(p) = var("HF_HUB_CACHE") {
+            return expand_tilde(Path::new(&p));
+        }
+        if let Some(p) = var("HF_HOME") {
+            return expand_tilde(Path::new(&p)).join("hub");
+        }
+        expand_tilde(Path::new("~/.cache/huggingface/hub"))
     }
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_timeout_secs)
@@ -585,6 +735,68 @@ device = "cuda:1"
         let f = write("models = []\n");
         let c = Config::load_with_env(Some(f.path()), env(&[])).unwrap();
         assert!(c.models.is_empty());
+    }
+
+    #[test]
+    fn repo_models_and_sources() {
+        let f = write(
+            r#"
+hub_cache = "~/hub"
+[[sources]]
+name = "mirror"
+endpoint = "http://mirror:8080"
+token_env = "MIRROR_TOKEN"
+[[sources]]
+name = "huggingface"
+endpoint = "https://huggingface.co"
+[[models]]
+id = "a"
+repo = "org/a-GGUF"
+quant = "Q4_1"
+source = "mirror"
+"#,
+        );
+        let c = Config::load_with_env(Some(f.path()), env(&[])).unwrap();
+        assert_eq!(c.sources.len(), 2);
+        assert_eq!(c.sources[0].token_env.as_deref(), Some("MIRROR_TOKEN"));
+        assert_eq!(c.sources[1].token_env, None);
+        let m = &c.models[0];
+        assert_eq!(m.repo.as_deref(), Some("org/a-GGUF"));
+        assert_eq!(m.revision(), "main");
+        assert_eq!(m.path, PathBuf::new());
+        if let Some(home) = std::env::var_os("HOME") {
+            assert_eq!(c.hub_cache_dir(), PathBuf::from(home).join("hub"));
+        }
+        let d = Config::load_with_env(None, env(&[])).unwrap();
+        assert_eq!(d.sources, vec![SourceConfig::huggingface()]);
+        assert_eq!((d.download_retry_secs, d.download_stall_secs), (300, 60));
+
+        for (text, word) in [
+            ("[[models]]\nid = \"a\"\n", "needs a path or a repo"),
+            (
+                "[[models]]\nid = \"a\"\npath = \"/a\"\nrepo = \"o/a\"\n",
+                "not both",
+            ),
+            (
+                "[[models]]\nid = \"a\"\nrepo = \"o/a\"\nsource = \"nope\"\n",
+                "not in [[sources]]",
+            ),
+            ("[[models]]\nid = \"a\"\nrepo = \"o/a/b\"\n", "org/name"),
+            (
+                "[[models]]\nid = \"a\"\npath = \"/a\"\nquant = \"Q4\"\n",
+                "need a repo",
+            ),
+            (
+                "[[sources]]\nname = \"x\"\nendpoint = \"ftp://x\"\n",
+                "endpoint",
+            ),
+        ] {
+            let f = write(text);
+            let e = Config::load_with_env(Some(f.path()), env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(word), "{word} in {e}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod config;
 pub mod discovery;
 pub mod engine_server;
 pub mod gpu;
+pub mod hub;
 pub mod metrics;
 pub mod procfs;
 pub mod registry;

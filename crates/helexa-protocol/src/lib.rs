@@ -88,6 +88,27 @@ pub struct Activation {
     pub in_progress: Option<String>,
     pub completed: Vec<String>,
     pub failed: Vec<String>,
+    /// Files being fetched from a model source (docs/protocol.md §9), one
+    /// entry per model that is downloading; absent when none is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub downloads: Vec<DownloadProgress>,
+}
+
+/// Progress of one model's download from a hub source.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct DownloadProgress {
+    /// The model id.
+    pub model: String,
+    pub repo: String,
+    /// The source name it is fetched from.
+    pub source: String,
+    /// The file being fetched now.
+    pub file: String,
+    /// Bytes present of all the files this load needs.
+    pub bytes_done: u64,
+    /// Bytes of all the files this load needs.
+    pub bytes_total: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]

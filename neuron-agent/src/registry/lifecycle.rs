@@ -17,11 +17,21 @@ use tokio_util::sync::CancellationToken;
 
 impl Registry {
     pub fn activation(&self) -> Activation {
-        self.inner
+        let mut a = self
+            .inner
             .activation
             .lock()
             .expect("activation lock")
-            .clone()
+            .clone();
+        a.downloads = self
+            .inner
+            .downloads
+            .lock()
+            .expect("downloads lock")
+            .values()
+            .cloned()
+            .collect();
+        a
     }
 
     fn update_activation(&self, f: impl FnOnce(&mut Activation)) {

@@ -126,6 +126,9 @@ pub(crate) struct Inner {
     pub(crate) shutting_down: AtomicBool,
     pub(crate) tasks: TaskTracker,
     pub(crate) activation: Mutex<Activation>,
+    /// Models being fetched from a hub source, by id (`activation.downloads`).
+    pub(crate) downloads:
+        Mutex<std::collections::BTreeMap<String, helexa_protocol::DownloadProgress>>,
 }
 
 /// The registry of every catalogue model; cheap to clone.
@@ -200,6 +203,7 @@ impl Registry {
                 shutting_down: AtomicBool::new(false),
                 tasks: TaskTracker::new(),
                 activation: Mutex::new(activation),
+                downloads: Mutex::new(Default::default()),
             }),
         }
     }

@@ -16,6 +16,7 @@ pub use conn::{BodyGuard, EngineConn};
 pub use process::{EngineHealth, EngineInfo, EngineProcess, StartError};
 
 use crate::admission::{Admission, Limits};
+use crate::config::ModelSpec;
 use crate::registry::{LifecycleError, OpResult, Phase, Registry, Slot};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,7 +35,26 @@ impl Registry {
         let config = self.inner.config.clone();
         let id = slot.spec.id.clone();
         let began = Instant::now();
-        let first = EngineProcess::start(&config, &slot.spec, &self.inner.client, &stop).await;
+        // A `repo` model: its file from the hub cache, fetched if need be.
+        let spec = match self.resolve_spec(&slot.spec, &stop).await {
+            Ok(spec) => spec,
+            Err(e) => {
+                let result = match e {
+                    StartError::Cancelled => Err(LifecycleError::Cancelled(id.clone())),
+                    e => {
+                        tracing::error!(model = %id, error = %e, "model could not be fetched");
+                        Err(LifecycleError::LoadFailed {
+                            id: id.clone(),
+                            reason: e.to_string(),
+                        })
+                    }
+                };
+                self.finish_failed_load(&slot, &result);
+                let _ = tx.send(Some(result));
+                return;
+            }
+        };
+        let first = EngineProcess::start(&config, &spec, &self.inner.client, &stop).await;
         if first.is_ok() {
             self.inner.metrics.loaded_in(&id, began.elapsed());
         }
@@ -51,20 +71,7 @@ impl Registry {
                         })
                     }
                 };
-                {
-                    // An unload that cancelled us owns the slot's state.
-                    let mut st = slot.lock();
-                    if st.phase == Phase::Loading {
-                        if let Err(LifecycleError::LoadFailed { reason, .. }) = &result {
-                            st.phase = Phase::Failed;
-                            st.error = Some(reason.clone());
-                        } else {
-                            st.phase = Phase::Unloaded;
-                        }
-                        st.op = None;
-                        st.stop = None;
-                    }
-                }
+                self.finish_failed_load(&slot, &result);
                 let _ = tx.send(Some(result));
                 return;
             }
@@ -128,7 +135,7 @@ impl Registry {
                     _ = stop.cancelled() => return,
                 }
                 let began = Instant::now();
-                match EngineProcess::start(&config, &slot.spec, &self.inner.client, &stop).await {
+                match EngineProcess::start(&config, &spec, &self.inner.client, &stop).await {
                     Ok((p, info)) => {
                         self.inner.metrics.loaded_in(&id, began.elapsed());
                         self.inner.metrics.restarted(&id);
@@ -167,6 +174,55 @@ impl Registry {
                 }
             }
         }
+    }
+
+    /// Marks a load that ended without an engine (failed or cancelled).
+    fn finish_failed_load(&self, slot: &Arc<Slot>, result: &OpResult) {
+        // An unload that cancelled us owns the slot's state.
+        let mut st = slot.lock();
+        if st.phase == Phase::Loading {
+            if let Err(LifecycleError::LoadFailed { reason, .. }) = result {
+                st.phase = Phase::Failed;
+                st.error = Some(reason.clone());
+            } else {
+                st.phase = Phase::Unloaded;
+            }
+            st.op = None;
+            st.stop = None;
+        }
+    }
+
+    /// `spec` with `path` set: itself for a local model; for a `repo` model,
+    /// the file in the hub cache, fetched first if it is not there
+    /// (progress in `/health` `activation.downloads`).
+    async fn resolve_spec(
+        &self,
+        spec: &ModelSpec,
+        stop: &CancellationToken,
+    ) -> Result<ModelSpec, StartError> {
+        if spec.repo.is_none() {
+            return Ok(spec.clone());
+        }
+        let hub = crate::hub::Hub::new(&self.inner.config);
+        let downloads = &self.inner.downloads;
+        let progress = |p: helexa_protocol::DownloadProgress| {
+            downloads
+                .lock()
+                .expect("downloads lock")
+                .insert(p.model.clone(), p);
+        };
+        let outcome = tokio::select! {
+            r = hub.resolve(spec, &progress) => r,
+            _ = stop.cancelled() => {
+                downloads.lock().expect("downloads lock").remove(&spec.id);
+                return Err(StartError::Cancelled);
+            }
+        };
+        downloads.lock().expect("downloads lock").remove(&spec.id);
+        let path = outcome.map_err(|e| StartError::Fetch(e.to_string()))?;
+        let mut resolved = spec.clone();
+        resolved.path = path;
+        Ok(resolved)
     }
 
     /// Publishes a ready engine in the slot and starts its watchdog.

@@ -61,6 +61,10 @@ pub struct EngineHealth {
 pub enum StartError {
     #[error("model file {0} does not exist")]
     MissingModel(PathBuf),
+    /// A `repo` model could not be fetched (the message names repo, file,
+    /// source and HTTP status).
+    #[error("{0}")]
+    Fetch(String),
     #[error("cannot start engine program {program}: {reason}")]
     Spawn { program: PathBuf, reason: String },
     #[error("engine exited during start-up ({status}){}", tail_suffix(.stderr_tail))]

@@ -1,0 +1,803 @@
+//! Models by name (docs/protocol.md §9) through the real agent, against a
+//! local mock of the Hugging Face hub HTTP API: the repo metadata route
+//! (`/api/models/{repo}/revision/{rev}?blobs=true`) and `HEAD`/`GET
+//! /{repo}/resolve/{rev}/{file}` with the hub's headers (`X-Repo-Commit`,
+//! `ETag`, `X-Linked-Etag`, `X-Linked-Size`) and `Range`. The mock can cut
+//! a file short, corrupt it or slow it down once, and records every request
+//! with its `Authorization` header.
+
+mod support;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use neuron_agent::config::{Config, ModelSpec, SourceConfig};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::*;
+
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+#[derive(Clone, Default)]
+struct MockFile {
+    bytes: Arc<Vec<u8>>,
+    /// LFS files are named by their sha256; others by a git-like etag.
+    lfs: bool,
+}
+
+#[derive(Default)]
+struct Faults {
+    /// Next full GET of this file answers only its first half (honest
+    /// Content-Length of the half).
+    truncate_once: Vec<String>,
+    /// Next full GET sends half the bytes, then drops the connection.
+    drop_once: Vec<String>,
+    /// Next full GET of this file has one byte flipped.
+    corrupt_once: Vec<String>,
+    /// Send files in 64 KiB chunks with this pause between them.
+    slow_ms: u64,
+    /// Answer every repo with 404 (a source that does not have it).
+    not_found: bool,
+    /// Next `HEAD` of this file answers 503.
+    head_503_once: Vec<String>,
+    /// Send LFS files from this other server (the hub's CDN): `HEAD` and
+    /// `GET` answer 302 with the `X-Linked-*` headers, as the hub does.
+    redirect_to: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+struct Seen {
+    method: String,
+    path: String,
+    auth: Option<String>,
+    range: Option<String>,
+}
+
+/// A repo's files, in listing order: (name, contents).
+type RepoFiles = Vec<(String, MockFile)>;
+
+#[derive(Clone, Default)]
+struct Mock {
+    repos: Arc<Mutex<HashMap<String, RepoFiles>>>,
+    faults: Arc<Mutex<Faults>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+struct Hub {
+    mock: Mock,
+    url: String,
+}
+
+impl Hub {
+    async fn start() -> Hub {
+        let mock = Mock::default();
+        let app = axum::Router::new().fallback(serve).with_state(mock.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Hub { mock, url }
+    }
+
+    fn add(&self, repo: &str, files: Vec<(&str, Vec<u8>)>) {
+        let files = files
+            .into_iter()
+            .map(|(n, b)| {
+                let lfs = n.ends_with(".gguf");
+                (
+                    n.to_string(),
+                    MockFile {
+                        bytes: Arc::new(b),
+                        lfs,
+                    },
+                )
+            })
+            .collect();
+        self.mock
+            .repos
+            .lock()
+            .unwrap()
+            .insert(repo.to_string(), files);
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.mock.seen.lock().unwrap().clone()
+    }
+
+    fn faults(&self) -> std::sync::MutexGuard<'_, Faults> {
+        self.mock.faults.lock().unwrap()
+    }
+
+    fn source(&self, name: &str) -> SourceConfig {
+        SourceConfig {
+            name: name.into(),
+            endpoint: self.url.clone(),
+            token_env: None,
+        }
+    }
+}
+
+fn sha256(b: &[u8]) -> String {
+    Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+fn git_etag(b: &[u8]) -> String {
+    sha256(b)[..40].to_string()
+}
+
+async fn serve(State(mock): State<Mock>, req: Request) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let h = req.headers();
+    let header = |k: &str| h.get(k).and_then(|v| v.to_str().ok()).map(String::from);
+    mock.seen.lock().unwrap().push(Seen {
+        method: method.to_string(),
+        path: path.clone(),
+        auth: header("authorization"),
+        range: header("range"),
+    });
+    if mock.faults.lock().unwrap().not_found {
+        return (StatusCode::NOT_FOUND, "Repository not found").into_response();
+    }
+    let repos = mock.repos.lock().unwrap().clone();
+    // GET /api/models/{org}/{name}/revision/{rev}
+    if let Some(rest) = path.strip_prefix("/api/models/") {
+        let parts: Vec<&str> = rest.splitn(4, '/').collect();
+        if parts.len() == 4 && parts[2] == "revision" {
+            let repo = format!("{}/{}", parts[0], parts[1]);
+            let Some(files) = repos.get(&repo) else {
+                return (StatusCode::NOT_FOUND, "Repository not found").into_response();
+            };
+            let siblings: Vec<Value> = files
+                .iter()
+                .map(|(n, f)| {
+                    let mut s = json!({"rfilename": n, "size": f.bytes.len(),
+                                       "blobId": git_etag(&f.bytes)});
+                    if f.lfs {
+                        s["lfs"] = json!({"sha256": sha256(&f.bytes), "size": f.bytes.len(),
+                                          "pointerSize": 134});
+                    }
+                    s
+                })
+                .collect();
+            return axum::Json(json!({"id": repo, "sha": COMMIT, "siblings": siblings}))
+                .into_response();
+        }
+    }
+    // HEAD/GET /{org}/{name}/resolve/{rev}/{file}
+    let parts: Vec<&str> = path.trim_start_matches('/').splitn(5, '/').collect();
+    if parts.len() != 5 || parts[2] != "resolve" {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let repo = format!("{}/{}", parts[0], parts[1]);
+    let name = parts[4].to_string();
+    let Some(file) = repos
+        .get(&repo)
+        .and_then(|fs| fs.iter().find(|(n, _)| *n == name))
+        .map(|(_, f)| f.clone())
+    else {
+        return (StatusCode::NOT_FOUND, "Entry not found").into_response();
+    };
+    let len = file.bytes.len();
+    let mut headers = HeaderMap::new();
+    headers.insert("x-repo-commit", COMMIT.parse().unwrap());
+    let etag = if file.lfs {
+        sha256(&file.bytes)
+    } else {
+        git_etag(&file.bytes)
+    };
+    headers.insert("etag", format!("\"{etag}\"").parse().unwrap());
+    if file.lfs {
+        headers.insert("x-linked-etag", format!("\"{etag}\"").parse().unwrap());
+        headers.insert("x-linked-size", len.to_string().parse().unwrap());
+    }
+    headers.insert("accept-ranges", "bytes".parse().unwrap());
+    let cdn = mock.faults.lock().unwrap().redirect_to.clone();
+    if let (Some(cdn), true) = (cdn, file.lfs) {
+        headers.insert("location", format!("{cdn}{path}").parse().unwrap());
+        return (StatusCode::FOUND, headers).into_response();
+    }
+    if method == Method::HEAD {
+        let mut f = mock.faults.lock().unwrap();
+        if f.head_503_once.contains(&name) {
+            f.head_503_once.retain(|n| *n != name);
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        }
+        drop(f);
+        headers.insert("content-length", len.to_string().parse().unwrap());
+        return (StatusCode::OK, headers).into_response();
+    }
+    let start: usize = header("range")
+        .and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
+        .unwrap_or(0);
+    let (mut body, status) = if start > 0 {
+        headers.insert(
+            "content-range",
+            format!("bytes {start}-{}/{len}", len - 1).parse().unwrap(),
+        );
+        (file.bytes[start..].to_vec(), StatusCode::PARTIAL_CONTENT)
+    } else {
+        (file.bytes.to_vec(), StatusCode::OK)
+    };
+    let mut faults = mock.faults.lock().unwrap();
+    let take = |v: &mut Vec<String>| {
+        let hit = start == 0 && v.contains(&name);
+        v.retain(|n| *n != name);
+        hit
+    };
+    let drop_half = take(&mut faults.drop_once);
+    if take(&mut faults.truncate_once) {
+        body.truncate(len / 2);
+    }
+    if take(&mut faults.corrupt_once) {
+        body[len / 3] ^= 0xff;
+    }
+    let slow = faults.slow_ms;
+    drop(faults);
+    if drop_half {
+        // Promise everything, send half, then fail the stream.
+        let half = body[..len / 2].to_vec();
+        let stream = futures_util::stream::iter(vec![
+            Ok::<_, std::io::Error>(bytes::Bytes::from(half)),
+            Err(std::io::Error::other("connection dropped")),
+        ])
+        .then(|item| async move {
+            // Let the half reach the client before the connection drops.
+            if item.is_err() {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            item
+        });
+        headers.insert("content-length", len.to_string().parse().unwrap());
+        return (status, headers, Body::from_stream(stream)).into_response();
+    }
+    if slow > 0 {
+        let chunks: Vec<bytes::Bytes> = body
+            .chunks(64 * 1024)
+            .map(bytes::Bytes::copy_from_slice)
+            .collect();
+        let stream = futures_util::stream::iter(chunks).then(move |c| async move {
+            tokio::time::sleep(Duration::from_millis(slow)).await;
+            Ok::<_, std::io::Error>(c)
+        });
+        return (status, headers, Body::from_stream(stream)).into_response();
+    }
+    (status, headers, body).into_response()
+}
+
+use futures_util::StreamExt;
+
+/// Bytes that differ per `seed` (the fake engine ignores them).
+fn blob(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn hub_config(cache: &Path, sources: Vec<SourceConfig>, models: Vec<ModelSpec>) -> Config {
+    let mut c = config(vec![]);
+    c.models = models;
+    c.sources = sources;
+    c.hub_cache = Some(cache.to_path_buf());
+    c.download_retry_secs = 3;
+    c.download_stall_secs = 5;
+    c.finish().unwrap();
+    c
+}
+
+fn repo_model(id: &str, repo: &str, quant: Option<&str>) -> ModelSpec {
+    let mut m = ModelSpec::from_repo(id, repo);
+    m.quant = quant.map(String::from);
+    m
+}
+
+async fn load(agent: &neuron_agent::Agent, id: &str) -> (u16, Value) {
+    post_json(agent, "/models/load", json!({"model": id})).await
+}
+
+/// Checks the hub cache layout of one file; returns its snapshot path.
+fn assert_cached(cache: &Path, repo: &str, file: &str, bytes: &[u8], lfs: bool) -> PathBuf {
+    let dir = cache.join(format!("models--{}", repo.replace('/', "--")));
+    let etag = if lfs { sha256(bytes) } else { git_etag(bytes) };
+    let blob = dir.join("blobs").join(&etag);
+    assert_eq!(
+        std::fs::metadata(&blob).unwrap().len(),
+        bytes.len() as u64,
+        "{}",
+        blob.display()
+    );
+    assert_eq!(sha256(&std::fs::read(&blob).unwrap()), sha256(bytes));
+    let snap = dir.join("snapshots").join(COMMIT).join(file);
+    let target = std::fs::read_link(&snap).unwrap();
+    assert_eq!(target, Path::new("../../blobs").join(&etag));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("refs/main")).unwrap(),
+        COMMIT
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(dir.join("blobs"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".incomplete"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    snap
+}
+
+/// (1) The real default GGUF under a fake repo with several quants: the
+/// quant picks it, it is verified, cached in the hub layout, and the real
+/// engine serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repo_with_quant_is_fetched_verified_cached_and_served_by_the_real_engine() {
+    let gguf_path = neuron_agent::config::expand_tilde(Path::new(
+        "~/.cache/helexa/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+    ));
+    let gguf_path = std::env::var_os("HELEXA_MODEL_DIR")
+        .map(|d| PathBuf::from(d).join("SmolLM2-135M-Instruct.Q4_1.gguf"))
+        .unwrap_or(gguf_path);
+    let gguf = std::fs::read(&gguf_path).expect("the default model (scripts/fetch-model)");
+    let hub = Hub::start().await;
+    let repo = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF";
+    hub.add(
+        repo,
+        vec![
+            ("README.md", b"# readme".to_vec()),
+            ("SmolLM2-135M-Instruct.Q4_1.gguf", gguf.clone()),
+            ("SmolLM2-135M-Instruct.Q8_0.gguf", blob(1, 1000)),
+            ("SmolLM2-135M-Instruct.F16.gguf", blob(2, 1000)),
+        ],
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let mut m = repo_model("smol", repo, Some("q4_1"));
+    m.preload = true;
+    let mut c = hub_config(cache.path(), vec![hub.source("huggingface")], vec![m]);
+    c.engine_program = Some(PathBuf::from(env!("CARGO_BIN_EXE_neuron")));
+    c.engine_ready_timeout_secs = 120;
+    let agent = start(c).await;
+    eventually(150, "the model is loaded", || async {
+        get(&agent, "/health").await.1["activation"]["state"] == "ready"
+    })
+    .await;
+    let (_, h) = get(&agent, "/health").await;
+    assert_eq!(h["activation"]["completed"], json!(["smol"]), "{h}");
+    let (_, models) = get(&agent, "/models").await;
+    assert_eq!(models[0]["id"], "smol");
+    assert_eq!(models[0]["status"], "loaded");
+    let (s, v) = post_json(
+        &agent,
+        "/v1/chat/completions",
+        json!({"model": "smol", "max_tokens": 4,
+               "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    assert_cached(
+        cache.path(),
+        repo,
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        &gguf,
+        true,
+    );
+    let gets: Vec<String> = hub
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == "GET" && s.path.contains("/resolve/"))
+        .map(|s| s.path)
+        .collect();
+    assert_eq!(
+        gets,
+        vec![format!(
+            "/{repo}/resolve/{COMMIT}/SmolLM2-135M-Instruct.Q4_1.gguf"
+        )],
+        "only the chosen quant is downloaded"
+    );
+    agent.shutdown().await;
+}
+
+/// (2) A fetched model starts again with every source down: no network.
+/// Progress shows in `/health` `activation.downloads` while fetching.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_model_starts_with_the_hub_down_and_progress_shows_while_fetching() {
+    let hub = Hub::start().await;
+    let repo = "org/tiny-GGUF";
+    let weights = blob(7, 1024 * 1024);
+    hub.add(
+        repo,
+        vec![
+            ("tiny.Q4_K_M.gguf", weights.clone()),
+            ("tokenizer.json", b"{\"fake\": true}".to_vec()),
+        ],
+    );
+    hub.faults().slow_ms = 40;
+    let cache = tempfile::tempdir().unwrap();
+    let mut m = repo_model("tiny", repo, None);
+    m.preload = true;
+    let agent = start(hub_config(
+        cache.path(),
+        vec![hub.source("huggingface")],
+        vec![m.clone()],
+    ))
+    .await;
+    eventually(20, "download progress in /health", || async {
+        let d = get(&agent, "/health").await.1["activation"]["downloads"].clone();
+        d[0]["model"] == "tiny"
+            && d[0]["repo"] == repo
+            && d[0]["source"] == "huggingface"
+            && d[0]["bytes_total"].as_u64() == Some(weights.len() as u64 + 14)
+            && d[0]["bytes_done"].as_u64().unwrap_or(0) > 0
+    })
+    .await;
+    eventually(30, "loaded", || async {
+        model_health(&agent, "tiny").await["status"] == "loaded"
+    })
+    .await;
+    let (_, h) = get(&agent, "/health").await;
+    assert!(h["activation"].get("downloads").is_none(), "{h}");
+    assert_cached(cache.path(), repo, "tiny.Q4_K_M.gguf", &weights, true);
+    assert_cached(
+        cache.path(),
+        repo,
+        "tokenizer.json",
+        b"{\"fake\": true}",
+        false,
+    );
+    agent.shutdown().await;
+
+    // Every source down (a closed port), and a tight retry bound.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let before = hub.seen().len();
+    let mut down = hub.source("huggingface");
+    down.endpoint = closed;
+    let absent = repo_model("absent", "org/absent-GGUF", None);
+    let mut c = hub_config(cache.path(), vec![down], vec![m, absent]);
+    c.download_retry_secs = 2;
+    let agent = start(c).await;
+    eventually(20, "loaded from the cache", || async {
+        model_health(&agent, "tiny").await["status"] == "loaded"
+    })
+    .await;
+    assert_eq!(
+        hub.seen().len(),
+        before,
+        "no request while serving from cache"
+    );
+    // A model not in the cache: retried with back-off, then an error that
+    // names the repo and the source.
+    let began = std::time::Instant::now();
+    let (s, v) = load(&agent, "absent").await;
+    assert_eq!(s, 502, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("org/absent-GGUF")
+            && msg.contains("unreachable")
+            && msg.contains("source huggingface"),
+        "{msg}"
+    );
+    let took = began.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(10),
+        "one back-off within download_retry_secs: {took:?}"
+    );
+    agent.shutdown().await;
+}
+
+/// (3) A short answer is resumed with `Range`; a dropped connection is
+/// resumed; a corrupt file fails its sha256 and is fetched again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_dropped_and_corrupted_downloads_are_detected_and_refetched() {
+    let hub = Hub::start().await;
+    let (a, b, c) = (blob(1, 300_000), blob(2, 300_000), blob(3, 300_000));
+    hub.add("org/short-GGUF", vec![("short.Q4_0.gguf", a.clone())]);
+    hub.add("org/dropped-GGUF", vec![("dropped.Q4_0.gguf", b.clone())]);
+    hub.add("org/corrupt-GGUF", vec![("corrupt.Q4_0.gguf", c.clone())]);
+    {
+        let mut f = hub.faults();
+        f.truncate_once.push("short.Q4_0.gguf".into());
+        f.drop_once.push("dropped.Q4_0.gguf".into());
+        f.corrupt_once.push("corrupt.Q4_0.gguf".into());
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let agent = start(hub_config(
+        cache.path(),
+        vec![hub.source("hub")],
+        vec![
+            repo_model("short", "org/short-GGUF", None),
+            repo_model("dropped", "org/dropped-GGUF", None),
+            repo_model("corrupt", "org/corrupt-GGUF", Some("q4_0")),
+        ],
+    ))
+    .await;
+    for id in ["short", "dropped", "corrupt"] {
+        let (s, v) = load(&agent, id).await;
+        assert_eq!(s, 200, "{id}: {v}");
+    }
+    assert_cached(cache.path(), "org/short-GGUF", "short.Q4_0.gguf", &a, true);
+    assert_cached(
+        cache.path(),
+        "org/dropped-GGUF",
+        "dropped.Q4_0.gguf",
+        &b,
+        true,
+    );
+    assert_cached(
+        cache.path(),
+        "org/corrupt-GGUF",
+        "corrupt.Q4_0.gguf",
+        &c,
+        true,
+    );
+    let gets = |file: &str| -> Vec<Option<String>> {
+        hub.seen()
+            .into_iter()
+            .filter(|s| s.method == "GET" && s.path.ends_with(file))
+            .map(|s| s.range)
+            .collect()
+    };
+    assert_eq!(
+        gets("short.Q4_0.gguf"),
+        vec![None, Some("bytes=150000-".into())],
+        "the short answer is resumed, not fetched again"
+    );
+    let dropped = gets("dropped.Q4_0.gguf");
+    assert_eq!(dropped.len(), 2, "{dropped:?}");
+    assert_eq!(dropped[0], None);
+    assert!(
+        dropped[1]
+            .as_deref()
+            .is_some_and(|r| r.starts_with("bytes=")),
+        "the dropped download is resumed: {dropped:?}"
+    );
+    assert_eq!(
+        gets("corrupt.Q4_0.gguf"),
+        vec![None, None],
+        "the corrupt file is fetched again from the start"
+    );
+    agent.shutdown().await;
+}
+
+/// (4) A source's token goes to that source only: the first source does
+/// not have the repo (404), the second serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sources_token_goes_only_to_that_source() {
+    let first = Hub::start().await;
+    first.faults().not_found = true;
+    let second = Hub::start().await;
+    second.add("org/m-GGUF", vec![("m.Q4_0.gguf", blob(4, 10_000))]);
+    // The second source sends the bytes from its "CDN", another host.
+    let cdn = Hub::start().await;
+    cdn.add("org/m-GGUF", vec![("m.Q4_0.gguf", blob(4, 10_000))]);
+    second.faults().redirect_to = Some(cdn.url.replace("127.0.0.1", "localhost"));
+    std::env::set_var("HELEXA_TEST_TOKEN_FIRST", "tok-first");
+    std::env::set_var("HELEXA_TEST_TOKEN_SECOND", "tok-second");
+    let mut s1 = first.source("first");
+    s1.token_env = Some("HELEXA_TEST_TOKEN_FIRST".into());
+    let mut s2 = second.source("second");
+    s2.token_env = Some("HELEXA_TEST_TOKEN_SECOND".into());
+    let cache = tempfile::tempdir().unwrap();
+    let mut only = repo_model("only-second", "org/m-GGUF", None);
+    only.source = Some("second".into());
+    let agent = start(hub_config(
+        cache.path(),
+        vec![s1, s2],
+        vec![repo_model("m", "org/m-GGUF", None), only],
+    ))
+    .await;
+    let (s, v) = load(&agent, "m").await;
+    assert_eq!(s, 200, "{v}");
+    let one = first.seen();
+    let two = second.seen();
+    assert_eq!(one.len(), 1, "{one:?}");
+    assert!(
+        one.iter()
+            .all(|s| s.auth.as_deref() == Some("Bearer tok-first")),
+        "{one:?}"
+    );
+    assert!(two.len() >= 3, "{two:?}");
+    assert!(
+        two.iter()
+            .all(|s| s.auth.as_deref() == Some("Bearer tok-second")),
+        "{two:?}"
+    );
+    let three = cdn.seen();
+    assert_eq!(three.len(), 1, "{three:?}");
+    assert_eq!(three[0].method, "GET");
+    assert_eq!(three[0].auth, None, "no token to the CDN's host");
+
+    // `source = "second"`: the first source is not asked (and the cache
+    // already has the file, so the second is not asked either).
+    let (s, v) = load(&agent, "only-second").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(first.seen().len(), 1);
+    agent.shutdown().await;
+
+    // Neither source has it: the error names repo, each source and status.
+    second.faults().not_found = true;
+    let cache = tempfile::tempdir().unwrap();
+    let mut s1 = first.source("first");
+    s1.token_env = None;
+    let agent = start(hub_config(
+        cache.path(),
+        vec![s1, second.source("second")],
+        vec![repo_model("m", "org/m-GGUF", None)],
+    ))
+    .await;
+    let (s, v) = load(&agent, "m").await;
+    assert_eq!(s, 502, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    for part in ["org/m-GGUF", "source first", "source second", "404"] {
+        assert!(msg.contains(part), "{part} in {msg}");
+    }
+    assert_eq!(
+        first.seen().last().unwrap().auth,
+        None,
+        "no token_env: no token"
+    );
+    agent.shutdown().await;
+}
+
+/// (5) `quant` picks the one GGUF whose name contains it (any case); an
+/// ambiguous or unmatched quant is an error naming the candidates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quant_picks_one_file_and_ambiguity_names_the_candidates() {
+    let hub = Hub::start().await;
+    let q8 = blob(8, 5000);
+    hub.add(
+        "org/many-GGUF",
+        vec![
+            ("many.Q4_0.gguf", blob(40, 5000)),
+            ("many.Q4_1.gguf", blob(41, 5000)),
+            ("many.Q8_0.gguf", q8.clone()),
+        ],
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let agent = start(hub_config(
+        cache.path(),
+        vec![hub.source("hub")],
+        vec![
+            repo_model("q8", "org/many-GGUF", Some("q8_0")),
+            repo_model("ambiguous", "org/many-GGUF", Some("Q4")),
+            repo_model("none", "org/many-GGUF", Some("Q5_K")),
+            repo_model("unset", "org/many-GGUF", None),
+        ],
+    ))
+    .await;
+    for (id, words) in [
+        (
+            "ambiguous",
+            vec!["ambiguous", "many.Q4_0.gguf", "many.Q4_1.gguf"],
+        ),
+        ("none", vec!["Q5_K", "many.Q4_0.gguf", "many.Q8_0.gguf"]),
+        ("unset", vec!["quant", "many.Q4_1.gguf"]),
+    ] {
+        let (s, v) = load(&agent, id).await;
+        assert_eq!(s, 502, "{id}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("org/many-GGUF"), "{msg}");
+        for w in words {
+            assert!(msg.contains(w), "{id}: {w} in {msg}");
+        }
+        assert_eq!(model_health(&agent, id).await["status"], "failed");
+    }
+    let (s, v) = load(&agent, "q8").await;
+    assert_eq!(s, 200, "{v}");
+    assert_cached(cache.path(), "org/many-GGUF", "many.Q8_0.gguf", &q8, true);
+    let snap = cache
+        .path()
+        .join("models--org--many-GGUF/snapshots")
+        .join(COMMIT);
+    assert_eq!(std::fs::read_dir(&snap).unwrap().count(), 1, "only Q8_0");
+
+    agent.shutdown().await;
+}
+
+/// A 503 on a file's `HEAD` is retried; two models needing the same file,
+/// loaded at once, share one download.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_503_is_retried_and_concurrent_loads_share_one_download() {
+    let hub = Hub::start().await;
+    let bytes = blob(9, 2 * 1024 * 1024);
+    hub.add("org/shared-GGUF", vec![("shared.Q4_0.gguf", bytes.clone())]);
+    {
+        let mut f = hub.faults();
+        f.head_503_once.push("shared.Q4_0.gguf".into());
+        f.slow_ms = 5;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let agent = start(hub_config(
+        cache.path(),
+        vec![hub.source("hub")],
+        vec![
+            repo_model("a", "org/shared-GGUF", None),
+            repo_model("b", "org/shared-GGUF", Some("Q4_0")),
+        ],
+    ))
+    .await;
+    let (ra, rb) = tokio::join!(load(&agent, "a"), load(&agent, "b"));
+    assert_eq!(ra.0, 200, "{}", ra.1);
+    assert_eq!(rb.0, 200, "{}", rb.1);
+    assert_cached(
+        cache.path(),
+        "org/shared-GGUF",
+        "shared.Q4_0.gguf",
+        &bytes,
+        true,
+    );
+    let seen = hub.seen();
+    let gets = seen
+        .iter()
+        .filter(|s| s.method == "GET" && s.path.contains("/resolve/"))
+        .count();
+    assert_eq!(gets, 1, "one download for both: {seen:?}");
+    assert!(
+        seen.iter().filter(|s| s.method == "HEAD").count() >= 2,
+        "the 503 HEAD was retried: {seen:?}"
+    );
+    agent.shutdown().await;
+}
+
+/// A cache laid out by another hub tool is used as is: a full snapshot with
+/// no network at all; a blob without ref or snapshot is linked after the
+/// metadata requests, without downloading it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_fetched_by_other_tools_are_reused() {
+    let cache = tempfile::tempdir().unwrap();
+    let full = blob(11, 50_000);
+    let dir = cache.path().join("models--org--pre-GGUF");
+    std::fs::create_dir_all(dir.join("blobs")).unwrap();
+    std::fs::create_dir_all(dir.join("refs")).unwrap();
+    std::fs::create_dir_all(dir.join("snapshots").join(COMMIT)).unwrap();
+    std::fs::write(dir.join("blobs").join(sha256(&full)), &full).unwrap();
+    std::os::unix::fs::symlink(
+        Path::new("../../blobs").join(sha256(&full)),
+        dir.join("snapshots").join(COMMIT).join("pre.Q4_0.gguf"),
+    )
+    .unwrap();
+    std::fs::write(dir.join("refs/main"), COMMIT).unwrap();
+
+    let only_blob = blob(12, 50_000);
+    let dir2 = cache.path().join("models--org--blob-GGUF");
+    std::fs::create_dir_all(dir2.join("blobs")).unwrap();
+    std::fs::write(dir2.join("blobs").join(sha256(&only_blob)), &only_blob).unwrap();
+
+    let hub = Hub::start().await;
+    hub.add("org/blob-GGUF", vec![("blob.Q4_0.gguf", only_blob.clone())]);
+    let agent = start(hub_config(
+        cache.path(),
+        vec![hub.source("hub")],
+        vec![
+            repo_model("pre", "org/pre-GGUF", Some("q4_0")),
+            repo_model("blob", "org/blob-GGUF", None),
+        ],
+    ))
+    .await;
+    let (s, v) = load(&agent, "pre").await;
+    assert_eq!(s, 200, "{v}");
+    assert!(hub.seen().is_empty(), "{:?}", hub.seen());
+    let (s, v) = load(&agent, "blob").await;
+    assert_eq!(s, 200, "{v}");
+    assert_cached(
+        cache.path(),
+        "org/blob-GGUF",
+        "blob.Q4_0.gguf",
+        &only_blob,
+        true,
+    );
+    let seen = hub.seen();
+    assert!(
+        seen.iter()
+            .all(|s| s.method != "GET" || s.path.starts_with("/api/")),
+        "the blob is not downloaded again: {seen:?}"
+    );
+    agent.shutdown().await;
+}
