@@ -39,6 +39,9 @@ pub struct RequestHead<'a> {
     pub instructions: Option<Cow<'a, str>>,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+    /// Tool definitions: the engine renders them into the prompt.
+    #[serde(default)]
+    pub tools: Option<Value>,
 }
 
 /// `stream_options` (chat and completions streams).
@@ -182,6 +185,11 @@ pub fn count_prompt(head: &RequestHead<'_>, counter: &Counter, cfg: &Prevalidati
             total = total.saturating_add(counter.count(&buf));
         }
     }
+    // Tool definitions are rendered into the prompt (by the template or the
+    // engine's generic tool prompt): their JSON text is a fair count.
+    if let Some(tools) = head.tools.as_ref().filter(|t| !t.is_null()) {
+        total = total.saturating_add(counter.count(&tools.to_string()));
+    }
     if let Some(p) = &head.prompt {
         match p {
             Value::String(s) => total = total.saturating_add(counter.count(s)),
@@ -291,6 +299,22 @@ mod tests {
         );
         // 3 + (4 + 2) + (4 + 3)
         assert_eq!(count_prompt(&h, &EST, &cfg), 16);
+    }
+
+    #[test]
+    fn tool_definitions_count_toward_the_prompt() {
+        let cfg = PrevalidationConfig::default();
+        let c = Counter::Estimate {
+            chars_per_token: 4.0,
+        };
+        let plain = parse(r#"{"model": "m", "messages": [{"role": "user", "content": "hi"}]}"#);
+        let tools = parse(
+            r#"{"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                "tools": [{"type": "function", "function": {"name": "get_weather",
+                  "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]}"#,
+        );
+        let extra = count_prompt(&tools, &c, &cfg) - count_prompt(&plain, &c, &cfg);
+        assert!(extra >= 20, "{extra}");
     }
 
     #[test]
