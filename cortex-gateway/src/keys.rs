@@ -435,44 +435,30 @@ impl Key {
         }
         let mut b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         self.refill(&mut b, Instant::now());
-        if self.rpm > 0 && b.requests < 1.0 {
-            let wait = (1.0 - b.requests) * 60.0 / self.rpm as f64;
-            let headers = self.headers(&b);
-            drop(b);
-            release();
-            let e = ApiError::new(
-                ErrorCode::RateLimitExceeded,
-                format!(
-                    "this API key is over its limit of {} requests per minute",
-                    self.rpm
-                ),
-            )
-            .with_retry_after(whole_seconds(wait));
-            return Err(Box::new(Refused {
-                why: Refusal::Rpm,
-                error: e,
-                headers,
-            }));
-        }
-        // Never more than a full bucket is needed, so a prompt larger than
-        // the whole allowance can still run (leaving the bucket in debt).
+        // Never more than a full bucket of tokens is needed, so a prompt
+        // larger than the whole allowance can still run (leaving debt).
         let needed = (prompt_tokens as f64).min(self.tpm as f64).max(1.0);
-        if self.tpm > 0 && b.tokens < needed {
-            let wait = (needed - b.tokens) * 60.0 / self.tpm as f64;
+        // The first limit short of what this request needs: which, the
+        // per-minute rate, what is missing, the unit.
+        let short = if self.rpm > 0 && b.requests < 1.0 {
+            Some((Refusal::Rpm, self.rpm, 1.0 - b.requests, "requests"))
+        } else if self.tpm > 0 && b.tokens < needed {
+            Some((Refusal::Tpm, self.tpm, needed - b.tokens, "tokens"))
+        } else {
+            None
+        };
+        if let Some((why, per_minute, missing, unit)) = short {
             let headers = self.headers(&b);
             drop(b);
             release();
-            let e = ApiError::new(
+            let error = ApiError::new(
                 ErrorCode::RateLimitExceeded,
-                format!(
-                    "this API key is over its limit of {} tokens per minute",
-                    self.tpm
-                ),
+                format!("this API key is over its limit of {per_minute} {unit} per minute"),
             )
-            .with_retry_after(whole_seconds(wait));
+            .with_retry_after(whole_seconds(missing * 60.0 / per_minute as f64));
             return Err(Box::new(Refused {
-                why: Refusal::Tpm,
-                error: e,
+                why,
+                error,
                 headers,
             }));
         }

@@ -132,16 +132,7 @@ async fn keys_are_limited_to_their_models_in_requests_and_listings() {
     let list = |secret: &'static str| {
         let h = &h;
         async move {
-            let v: serde_json::Value = h
-                .client
-                .get(h.url("/v1/models"))
-                .bearer_auth(secret)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let v: serde_json::Value = models_as(h, secret).await.json().await.unwrap();
             let mut ids: Vec<String> = v["data"]
                 .as_array()
                 .unwrap()
@@ -231,13 +222,7 @@ async fn tpm_counts_prompt_at_admission_and_settles_from_usage() {
     let used = v["usage"]["total_tokens"].as_u64().unwrap();
     assert!(used > 750, "{v}");
     // Settled from usage: what is left now is about 1000 - used.
-    let r = h
-        .client
-        .get(h.url("/v1/models"))
-        .bearer_auth("sk-t")
-        .send()
-        .await
-        .unwrap();
+    let r = models_as(&h, "sk-t").await;
     let left: i64 = header(&r, "x-ratelimit-remaining-tokens")
         .unwrap()
         .parse()
@@ -313,19 +298,20 @@ async fn without_require_keys_anonymous_requests_pass_and_keys_keep_their_limits
     assert_eq!(chat_with(&h, auth, "m", false).await.status(), 429);
 }
 
+/// `GET /v1/models` with key `secret`.
+async fn models_as(h: &Harness, secret: &str) -> reqwest::Response {
+    h.client
+        .get(h.url("/v1/models"))
+        .bearer_auth(secret)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// Waits until `model` has a loaded replica, asking with key `secret`.
 async fn wait_loaded(h: &Harness, model: &str, secret: &str) {
     wait_until(&format!("{model} is loaded"), 20, || async {
-        let v: serde_json::Value = h
-            .client
-            .get(h.url("/v1/models"))
-            .bearer_auth(secret)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: serde_json::Value = models_as(h, secret).await.json().await.unwrap();
         v["data"]
             .as_array()
             .is_some_and(|d| d.iter().any(|m| m["id"] == model && m["replicas"] == 1))
@@ -396,13 +382,7 @@ async fn tpm_streams_settle_from_usage_the_client_did_not_ask_for() {
     .await;
     wait_loaded(&h, "m", "sk-t").await;
     let remaining = || async {
-        let r = h
-            .client
-            .get(h.url("/v1/models"))
-            .bearer_auth("sk-t")
-            .send()
-            .await
-            .unwrap();
+        let r = models_as(&h, "sk-t").await;
         header(&r, "x-ratelimit-remaining-tokens")
             .unwrap()
             .parse::<i64>()
