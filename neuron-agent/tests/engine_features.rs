@@ -231,6 +231,21 @@ fn check_weather_args(args: &str) {
 async fn forced_tool_calls_parse_validate_and_stream_identically() {
     let s = Server::start().await;
     let question = "What is the weather in Paris?";
+    // The engine says what it can do (the agent's /models and cortex's
+    // /v1/models pass it on, `tool_call` true with "tools").
+    let info: Value = s
+        .http
+        .get(format!("{}/info", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let caps = info["capabilities"].as_array().unwrap();
+    for c in ["chat", "tools", "structured_outputs"] {
+        assert!(caps.iter().any(|x| x == c), "{info}");
+    }
 
     // Named choice: exactly that function, valid arguments.
     let mut body = chat(question, 80);

@@ -231,7 +231,9 @@ async fn info(State(st): State<Arc<EngineState>>) -> Response {
         "max_output_tokens": st.default_max_output(),
         "vocab_size": meta.vocab_size,
         "weights_bytes": meta.weights_bytes,
-        "capabilities": ["chat", "completions"],
+        // Tool calls and structured outputs work on every chat model: the
+        // template renders tools when it can, else the generic tool prompt.
+        "capabilities": ["chat", "completions", "tools", "structured_outputs", "logprobs"],
         "has_chat_template": meta.has_chat_template,
         "tokenizer": st.tokenizer_path.as_ref().map(|p| p.display().to_string()),
     }))

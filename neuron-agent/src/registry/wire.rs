@@ -115,8 +115,8 @@ impl Registry {
                     context: info.context_length,
                     output: info.max_output_tokens,
                 },
+                tool_call: capabilities.iter().any(|c| c == "tools"),
                 capabilities,
-                tool_call: false,
                 reasoning: false,
                 tokenizer: Some(format!("/models/{}/tokenizer", slot.spec.id)),
             });
