@@ -79,7 +79,10 @@ async fn discovery_health_models_shapes_and_prewarming() {
     assert_eq!(m["runtime"], "candle");
     assert_eq!(m["limit"], json!({"context": 4096, "output": 512}));
     assert_eq!(m["capabilities"], json!(["chat", "completions"]));
-    assert_eq!(m["tool_call"], false, "tool_call follows a \"tools\" capability");
+    assert_eq!(
+        m["tool_call"], false,
+        "tool_call follows a \"tools\" capability"
+    );
     assert_eq!(m["memory_mb"], 3);
     assert_eq!(m["devices"], json!([]));
     assert_eq!(m["tokenizer"], "/models/m1/tokenizer");
