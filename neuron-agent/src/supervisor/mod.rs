@@ -39,19 +39,7 @@ impl Registry {
         let spec = match self.resolve_spec(&slot.spec, &stop).await {
             Ok(spec) => spec,
             Err(e) => {
-                let result = match e {
-                    StartError::Cancelled => Err(LifecycleError::Cancelled(id.clone())),
-                    e => {
-                        tracing::error!(model = %id, error = %e, "model could not be fetched");
-                        Err(LifecycleError::LoadFailed {
-                            id: id.clone(),
-                            reason: e.to_string(),
-                        })
-                    }
-                };
-                self.finish_failed_load(&slot, &result);
-                let _ = tx.send(Some(result));
-                return;
+                return self.load_failed(&slot, &tx, e, "model could not be fetched");
             }
         };
         let first = EngineProcess::start(&config, &spec, &self.inner.client, &stop).await;
@@ -61,19 +49,7 @@ impl Registry {
         let (mut proc, info) = match first {
             Ok(p) => p,
             Err(e) => {
-                let result = match e {
-                    StartError::Cancelled => Err(LifecycleError::Cancelled(id.clone())),
-                    e => {
-                        tracing::error!(model = %id, error = %e, "engine failed to load");
-                        Err(LifecycleError::LoadFailed {
-                            id: id.clone(),
-                            reason: e.to_string(),
-                        })
-                    }
-                };
-                self.finish_failed_load(&slot, &result);
-                let _ = tx.send(Some(result));
-                return;
+                return self.load_failed(&slot, &tx, e, "engine failed to load");
             }
         };
         let admission = Arc::new(Admission::new(Limits {
@@ -177,6 +153,31 @@ impl Registry {
     }
 
     /// Marks a load that ended without an engine (failed or cancelled).
+    /// A first start that did not get as far as a running engine: the
+    /// load's outcome (cancelled, or failed with `what` logged), told to
+    /// every waiter.
+    fn load_failed(
+        &self,
+        slot: &Arc<Slot>,
+        tx: &watch::Sender<Option<OpResult>>,
+        e: StartError,
+        what: &str,
+    ) {
+        let id = slot.spec.id.clone();
+        let result = match e {
+            StartError::Cancelled => Err(LifecycleError::Cancelled(id)),
+            e => {
+                tracing::error!(model = %id, error = %e, "{what}");
+                Err(LifecycleError::LoadFailed {
+                    id,
+                    reason: e.to_string(),
+                })
+            }
+        };
+        self.finish_failed_load(slot, &result);
+        let _ = tx.send(Some(result));
+    }
+
     fn finish_failed_load(&self, slot: &Arc<Slot>, result: &OpResult) {
         // An unload that cancelled us owns the slot's state.
         let mut st = slot.lock();
