@@ -61,15 +61,19 @@ impl StopMatcher {
         }
         self.held.push_str(text);
 
-        // Earliest full match. `held` never contains a position where a stop
-        // could have started earlier (that text would still be held), so a
-        // search of `held` alone is complete.
+        // The match that completes first (then the one that starts first):
+        // what a stream cut anywhere sees, since text arriving later cannot
+        // complete a match earlier. (Earliest *start* would depend on where
+        // the text was cut: with stops `😀éb` and `é`, text `😀é` pushed
+        // first completes `é` before `😀éb` can.) No match can start in text
+        // already emitted (it was released only when no stop could start
+        // there), so a search of `held` alone is complete.
         let first = self
             .stops
             .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
+            .filter_map(|s| self.held.find(s.as_str()).map(|p| (p + s.len(), p)))
             .min();
-        if let Some(pos) = first {
+        if let Some((_, pos)) = first {
             self.held.truncate(pos);
             self.stopped = true;
             return StopStep {
@@ -161,8 +165,10 @@ mod tests {
     fn match_across_pieces_emits_only_text_before() {
         assert_eq!(run(&["</s>"], &["ab<", "/", "s>cd"]), ("ab".into(), true));
         assert_eq!(run(&["\n\n"], &["line\n", "\nmore"]), ("line".into(), true));
-        // The earliest of several stops wins.
+        // The stop that completes first wins, wherever the text was cut.
         assert_eq!(run(&["zz", "b"], &["azzb"]), ("a".into(), true));
+        assert_eq!(run(&["😀éb", "é"], &["😀ébaa"]), ("😀".into(), true));
+        assert_eq!(run(&["😀éb", "é"], &["😀é", "baa"]), ("😀".into(), true));
         assert_eq!(run(&["abc", "bcd"], &["ab", "cd"]), ("".into(), true));
         // Multi-byte text and stops.
         assert_eq!(run(&["😀"], &["日本", "😀語"]), ("日本".into(), true));
@@ -187,10 +193,10 @@ mod tests {
         match stops
             .iter()
             .filter(|s| !s.is_empty())
-            .filter_map(|s| text.find(s.as_str()))
+            .filter_map(|s| text.find(s.as_str()).map(|p| (p + s.len(), p)))
             .min()
         {
-            Some(p) => (text[..p].to_string(), true),
+            Some((_, p)) => (text[..p].to_string(), true),
             None => (text.to_string(), false),
         }
     }
