@@ -166,6 +166,22 @@ pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
+    /// `cached_tokens`: prompt tokens served from the prefix cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+    /// `reasoning_tokens`: completion tokens spent inside a reasoning block.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_tokens_details: Option<CompletionTokensDetails>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: u32,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CompletionTokensDetails {
+    pub reasoning_tokens: u32,
 }
 
 impl Usage {
@@ -173,8 +189,18 @@ impl Usage {
         Usage {
             prompt_tokens: prompt,
             completion_tokens: completion,
-            total_tokens: prompt + completion,
+            total_tokens: prompt.saturating_add(completion),
+            prompt_tokens_details: None,
+            completion_tokens_details: None,
         }
+    }
+
+    /// With `prompt_tokens_details.cached_tokens`.
+    pub fn with_cached(mut self, cached: u32) -> Self {
+        self.prompt_tokens_details = Some(PromptTokensDetails {
+            cached_tokens: cached,
+        });
+        self
     }
 }
 
@@ -203,6 +229,9 @@ pub struct ChatChoice {
 pub struct ResponseMessage {
     pub role: String,
     pub content: Option<String>,
+    /// A reasoning model's reasoning, split from `content`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<Value>>,
 }
@@ -235,6 +264,9 @@ pub struct Delta {
     pub role: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// A piece of a reasoning model's reasoning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
     /// Pieces of tool calls: `{index, id, type, function: {name, arguments}}`
     /// first, then `{index, function: {arguments}}` pieces.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -60,6 +60,8 @@ pub struct ModelMeta {
     pub has_chat_template: bool,
     /// Bytes of weights resident (mapped or on device).
     pub weights_bytes: u64,
+    /// The model's own sampling defaults, for fields a request omits.
+    pub generation_defaults: crate::gendefaults::GenerationDefaults,
 }
 
 /// Sampling settings of one sequence. `temperature == 0` is greedy.
@@ -163,6 +165,8 @@ pub enum GenEvent {
         reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
+        /// Prompt tokens whose KV came from the prefix cache.
+        cached_tokens: usize,
     },
     /// The sequence failed; no more events follow.
     Failed { message: String },
@@ -175,6 +179,8 @@ pub struct EngineStats {
     pub in_flight: usize,
     pub tokens_generated_total: u64,
     pub prompt_tokens_total: u64,
+    /// Of `prompt_tokens_total`, those served from the prefix cache.
+    pub prompt_tokens_cached_total: u64,
     /// Recent prefill throughput, tokens/s.
     pub tok_s_prefill: f64,
     /// Recent decode throughput over all sequences, tokens/s.

@@ -3,6 +3,7 @@
 
 use crate::api::*;
 use crate::constraint::{Constraint, Grammar, Guidance};
+use crate::gendefaults::GenerationDefaults;
 use crate::model::{gguf, safetensors, Model};
 use crate::scheduler::{Scheduler, Submission, WorkerConfig};
 use crate::template::ChatTemplate;
@@ -34,6 +35,8 @@ struct Inner {
     template: ChatTemplate,
     /// Whether `tokenize(.., true)` prepends BOS.
     add_bos: Option<u32>,
+    /// `<think>` / `</think>` when the vocabulary has them.
+    reasoning: Option<crate::reasoning::Markers>,
     scheduler: Scheduler,
     /// Grammar compiler and token byte table, built on first use.
     guidance: OnceLock<Result<Arc<Guidance>, String>>,
@@ -68,6 +71,7 @@ struct Parts {
     weights_bytes: u64,
     threads: usize,
     slots: usize,
+    defaults: GenerationDefaults,
 }
 
 fn md_u32(md: &HashMap<String, Value>, key: &str) -> Option<u32> {
@@ -176,6 +180,14 @@ impl Engine {
             weights_bytes: loaded.weights_bytes,
             threads,
             slots,
+            defaults: GenerationDefaults::from_gguf(md).overridden_by(
+                beside(&path, "generation_config.json")
+                    .map(|p| GenerationDefaults::read(&p))
+                    .transpose()
+                    .map_err(|m| load_err(&path, m))?
+                    .flatten()
+                    .unwrap_or_default(),
+            ),
         };
         Engine::start(&cfg, tokenizer, parts, Box::new(loaded.model))
     }
@@ -236,6 +248,9 @@ impl Engine {
             weights_bytes: loaded.weights_bytes,
             threads: 0,
             slots,
+            defaults: GenerationDefaults::read(&path.join("generation_config.json"))
+                .map_err(|m| load_err(path, m))?
+                .unwrap_or_default(),
         };
         Engine::start(cfg, tokenizer, parts, Box::new(loaded.model))
     }
@@ -254,6 +269,11 @@ impl Engine {
                 .first()
                 .and_then(|&i| tokenizer.id_to_token(i))
         });
+        for &id in &parts.defaults.eos_token_ids {
+            if (id as usize) < parts.vocab_size && !eos_token_ids.contains(&id) {
+                eos_token_ids.push(id);
+            }
+        }
         for t in EXTRA_EOS {
             if let Some(id) = tokenizer.token_to_id(t) {
                 if !eos_token_ids.contains(&id) {
@@ -276,7 +296,13 @@ impl Engine {
             eos_token_ids: eos_token_ids.clone(),
             has_chat_template,
             weights_bytes: parts.weights_bytes,
+            generation_defaults: parts.defaults,
         };
+        tracing::info!(
+            defaults = ?meta.generation_defaults.to_json(),
+            source = meta.generation_defaults.source.as_deref().unwrap_or("none"),
+            "sampling defaults"
+        );
         tracing::info!(
             model = %meta.name,
             arch = %meta.architecture,
@@ -286,6 +312,7 @@ impl Engine {
             slots = parts.slots,
             "model loaded"
         );
+        let reasoning = crate::reasoning::Markers::detect(&tokenizer);
         let tokenizer = Arc::new(tokenizer);
         let scheduler = Scheduler::start(
             model,
@@ -300,6 +327,7 @@ impl Engine {
                 tokenizer,
                 template,
                 add_bos: parts.add_bos,
+                reasoning,
                 scheduler,
                 guidance: OnceLock::new(),
             }),
@@ -352,9 +380,33 @@ impl Engine {
         tools: Option<&[serde_json::Value]>,
         add_generation_prompt: bool,
     ) -> Result<String, EngineError> {
+        self.render_chat_with(messages, tools, add_generation_prompt, None)
+    }
+
+    /// `render_chat` with extra template variables (`chat_template_kwargs`).
+    pub fn render_chat_with(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+        kwargs: Option<&serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<String, EngineError> {
         self.inner
             .template
-            .render(messages, tools, add_generation_prompt)
+            .render_with(messages, tools, add_generation_prompt, kwargs)
+    }
+
+    /// The model's reasoning markers, if it is a reasoning model.
+    pub fn reasoning_markers(&self) -> Option<&crate::reasoning::Markers> {
+        self.inner.reasoning.as_ref()
+    }
+
+    /// Token count of `text` as the model would generate it (no BOS).
+    pub fn count_tokens(&self, text: &str) -> usize {
+        self.inner
+            .tokenizer
+            .encode(text, false)
+            .map_or(0, |e| e.get_ids().len())
     }
 
     /// The grammar machinery, built on first use (tens of milliseconds).

@@ -14,8 +14,10 @@ pub use api::*;
 
 pub mod detok;
 mod engine;
+pub mod gendefaults;
 mod kernels;
 mod model;
+pub mod reasoning;
 pub mod sampling;
 mod scheduler;
 pub mod stop;

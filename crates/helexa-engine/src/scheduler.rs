@@ -8,6 +8,15 @@
 //! stalls the others for more than one chunk. Sampling, incremental
 //! detokenization and stop strings then run per sequence; a failure in one
 //! sequence fails that sequence only.
+//!
+//! Prefix cache: a slot's KV cache outlives its sequence. A new sequence
+//! takes the free slot whose cached tokens share the longest prefix with its
+//! prompt (else the least recently used one) and skips prefilling that
+//! prefix; a prompt that shares a longer prefix with a running sequence (the
+//! other choices of an `n` > 1 request, an agent resending its history while
+//! an earlier turn still runs) copies those positions from it, waiting for
+//! an earlier sequence that is still prefilling them rather than computing
+//! them twice. The last prompt token always runs, for its logits.
 
 use crate::api::*;
 use crate::detok::StreamDecoder;
@@ -26,6 +35,9 @@ use tokio::sync::mpsc::UnboundedSender;
 pub const PREFILL_CHUNK: usize = 512;
 /// Prompts at least this long are prefilled through f32 GEMM.
 pub const DENSE_MIN_PROMPT: usize = 64;
+/// A running sequence's prefix is copied (or waited for) only when it saves
+/// at least this many positions.
+const MIN_SHARE: usize = 16;
 /// Window over which `tok_s_*` are computed.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
 
@@ -45,6 +57,7 @@ pub struct SharedStats {
     in_flight: AtomicUsize,
     tokens_generated_total: AtomicU64,
     prompt_tokens_total: AtomicU64,
+    prompt_tokens_cached_total: AtomicU64,
     tok_s_prefill: AtomicU64,
     tok_s_decode: AtomicU64,
 }
@@ -55,6 +68,7 @@ impl SharedStats {
             in_flight: self.in_flight.load(Ordering::Relaxed),
             tokens_generated_total: self.tokens_generated_total.load(Ordering::Relaxed),
             prompt_tokens_total: self.prompt_tokens_total.load(Ordering::Relaxed),
+            prompt_tokens_cached_total: self.prompt_tokens_cached_total.load(Ordering::Relaxed),
             tok_s_prefill: f64::from_bits(self.tok_s_prefill.load(Ordering::Relaxed)),
             tok_s_decode: f64::from_bits(self.tok_s_decode.load(Ordering::Relaxed)),
         }
@@ -82,6 +96,9 @@ impl Scheduler {
         let closed = Arc::new(AtomicBool::new(false));
         let worker = Worker {
             slots: (0..model.slots()).map(|_| None).collect(),
+            memo: (0..model.slots()).map(|_| Memo::default()).collect(),
+            clock: 0,
+            reuse: model.reuses_prefix(),
             model,
             cfg,
             rx,
@@ -148,6 +165,10 @@ struct Seq {
     tokens: Vec<u32>,
     /// Tokens already in the KV cache.
     cached: usize,
+    /// Prompt tokens taken from the prefix cache rather than computed.
+    reused: usize,
+    /// Admission order: a sequence waits only for an earlier one's prefill.
+    admitted: u64,
     max_new: usize,
     sampler: Sampler,
     decoder: StreamDecoder,
@@ -222,12 +243,30 @@ impl Rates {
     }
 }
 
+/// What a free slot's KV cache holds (positions `0..tokens.len()`).
+#[derive(Default)]
+struct Memo {
+    tokens: Vec<u32>,
+    last_used: u64,
+}
+
+/// Length of the common prefix of `a` and `b`.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 struct Worker {
     model: Box<dyn Model>,
     cfg: WorkerConfig,
     rx: mpsc::Receiver<Command>,
     waiting: VecDeque<Box<Submission>>,
     slots: Vec<Option<Seq>>,
+    /// Per slot, what its cache holds once its sequence is gone.
+    memo: Vec<Memo>,
+    /// Ticks on every admission and release (LRU order of the memos).
+    clock: u64,
+    /// The model keeps caches across `release` and can copy them.
+    reuse: bool,
     stats: Arc<SharedStats>,
     rates: Rates,
 }
@@ -307,8 +346,7 @@ impl Worker {
                 seq.send(GenEvent::Failed {
                     message: msg.into(),
                 });
-                self.model.release(i);
-                self.end_one();
+                self.vacate(i, &seq, false);
             }
         }
     }
@@ -321,16 +359,34 @@ impl Worker {
         }
         for i in 0..self.slots.len() {
             if self.slots[i].as_ref().is_some_and(|s| s.tx.is_closed()) {
-                self.slots[i] = None;
-                self.model.release(i);
-                self.end_one();
+                let seq = self.slots[i].take().expect("checked");
+                // What it prefilled stays useful: a cancelled request is
+                // often retried with the same prompt.
+                self.vacate(i, &seq, true);
             }
         }
     }
 
     fn admit(&mut self) {
         while !self.waiting.is_empty() {
-            let Some(slot) = self.slots.iter().position(Option::is_none) else {
+            // The free slot whose cache shares most of the prompt, else the
+            // least recently used one.
+            let prompt = &self.waiting[0].req.prompt;
+            let limit = prompt.len().saturating_sub(1);
+            let reuse = self.reuse;
+            let best = (0..self.slots.len())
+                .filter(|&i| self.slots[i].is_none())
+                .map(|i| {
+                    let m = &self.memo[i];
+                    let shared = if reuse {
+                        common_prefix(&m.tokens, &prompt[..limit])
+                    } else {
+                        0
+                    };
+                    (i, shared, m.last_used)
+                })
+                .max_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)));
+            let Some((slot, reused, _)) = best else {
                 break;
             };
             let sub = self.waiting.pop_front().expect("non-empty");
@@ -355,10 +411,18 @@ impl Worker {
             self.stats
                 .prompt_tokens_total
                 .fetch_add(req.prompt.len() as u64, Ordering::Relaxed);
+            self.stats
+                .prompt_tokens_cached_total
+                .fetch_add(reused as u64, Ordering::Relaxed);
+            self.clock += 1;
+            self.memo[slot].last_used = self.clock;
+            self.memo[slot].tokens.clear();
             self.slots[slot] = Some(Seq {
                 prompt_len: req.prompt.len(),
                 tokens: req.prompt,
-                cached: 0,
+                cached: reused,
+                reused,
+                admitted: self.clock,
                 max_new: req.max_new_tokens,
                 sampler,
                 decoder,
@@ -383,6 +447,7 @@ impl Worker {
                 }
             }
         }
+        let wait = self.share_prefixes();
         let mut budget = PREFILL_CHUNK;
         let mut prefill_tokens = 0;
         for (i, s) in self.slots.iter().enumerate() {
@@ -390,7 +455,7 @@ impl Worker {
                 break;
             }
             if let Some(s) = s {
-                if s.cached < s.prompt_len {
+                if s.cached < s.prompt_len && !wait[i] {
                     let to = (s.cached + budget).min(s.tokens.len());
                     budget -= to - s.cached;
                     prefill_tokens += to - s.cached;
@@ -467,9 +532,9 @@ impl Worker {
                         reason,
                         prompt_tokens: seq.prompt_len,
                         completion_tokens: generated,
+                        cached_tokens: seq.reused,
                     });
-                    self.model.release(slot);
-                    self.end_one();
+                    self.vacate(slot, &seq, true);
                 }
                 Ok(Outcome::Failed(message)) => self.finish_failed(slot, message),
                 Err(p) => {
@@ -483,9 +548,88 @@ impl Worker {
         if let Some(seq) = self.slots[slot].take() {
             tracing::warn!(slot, %message, "sequence failed");
             seq.send(GenEvent::Failed { message });
-            self.model.release(slot);
-            self.end_one();
+            // A failed forward may have left the cache half written.
+            self.vacate(slot, &seq, false);
         }
+    }
+
+    /// Frees `slot` after `seq`; `keep`: what it cached stays reusable.
+    fn vacate(&mut self, slot: usize, seq: &Seq, keep: bool) {
+        self.clock += 1;
+        let memo = &mut self.memo[slot];
+        memo.tokens.clear();
+        if keep && self.reuse {
+            memo.tokens.extend_from_slice(&seq.tokens[..seq.cached]);
+        }
+        memo.last_used = self.clock;
+        self.model.release(slot);
+        self.end_one();
+    }
+
+    /// Before planning a step: copies prefixes that running sequences have
+    /// already computed into the prefilling sequences that share them, and
+    /// returns which prefilling sequences should wait for an earlier one
+    /// still computing their shared prefix.
+    fn share_prefixes(&mut self) -> Vec<bool> {
+        let n = self.slots.len();
+        let mut wait = vec![false; n];
+        if !self.reuse {
+            return wait;
+        }
+        let mut order: Vec<usize> = (0..n)
+            .filter(|&i| {
+                self.slots[i]
+                    .as_ref()
+                    .is_some_and(|s| s.cached < s.prompt_len)
+            })
+            .collect();
+        order.sort_by_key(|&i| self.slots[i].as_ref().map_or(0, |s| s.admitted));
+        for i in order {
+            let seq = self.slots[i].as_ref().expect("active");
+            let limit = seq.prompt_len - 1;
+            // (donor, positions it can give now, positions it will have)
+            let mut best: Option<(usize, usize, usize)> = None;
+            for (d, other) in self.slots.iter().enumerate() {
+                let Some(o) = other.as_ref().filter(|_| d != i) else {
+                    continue;
+                };
+                let shared = common_prefix(&seq.tokens[..limit], &o.tokens);
+                let now = shared.min(o.cached);
+                if best.is_none_or(|b| (now, shared) > (b.1, b.2)) {
+                    best = Some((d, now, shared));
+                }
+            }
+            let Some((d, now, shared)) = best else {
+                continue;
+            };
+            let (from, admitted) = (seq.cached, seq.admitted);
+            if now >= from + MIN_SHARE {
+                match self.model.copy_kv(d, i, from, now) {
+                    Ok(()) => {
+                        let seq = self.slots[i].as_mut().expect("active");
+                        seq.cached = now;
+                        seq.reused += now - from;
+                        self.stats
+                            .prompt_tokens_cached_total
+                            .fetch_add((now - from) as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot copy a cached prefix");
+                        continue;
+                    }
+                }
+            }
+            let donor = self.slots[d].as_ref().expect("active");
+            let cached = self.slots[i].as_ref().expect("active").cached;
+            if shared >= cached + MIN_SHARE
+                && donor.cached < donor.prompt_len
+                && donor.admitted < admitted
+                && !wait[d]
+            {
+                wait[i] = true;
+            }
+        }
+        wait
     }
 
     /// Runs the plan as one batch; if that fails, runs each chunk alone so

@@ -85,13 +85,32 @@ impl ChatTemplate {
         tools: Option<&[Json]>,
         add_generation_prompt: bool,
     ) -> Result<String, EngineError> {
+        self.render_with(messages, tools, add_generation_prompt, None)
+    }
+
+    /// `render`, with extra template variables (a request's
+    /// `chat_template_kwargs`, e.g. `enable_thinking`); they cannot replace
+    /// the variables above.
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[Json]>,
+        add_generation_prompt: bool,
+        kwargs: Option<&Map<String, Json>>,
+    ) -> Result<String, EngineError> {
         let msgs: Vec<Json> = messages.iter().map(message_json).collect();
-        let ctx = minijinja::context! {
+        let fixed = minijinja::context! {
             messages => Value::from_serialize(&msgs),
             tools => tools.map(Value::from_serialize),
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
+        };
+        let ctx = match kwargs {
+            Some(k) if !k.is_empty() => {
+                minijinja::value::merge_maps([fixed, Value::from_serialize(k)])
+            }
+            _ => fixed,
         };
         let tmpl = self
             .env

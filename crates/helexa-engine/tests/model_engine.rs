@@ -55,6 +55,7 @@ struct Run {
     text_tokens: usize,
     prefilled: Option<usize>,
     finish: Option<(FinishReason, usize, usize)>,
+    cached: usize,
     failed: Option<String>,
 }
 
@@ -76,8 +77,10 @@ fn collect(mut s: GenerationStream) -> Run {
                 reason,
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
             } => {
                 r.finish = Some((reason, prompt_tokens, completion_tokens));
+                r.cached = cached_tokens;
                 break;
             }
             GenEvent::Failed { message } => {
@@ -425,4 +428,106 @@ fn a_tokenizer_json_beside_the_gguf_is_used_only_when_it_matches() {
         "foreign one ignored"
     );
     e.shutdown();
+}
+
+/// An engine of its own, so that other tests' sequences do not take over
+/// the slots whose caches these tests count on.
+fn private_engine(slots: usize) -> Engine {
+    let mut cfg = EngineConfig::new(model_path());
+    cfg.max_batch = slots;
+    Engine::load(cfg).expect("model loads")
+}
+
+fn submit(e: &Engine, prompt: &str, max_new: usize) -> GenerationStream {
+    e.submit(GenerationRequest {
+        prompt: e.tokenize(prompt, true).unwrap(),
+        params: greedy(),
+        max_new_tokens: max_new,
+        stop: vec![],
+        constraint: None,
+        logprobs: None,
+    })
+    .unwrap()
+}
+
+fn long_system(turn: &str) -> String {
+    let system = "You are a careful assistant for a hardware shop. ".repeat(12);
+    format!("<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{turn}<|im_end|>\n<|im_start|>assistant\n")
+}
+
+#[test]
+fn prefix_cache_reuses_a_finished_prompt_and_a_shared_system_prompt() {
+    let e = private_engine(2);
+    let p = long_system("Which screwdriver fits a Torx screw?");
+    let len = e.tokenize(&p, true).unwrap().len();
+    assert!(len > 100, "{len}");
+    let first = collect(submit(&e, &p, 24));
+    assert!(first.failed.is_none(), "{:?}", first.failed);
+    assert_eq!(first.cached, 0);
+    // The same prompt again: everything but the last token comes from the
+    // cache, and greedy output is unchanged.
+    let again = collect(submit(&e, &p, 24));
+    assert_eq!(again.cached, len - 1);
+    assert_eq!(again.text, first.text);
+    assert_eq!(again.finish, first.finish);
+    // Another question after the same system prompt shares the system part.
+    let other = long_system("Do you sell soldering irons?");
+    let shared = e
+        .tokenize(&other, true)
+        .unwrap()
+        .iter()
+        .zip(e.tokenize(&p, true).unwrap())
+        .take_while(|(a, b)| **a == *b)
+        .count();
+    let r = collect(submit(&e, &other, 8));
+    assert!(r.failed.is_none(), "{:?}", r.failed);
+    assert_eq!(r.cached, shared);
+    let stats = e.stats();
+    assert_eq!(stats.prompt_tokens_cached_total, (len - 1 + shared) as u64);
+    // A prompt that shares only its first token (`<|im_start|>`) reuses that.
+    let fresh = collect(submit(&e, &chatml("Name a colour."), 4));
+    assert_eq!(fresh.cached, 1);
+}
+
+#[test]
+fn same_prompt_at_once_is_prefilled_once() {
+    // What `n` > 1 does: the same prompt submitted several times together.
+    let e = private_engine(3);
+    let p = long_system("Suggest a drill for concrete walls.");
+    let len = e.tokenize(&p, true).unwrap().len();
+    let streams: Vec<GenerationStream> = (0..3).map(|_| submit(&e, &p, 16)).collect();
+    let runs: Vec<Run> = streams
+        .into_iter()
+        .map(|s| std::thread::spawn(move || collect(s)))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    let mut cached: Vec<usize> = runs.iter().map(|r| r.cached).collect();
+    cached.sort_unstable();
+    // The first computes the prompt; the other two copy all but its last token.
+    assert_eq!(cached, vec![0, len - 1, len - 1]);
+    for r in &runs {
+        assert!(r.failed.is_none(), "{:?}", r.failed);
+        assert_eq!(r.text, runs[0].text);
+        assert_eq!(r.finish, runs[0].finish);
+    }
+    // And the answer is what a lone, uncached run gives.
+    let alone = collect(submit(&private_engine(1), &p, 16));
+    assert_eq!(alone.cached, 0);
+    assert_eq!(alone.text, runs[0].text);
+}
+
+#[test]
+fn a_cancelled_prefill_leaves_its_followers_to_prefill_themselves() {
+    let e = private_engine(2);
+    let p = long_system("What glue holds ceramic?");
+    let leader = submit(&e, &p, 8);
+    let follower = submit(&e, &p, 8);
+    drop(leader);
+    let r = collect(follower);
+    assert!(r.failed.is_none(), "{:?}", r.failed);
+    assert!(r.finish.is_some());
+    let alone = collect(submit(&private_engine(1), &p, 8));
+    assert_eq!(r.text, alone.text);
 }

@@ -1,163 +1,12 @@
 //! The engine on a tiny random llama saved as a safetensors directory.
 
-use candle_core::{Device, Tensor, Var};
-use candle_nn::VarMap;
 use helexa_api::chat::ChatMessage;
 use helexa_engine::*;
-use std::path::Path;
-
-const HIDDEN: usize = 32;
-const INTER: usize = 64;
-const LAYERS: usize = 2;
-const HEADS: usize = 4;
-const KV_HEADS: usize = 2;
-const VOCAB: usize = 64;
-const SPECIALS: [&str; 5] = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"];
-
-fn write_model(dir: &Path) {
-    let config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": HIDDEN,
-        "intermediate_size": INTER,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS,
-        "vocab_size": VOCAB,
-        "max_position_embeddings": 128,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": false,
-        "bos_token_id": 1,
-        "eos_token_id": 2
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-
-    // Weights from a fixed-seed generator, so every run tests the same model.
-    let varmap = VarMap::new();
-    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut put = |name: &str, shape: (usize, usize), scale: f32, bias: f32| {
-        let data: Vec<f32> = (0..shape.0 * shape.1)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                bias + scale * ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
-            })
-            .collect();
-        let t = Tensor::from_vec(data, shape, &Device::Cpu).unwrap();
-        let t = if shape.0 == 1 {
-            t.squeeze(0).unwrap()
-        } else {
-            t
-        };
-        varmap
-            .data()
-            .lock()
-            .unwrap()
-            .insert(name.to_string(), Var::from_tensor(&t).unwrap());
-    };
-    let head_dim = HIDDEN / HEADS;
-    let kv = KV_HEADS * head_dim;
-    put("model.embed_tokens.weight", (VOCAB, HIDDEN), 1.0, 0.0);
-    put("lm_head.weight", (VOCAB, HIDDEN), 0.5, 0.0);
-    for l in 0..LAYERS {
-        let p = format!("model.layers.{l}");
-        put(
-            &format!("{p}.self_attn.q_proj.weight"),
-            (HIDDEN, HIDDEN),
-            0.5,
-            0.0,
-        );
-        put(
-            &format!("{p}.self_attn.k_proj.weight"),
-            (kv, HIDDEN),
-            0.5,
-            0.0,
-        );
-        put(
-            &format!("{p}.self_attn.v_proj.weight"),
-            (kv, HIDDEN),
-            0.5,
-            0.0,
-        );
-        put(
-            &format!("{p}.self_attn.o_proj.weight"),
-            (HIDDEN, HIDDEN),
-            0.5,
-            0.0,
-        );
-        put(
-            &format!("{p}.mlp.gate_proj.weight"),
-            (INTER, HIDDEN),
-            0.5,
-            0.0,
-        );
-        put(
-            &format!("{p}.mlp.up_proj.weight"),
-            (INTER, HIDDEN),
-            0.5,
-            0.0,
-        );
-        put(
-            &format!("{p}.mlp.down_proj.weight"),
-            (HIDDEN, INTER),
-            0.5,
-            0.0,
-        );
-        put(
-            &format!("{p}.input_layernorm.weight"),
-            (1, HIDDEN),
-            0.2,
-            1.0,
-        );
-        put(
-            &format!("{p}.post_attention_layernorm.weight"),
-            (1, HIDDEN),
-            0.2,
-            1.0,
-        );
-    }
-    put("model.norm.weight", (1, HIDDEN), 0.2, 1.0);
-    varmap.save(dir.join("model.safetensors")).unwrap();
-
-    let mut vocab = serde_json::Map::new();
-    let mut added = Vec::new();
-    for (i, t) in SPECIALS.iter().enumerate() {
-        vocab.insert(t.to_string(), i.into());
-        added.push(serde_json::json!({
-            "id": i, "content": t, "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true
-        }));
-    }
-    for i in SPECIALS.len()..VOCAB {
-        vocab.insert(format!("w{i}"), i.into());
-    }
-    let tokenizer = serde_json::json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": null,
-        "pre_tokenizer": {"type": "WhitespaceSplit"},
-        "post_processor": null,
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
-    });
-    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
-
-    let tok_cfg = serde_json::json!({
-        "bos_token": {"content": "<s>"},
-        "eos_token": "</s>",
-        "add_bos_token": true,
-        "chat_template": "{% for m in messages %}<|im_start|> {{ m.role }} {{ m.content }} <|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
-    });
-    std::fs::write(dir.join("tokenizer_config.json"), tok_cfg.to_string()).unwrap();
-}
+use helexa_testkit::tiny_model::{TinyLlama, VOCAB};
 
 fn model_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    write_model(dir.path());
+    TinyLlama::default().write(dir.path()).unwrap();
     dir
 }
 
@@ -192,6 +41,7 @@ fn collect(mut s: GenerationStream) -> (String, FinishReason, usize, usize, usiz
                 reason,
                 prompt_tokens,
                 completion_tokens,
+                ..
             } => return (text, reason, prompt_tokens, completion_tokens, covered),
             GenEvent::Failed { message } => panic!("generation failed: {message}"),
         }

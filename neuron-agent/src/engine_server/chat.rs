@@ -16,9 +16,11 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use helexa_api::chat::{
     ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatMessage,
-    ChunkChoice, Delta, MessageContent, ResponseMessage, Usage, CHAT_CHUNK_OBJECT, CHAT_OBJECT,
+    ChunkChoice, CompletionTokensDetails, Delta, MessageContent, ResponseMessage, Usage,
+    CHAT_CHUNK_OBJECT, CHAT_OBJECT,
 };
 use helexa_api::{sse, ApiError, ApiJson};
+use helexa_engine::reasoning::{self, Markers, Piece, ReasoningParser};
 use helexa_engine::toolcall::{self, ToolCallParser, ToolEvent};
 use helexa_engine::{Engine, GenerationRequest, TokenLogprob};
 use serde_json::{json, Value};
@@ -94,7 +96,11 @@ async fn handle(st: Arc<EngineState>, req: ChatCompletionRequest) -> Result<Resp
     }
     refuse_unsupported(&req.extra, UNSUPPORTED)?;
     check_contents(&req.messages)?;
-    let params = sampling_params(&req.sampling, engine.meta().vocab_size)?;
+    let params = sampling_params(
+        &req.sampling,
+        engine.meta().vocab_size,
+        &engine.meta().generation_defaults,
+    )?;
     let stop = stop_strings(&req.sampling)?;
     let logprobs = logprobs_request(&req)?;
     let tools = Tools::from_request(
@@ -134,14 +140,49 @@ async fn handle(st: Arc<EngineState>, req: ChatCompletionRequest) -> Result<Resp
     } else {
         (req.messages.clone(), None)
     };
+    let kwargs = match req.extra.get("chat_template_kwargs") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(m)) => Some(m.clone()),
+        Some(_) => {
+            return Err(ApiError::invalid_request(
+                "`chat_template_kwargs` must be an object of template variables",
+                "chat_template_kwargs",
+            ))
+        }
+    };
     let tok_engine = engine.clone();
-    let prompt = tokio::task::spawn_blocking(move || {
-        let text = tok_engine.render_chat(&messages, template_tools.as_deref(), true)?;
-        tok_engine.tokenize(&text, add_bos(&tok_engine, &text))
+    let (prompt, opened) = tokio::task::spawn_blocking(move || {
+        let text = tok_engine.render_chat_with(
+            &messages,
+            template_tools.as_deref(),
+            true,
+            kwargs.as_ref(),
+        )?;
+        let opened = tok_engine
+            .reasoning_markers()
+            .is_some_and(|m| m.open_at_end(&text));
+        Ok::<_, helexa_engine::EngineError>((
+            tok_engine.tokenize(&text, add_bos(&tok_engine, &text))?,
+            opened,
+        ))
     })
     .await
     .map_err(|e| ApiError::new(helexa_api::ErrorCode::InternalError, e.to_string()))?
     .map_err(engine_error)?;
+    // Reasoning is split out unless a grammar decides the output from its
+    // first token (then there is no reasoning to split).
+    let reasoning = engine
+        .reasoning_markers()
+        .filter(|_| constraint.is_none())
+        .cloned()
+        .map(|m| Reasoning {
+            parsers: (0..n)
+                .map(|_| ReasoningParser::new(m.clone(), opened))
+                .collect(),
+            text: vec![String::new(); n],
+            markers: m,
+            opened,
+        });
     let max_new_tokens = output_budget(
         engine.meta().context_length,
         prompt.len(),
@@ -173,6 +214,7 @@ async fn handle(st: Arc<EngineState>, req: ChatCompletionRequest) -> Result<Resp
         parsers: (0..n).map(|_| ToolCallParser::new()).collect(),
         calls: vec![0; n],
         pending_logprobs: vec![Vec::new(); n],
+        reasoning,
     };
     if req.stream {
         let include_usage = req
@@ -187,16 +229,22 @@ async fn handle(st: Arc<EngineState>, req: ChatCompletionRequest) -> Result<Resp
             st.keep_alive,
         )));
     }
-    let done = collect(gens).await?;
+    let mut done = collect(gens).await?;
+    let mut reasoning_tokens = 0;
     let choices = done
         .choices
         .into_iter()
         .enumerate()
         .map(|(i, c)| {
+            let (thought, text) = match &format.reasoning {
+                Some(r) => reasoning::split_all(&r.markers, r.opened, &c.text),
+                None => (String::new(), c.text),
+            };
+            reasoning_tokens += engine.count_tokens(&thought);
             let (content, calls) = if format.tools {
-                toolcall::parse_all(&c.text)
+                toolcall::parse_all(&text)
             } else {
-                (c.text, Vec::new())
+                (text, Vec::new())
             };
             let tool_calls: Vec<Value> = calls.iter().map(|k| call_json(k, &call_id())).collect();
             let finish = if !tool_calls.is_empty() && c.finish_reason == "stop" {
@@ -209,6 +257,7 @@ async fn handle(st: Arc<EngineState>, req: ChatCompletionRequest) -> Result<Resp
                 message: ResponseMessage {
                     role: "assistant".into(),
                     content: (tool_calls.is_empty() || !content.is_empty()).then_some(content),
+                    reasoning_content: (!thought.is_empty()).then_some(thought),
                     tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
                 },
                 finish_reason: Some(finish.into()),
@@ -218,6 +267,11 @@ async fn handle(st: Arc<EngineState>, req: ChatCompletionRequest) -> Result<Resp
             }
         })
         .collect();
+    if format.reasoning.is_some() {
+        done.usage.completion_tokens_details = Some(CompletionTokensDetails {
+            reasoning_tokens: reasoning_tokens as u32,
+        });
+    }
     Ok(axum::Json(ChatCompletionResponse {
         id: format.id,
         object: CHAT_OBJECT.into(),
@@ -251,6 +305,17 @@ struct ChatFormat {
     calls: Vec<usize>,
     /// Log-probabilities not yet sent with a content chunk, per choice.
     pending_logprobs: Vec<Vec<Value>>,
+    /// Splits reasoning from the answer (reasoning models only).
+    reasoning: Option<Reasoning>,
+}
+
+struct Reasoning {
+    markers: Markers,
+    /// The prompt left a reasoning block open.
+    opened: bool,
+    parsers: Vec<ReasoningParser>,
+    /// Reasoning streamed so far, per choice (counted for `usage`).
+    text: Vec<String>,
 }
 
 impl ChatFormat {
@@ -294,8 +359,61 @@ impl ChatFormat {
             .then(|| logprobs::chat_object(std::mem::take(&mut self.pending_logprobs[choice])))
     }
 
+    fn tool_delta(&self, choice: usize, piece: Value) -> Bytes {
+        let delta = Delta {
+            tool_calls: serde_json::from_value(piece).ok(),
+            ..Default::default()
+        };
+        self.chunk(choice, delta, None, None)
+    }
+
+    /// A call's first chunk: id, type, name and empty arguments.
+    fn call_head(&self, choice: usize, index: usize, name: &str) -> Bytes {
+        self.tool_delta(
+            choice,
+            json!([{"index": index, "id": call_id(), "type": "function",
+                "function": {"name": name, "arguments": ""}}]),
+        )
+    }
+
+    fn call_args(&self, choice: usize, index: usize, args: String) -> Bytes {
+        self.tool_delta(
+            choice,
+            json!([{"index": index, "function": {"arguments": args}}]),
+        )
+    }
+
+    /// Chunks of reasoning and answer pieces; the answer goes through the
+    /// tool-call parser when the request has tools.
+    fn pieces(&mut self, choice: usize, pieces: Vec<Piece>) -> Vec<u8> {
+        let mut out = Vec::new();
+        for p in pieces {
+            match p {
+                Piece::Reasoning(s) if s.is_empty() => {}
+                Piece::Reasoning(s) => {
+                    if let Some(r) = self.reasoning.as_mut() {
+                        r.text[choice].push_str(&s);
+                    }
+                    let delta = Delta {
+                        reasoning_content: Some(s),
+                        ..Default::default()
+                    };
+                    out.extend_from_slice(&self.chunk(choice, delta, None, None));
+                }
+                Piece::Content(s) if self.tools => {
+                    let events = self.parsers[choice].push(&s);
+                    out.extend(self.events(choice, events));
+                }
+                Piece::Content(s) if s.is_empty() => {}
+                Piece::Content(s) => out.extend_from_slice(&self.content(choice, s)),
+            }
+        }
+        out
+    }
+
     /// Chunks of parsed events: content, or a call as its header (id, type,
-    /// name, empty arguments) then its arguments.
+    /// name, empty arguments) then its arguments, in one piece or as they
+    /// are generated.
     fn events(&mut self, choice: usize, events: Vec<ToolEvent>) -> Vec<u8> {
         let mut out = Vec::new();
         for e in events {
@@ -305,17 +423,19 @@ impl ChatFormat {
                 ToolEvent::Call(call) => {
                     let index = self.calls[choice];
                     self.calls[choice] += 1;
-                    let head = json!([{"index": index, "id": call_id(), "type": "function",
-                        "function": {"name": call.name, "arguments": ""}}]);
-                    let args = json!([{"index": index, "function": {"arguments": call.arguments}}]);
-                    for piece in [head, args] {
-                        let delta = Delta {
-                            tool_calls: serde_json::from_value(piece).ok(),
-                            ..Default::default()
-                        };
-                        out.extend_from_slice(&self.chunk(choice, delta, None, None));
-                    }
+                    out.extend(self.call_head(choice, index, &call.name));
+                    out.extend(self.call_args(choice, index, call.arguments));
                 }
+                ToolEvent::CallBegin { name } => {
+                    let index = self.calls[choice];
+                    self.calls[choice] += 1;
+                    out.extend(self.call_head(choice, index, &name));
+                }
+                ToolEvent::CallArgs(args) => {
+                    let index = self.calls[choice].saturating_sub(1);
+                    out.extend(self.call_args(choice, index, args));
+                }
+                ToolEvent::CallEnd => {}
             }
         }
         out
@@ -329,7 +449,7 @@ impl ChunkFormat for ChatFormat {
             Delta {
                 role: Some("assistant".into()),
                 content: Some(String::new()),
-                tool_calls: None,
+                ..Default::default()
             },
             None,
             None,
@@ -341,19 +461,23 @@ impl ChunkFormat for ChatFormat {
             let entries = logprobs::chat_entries(&self.engine, lps);
             self.pending_logprobs[choice].extend(entries);
         }
-        if !self.tools {
-            return Some(self.content(choice, text.to_string()));
-        }
-        let events = self.parsers[choice].push(text);
-        let out = self.events(choice, events);
+        let pieces = match self.reasoning.as_mut() {
+            Some(r) => r.parsers[choice].push(text),
+            None => vec![Piece::Content(text.to_string())],
+        };
+        let out = self.pieces(choice, pieces);
         (!out.is_empty()).then(|| Bytes::from(out))
     }
 
     fn finish(&mut self, choice: usize, reason: &str) -> Bytes {
         let mut out = Vec::new();
+        if let Some(r) = self.reasoning.as_mut() {
+            let pieces = r.parsers[choice].finish();
+            out = self.pieces(choice, pieces);
+        }
         if self.tools {
             let events = self.parsers[choice].finish();
-            out = self.events(choice, events);
+            out.extend(self.events(choice, events));
         }
         let reason = if self.calls[choice] > 0 && reason == "stop" {
             "tool_calls"
@@ -370,7 +494,13 @@ impl ChunkFormat for ChatFormat {
         Bytes::from(out)
     }
 
-    fn usage(&self, usage: Usage) -> Bytes {
+    fn usage(&self, mut usage: Usage) -> Bytes {
+        if let Some(r) = &self.reasoning {
+            let tokens: usize = r.text.iter().map(|t| self.engine.count_tokens(t)).sum();
+            usage.completion_tokens_details = Some(CompletionTokensDetails {
+                reasoning_tokens: tokens as u32,
+            });
+        }
         sse::data_event(&ChatCompletionChunk {
             id: self.id.clone(),
             object: CHAT_CHUNK_OBJECT.into(),

@@ -81,7 +81,11 @@ async fn handle(st: Arc<EngineState>, req: CompletionRequest) -> Result<Response
             "suffix",
         ));
     }
-    let params = sampling_params(&req.sampling, engine.meta().vocab_size)?;
+    let params = sampling_params(
+        &req.sampling,
+        engine.meta().vocab_size,
+        &engine.meta().generation_defaults,
+    )?;
     let stop = stop_strings(&req.sampling)?;
     let prompt_input = single_prompt(&req.prompt)?;
     let vocab = engine.meta().vocab_size;

@@ -235,6 +235,7 @@ async fn info(State(st): State<Arc<EngineState>>) -> Response {
         // template renders tools when it can, else the generic tool prompt.
         "capabilities": ["chat", "completions", "tools", "structured_outputs", "logprobs"],
         "has_chat_template": meta.has_chat_template,
+        "generation_defaults": meta.generation_defaults.to_json(),
         "tokenizer": st.tokenizer_path.as_ref().map(|p| p.display().to_string()),
     }))
     .into_response()
@@ -257,9 +258,13 @@ async fn tokenizer(State(st): State<Arc<EngineState>>) -> Response {
 }
 
 async fn models(State(st): State<Arc<EngineState>>) -> Response {
-    let (status, ctx) = match st.engine.get() {
-        Some(e) => ("loaded", Some(e.meta().context_length)),
-        None => ("loading", None),
+    let (status, ctx, defaults) = match st.engine.get() {
+        Some(e) => (
+            "loaded",
+            Some(e.meta().context_length),
+            Some(e.meta().generation_defaults.to_json()),
+        ),
+        None => ("loading", None, None),
     };
     axum::Json(json!({
         "object": "list",
@@ -268,6 +273,7 @@ async fn models(State(st): State<Arc<EngineState>>) -> Response {
             "context_length": ctx, "max_model_len": ctx,
             "max_output_tokens": ctx.map(|_| st.default_max_output()),
             "status": status,
+            "generation_defaults": defaults,
         }],
     }))
     .into_response()

@@ -4,6 +4,7 @@
 
 use helexa_api::chat::SamplingFields;
 use helexa_api::{ApiError, ErrorCode};
+use helexa_engine::gendefaults::GenerationDefaults;
 use helexa_engine::{EngineError, SamplingParams};
 
 /// Most stop strings one request may carry.
@@ -74,9 +75,23 @@ pub fn logit_bias(
 }
 
 /// OpenAI sampling fields → engine sampling settings, with range checks.
-/// `vocab` bounds the token ids of `logit_bias`.
-pub fn sampling_params(f: &SamplingFields, vocab: usize) -> Result<SamplingParams, ApiError> {
-    let d = SamplingParams::default();
+/// `vocab` bounds the token ids of `logit_bias`; `model` supplies the
+/// model's own defaults (`generation_config.json`, GGUF metadata) for the
+/// fields the request leaves out, before the API's defaults.
+pub fn sampling_params(
+    f: &SamplingFields,
+    vocab: usize,
+    model: &GenerationDefaults,
+) -> Result<SamplingParams, ApiError> {
+    let api = SamplingParams::default();
+    let d = SamplingParams {
+        temperature: model.temperature.unwrap_or(api.temperature),
+        top_p: model.top_p.unwrap_or(api.top_p),
+        top_k: model.top_k.unwrap_or(api.top_k),
+        min_p: model.min_p.unwrap_or(api.min_p),
+        repetition_penalty: model.repetition_penalty.unwrap_or(api.repetition_penalty),
+        ..api
+    };
     let temperature = check_range(f.temperature, "temperature", 0.0, 2.0)?;
     let top_p = check_range(f.top_p, "top_p", 0.0, 1.0)?;
     let min_p = check_range(f.min_p, "min_p", 0.0, 1.0)?;
@@ -264,7 +279,10 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            sampling_params(&f, 10).unwrap_err().param.as_deref(),
+            sampling_params(&f, 10, &GenerationDefaults::default())
+                .unwrap_err()
+                .param
+                .as_deref(),
             Some("temperature")
         );
         let f = SamplingFields {
@@ -273,7 +291,7 @@ mod tests {
             seed: Some(7),
             ..Default::default()
         };
-        let p = sampling_params(&f, 10).unwrap();
+        let p = sampling_params(&f, 10, &GenerationDefaults::default()).unwrap();
         assert_eq!(p.temperature, 0.0);
         assert_eq!(p.top_k, 5);
         assert_eq!(p.seed, Some(7));
@@ -297,7 +315,7 @@ mod tests {
                     "frequency_penalty" => f.frequency_penalty = Some(v),
                     _ => f.presence_penalty = Some(v),
                 }
-                sampling_params(&f, 10)
+                sampling_params(&f, 10, &GenerationDefaults::default())
             };
             for ok in [-2.0, 2.0, 0.0] {
                 assert!(with(ok).is_ok(), "{name}={ok}");
@@ -315,7 +333,7 @@ mod tests {
             presence_penalty: Some(2.0),
             ..Default::default()
         };
-        let p = sampling_params(&f, 10).unwrap();
+        let p = sampling_params(&f, 10, &GenerationDefaults::default()).unwrap();
         assert_eq!((p.frequency_penalty, p.presence_penalty), (-2.0, 2.0));
     }
 

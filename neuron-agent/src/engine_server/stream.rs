@@ -34,7 +34,10 @@ fn stopped() -> ApiError {
     )
 }
 
-async fn collect_one(mut gen: GenerationStream) -> Result<(Choice, usize, usize), ApiError> {
+/// A finished choice with its prompt, completion and cached token counts.
+type Done = (Choice, usize, usize, usize);
+
+async fn collect_one(mut gen: GenerationStream) -> Result<Done, ApiError> {
     let mut text = String::new();
     let mut logprobs = Vec::new();
     while let Some(ev) = gen.next().await {
@@ -52,13 +55,14 @@ async fn collect_one(mut gen: GenerationStream) -> Result<(Choice, usize, usize)
                 reason,
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
             } => {
                 let choice = Choice {
                     text,
                     finish_reason: reason.as_str(),
                     logprobs,
                 };
-                return Ok((choice, prompt_tokens, completion_tokens));
+                return Ok((choice, prompt_tokens, completion_tokens, cached_tokens));
             }
             GenEvent::Failed { message } => {
                 return Err(ApiError::new(ErrorCode::InternalError, message))
@@ -74,10 +78,18 @@ pub async fn collect(gens: Vec<GenerationStream>) -> Result<Collected, ApiError>
     let done = futures_util::future::try_join_all(gens.into_iter().map(collect_one)).await?;
     let prompt = done.first().map_or(0, |d| d.1);
     let completion: usize = done.iter().map(|d| d.2).sum();
+    // The prompt is counted once; it was served from the cache as far as
+    // every choice had it cached.
+    let cached = done.iter().map(|d| d.3).min().unwrap_or(0);
     Ok(Collected {
         choices: done.into_iter().map(|d| d.0).collect(),
-        usage: Usage::new(prompt as u32, completion as u32),
+        usage: usage(prompt, completion, cached),
     })
+}
+
+fn usage(prompt: usize, completion: usize, cached: usize) -> Usage {
+    let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+    Usage::new(n(prompt), n(completion)).with_cached(n(cached))
 }
 
 /// How one API family frames its stream chunks. Stateful: a chat format
@@ -136,6 +148,7 @@ pub fn sse_body<F: ChunkFormat>(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.reset();
         let (mut finished, mut prompt, mut completion) = (0usize, 0usize, 0usize);
+        let mut cached = usize::MAX;
         loop {
             let ev = tokio::select! {
                 ev = events.next() => ev,
@@ -163,17 +176,17 @@ pub fn sse_body<F: ChunkFormat>(
                         reason,
                         prompt_tokens,
                         completion_tokens,
+                        cached_tokens,
                     }),
                 )) => {
                     finished += 1;
                     prompt = prompt.max(prompt_tokens);
                     completion += completion_tokens;
+                    cached = cached.min(cached_tokens);
                     let mut buf = Vec::from(&format.finish(i, reason.as_str())[..]);
                     if finished == n {
                         if include_usage {
-                            buf.extend_from_slice(
-                                &format.usage(Usage::new(prompt as u32, completion as u32)),
-                            );
+                            buf.extend_from_slice(&format.usage(usage(prompt, completion, cached)));
                         }
                         buf.extend_from_slice(sse::DONE);
                         let _ = tx.send(Ok(Bytes::from(buf))).await;

@@ -411,7 +411,40 @@ impl Model for LlamaModel {
     }
 
     fn release(&mut self, _slot: usize) {
-        // The cache is kept for the slot's next sequence (positions are
-        // overwritten before they are read).
+        // The cache is kept for the slot's next sequence: the scheduler's
+        // prefix cache reuses what it holds, and positions past the reused
+        // prefix are overwritten before they are read.
+    }
+
+    fn reuses_prefix(&self) -> bool {
+        true
+    }
+
+    fn copy_kv(&mut self, from: usize, to: usize, start: usize, end: usize) -> Result<(), String> {
+        let n = self.caches.len();
+        if from >= n || to >= n || start > end || end > self.cfg.context {
+            return Err(format!(
+                "cannot copy positions {start}..{end} from slot {from} to slot {to}"
+            ));
+        }
+        if from == to || start == end {
+            return Ok(());
+        }
+        let src = self.caches[from]
+            .take()
+            .ok_or_else(|| format!("slot {from} has no cache to copy"))?;
+        let len = self.cache_len();
+        let dst = self.caches[to].get_or_insert_with(|| KvCache {
+            k: vec![0f32; len],
+            v: vec![0f32; len],
+        });
+        let (ctx, hd) = (self.cfg.context, self.cfg.head_dim);
+        for lh in 0..self.cfg.n_layer * self.cfg.n_kv_head {
+            let (a, b) = ((lh * ctx + start) * hd, (lh * ctx + end) * hd);
+            dst.k[a..b].copy_from_slice(&src.k[a..b]);
+            dst.v[a..b].copy_from_slice(&src.v[a..b]);
+        }
+        self.caches[from] = Some(src);
+        Ok(())
     }
 }

@@ -29,6 +29,16 @@ pub trait Model: Send {
     fn forward(&mut self, chunks: &[Chunk]) -> Result<Vec<Vec<f32>>, String>;
     /// The slot's sequence is done; its cache may be reused.
     fn release(&mut self, slot: usize);
+    /// Whether a slot's cache survives `release` and `copy_kv` works: the
+    /// scheduler's prefix cache needs both.
+    fn reuses_prefix(&self) -> bool {
+        false
+    }
+    /// Copies cache positions `start..end` of slot `from` into slot `to`.
+    fn copy_kv(&mut self, from: usize, to: usize, start: usize, end: usize) -> Result<(), String> {
+        let _ = (from, to, start, end);
+        Err("this model cannot copy its KV cache".into())
+    }
 }
 
 #[cfg(test)]
