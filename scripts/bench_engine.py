@@ -200,6 +200,29 @@ def one_ttft(srv: Server, args, i: int) -> float:
     return first - t0
 
 
+def first_content(srv: Server, body: dict) -> float:
+    t0 = time.perf_counter()
+    first = None
+    for t, ev in api_stream(srv, "/v1/chat/completions", body):
+        if first is None and chunk_text(ev):
+            first = t
+    if first is None:
+        raise RuntimeError(f"{srv.name}: chat stream produced no content")
+    return first - t0
+
+
+def one_prefix_ttft(srv: Server, args, i: int) -> tuple[float, float]:
+    """TTFT of a chat with a fresh ~1,000-token system prompt, then of the
+    next turn of an agent resending that system prompt with a new question:
+    what a prefix cache saves."""
+    system = long_prompt(50_000 + i + args.seed_offset, args.system_sentences)
+    ask = lambda q: {"messages": [{"role": "system", "content": system}, {"role": "user", "content": q}],
+                     "max_tokens": 4, "temperature": 0, "stream": True}
+    fresh = first_content(srv, ask("Summarise the notes in one sentence."))
+    repeat = first_content(srv, ask("Which traveller appears first?"))
+    return fresh, repeat
+
+
 def one_decode(srv: Server, args, i: int) -> tuple[int, float, str]:
     prompt = f"({i + args.seed_offset}) " + COUNT_PROMPT
     body = {"prompt": prompt, "max_tokens": args.decode_tokens, "temperature": 0, "stream": True,
@@ -244,6 +267,11 @@ def measure_all(servers: list[Server], args) -> dict[str, dict]:
     for i in range(args.repeats):
         for srv in servers:
             raw[srv.name]["ttft"].append(one_ttft(srv, args, i))
+    for i in range(args.repeats):
+        for srv in servers:
+            fresh, repeat = one_prefix_ttft(srv, args, i)
+            raw[srv.name].setdefault("pf", []).append(fresh)
+            raw[srv.name].setdefault("pc", []).append(repeat)
     for i in range(args.decode_repeats):
         for srv in servers:
             n, rate, source = one_decode(srv, args, i)
@@ -259,6 +287,10 @@ def measure_all(servers: list[Server], args) -> dict[str, dict]:
         r["prefill_tok_s_all"] = x["pr"]
         r["ttft_short_chat_s"] = statistics.median(x["ttft"])
         r["ttft_short_chat_s_all"] = x["ttft"]
+        r["ttft_system_fresh_ms"] = statistics.median(x["pf"]) * 1000
+        r["ttft_system_repeat_ms"] = statistics.median(x["pc"]) * 1000
+        r["prefix_cache_speedup"] = statistics.median(f / c for f, c in zip(x["pf"], x["pc"]))
+        r["ttft_system_all"] = list(zip(x["pf"], x["pc"]))
         r["decode_tokens"] = int(statistics.median(x["dt"]))
         r["decode_tok_s"] = statistics.median(x["dr"])
         r["decode_tok_s_best"] = max(x["dr"])
@@ -296,6 +328,9 @@ def fmt_table(results: dict[str, dict]) -> str:
         ("prefill prompt tokens", "prefill_prompt_tokens", "{:d}", None),
         ("prefill time, s", "prefill_s", "{:.3f}", False),
         ("TTFT short chat, ms (median)", "ttft_short_chat_s", "{:.0f}", False),
+        ("TTFT, fresh ~1k-token system prompt, ms", "ttft_system_fresh_ms", "{:.0f}", False),
+        ("TTFT, same system prompt again, ms", "ttft_system_repeat_ms", "{:.0f}", False),
+        ("prefix cache TTFT speed-up, ×", "prefix_cache_speedup", "{:.1f}", True),
         ("decode tok/s (median)", "decode_tok_s", "{:.1f}", True),
         ("decode tok/s (best)", "decode_tok_s_best", "{:.1f}", True),
         ("decode tokens", "decode_tokens", "{:d}", None),
@@ -342,6 +377,8 @@ def main() -> int:
     ap.add_argument("--prefill-sentences", type=int, default=21,
                     help="sentences in the prefill prompt (21 gives ~500 SmolLM2 tokens)")
     ap.add_argument("--seed-offset", type=int, default=0)
+    ap.add_argument("--system-sentences", type=int, default=40,
+                    help="sentences of the repeated system prompt (~25 tokens each)")
     ap.add_argument("--ready-timeout", type=float, default=300)
     ap.add_argument("--out", default="bench-out")
     args = ap.parse_args()

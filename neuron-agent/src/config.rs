@@ -188,6 +188,9 @@ pub struct ModelSpec {
     pub max_output: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threads: Option<u32>,
+    /// The engine's prefix cache budget, MiB (engine default 1024).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_cache_mb: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokenizer: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -232,6 +235,7 @@ impl ModelSpec {
             max_batch: None,
             max_output: None,
             threads: None,
+            prefix_cache_mb: None,
             tokenizer: None,
             chat_template: None,
             device: None,

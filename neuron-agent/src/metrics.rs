@@ -117,6 +117,7 @@ pub struct Metrics {
     requests: IntCounterVec,
     duration: HistogramVec,
     pub prompt_tokens: IntCounterVec,
+    pub cached_prompt_tokens: IntCounterVec,
     pub generated_tokens: IntCounterVec,
     ttft: HistogramVec,
     inter_token: HistogramVec,
@@ -183,6 +184,11 @@ impl Metrics {
                 "Prompt tokens, from the usage of the engines' answers",
                 &["model"],
             ),
+            cached_prompt_tokens: counter(
+                "neuron_prompt_tokens_cached_total",
+                "Prompt tokens served from the engines' prefix caches, from the usage of their answers",
+                &["model"],
+            ),
             generated_tokens: counter(
                 "neuron_generated_tokens_total",
                 "Generated tokens, from the usage of the engines' answers",
@@ -240,6 +246,7 @@ impl Metrics {
             Box::new(m.requests.clone()),
             Box::new(m.duration.clone()),
             Box::new(m.prompt_tokens.clone()),
+            Box::new(m.cached_prompt_tokens.clone()),
             Box::new(m.generated_tokens.clone()),
             Box::new(m.ttft.clone()),
             Box::new(m.inter_token.clone()),
@@ -258,6 +265,7 @@ impl Metrics {
             for c in [
                 &m.admitted,
                 &m.prompt_tokens,
+                &m.cached_prompt_tokens,
                 &m.generated_tokens,
                 &m.engine_restarts,
             ] {
@@ -290,10 +298,13 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    pub fn usage(&self, model: &str, prompt: u64, generated: u64) {
+    pub fn usage(&self, model: &str, prompt: u64, generated: u64, cached: u64) {
         self.prompt_tokens
             .with_label_values(&[model])
             .inc_by(prompt);
+        self.cached_prompt_tokens
+            .with_label_values(&[model])
+            .inc_by(cached);
         self.generated_tokens
             .with_label_values(&[model])
             .inc_by(generated);
@@ -362,7 +373,7 @@ mod tests {
         let m = Metrics::new(&["m".to_string()], &build);
         m.refused("m", RefuseReason::QueueFull);
         m.answered("m", 503, Duration::from_millis(3));
-        m.usage("m", 5, 7);
+        m.usage("m", 5, 7, 4);
         m.set_model_gauges(&[ModelGauges {
             id: "m".into(),
             in_flight: 2,
@@ -377,6 +388,7 @@ mod tests {
             "neuron_requests_total{model=\"m\",status=\"503\"} 1",
             "neuron_request_duration_seconds_count{model=\"m\"} 1",
             "neuron_prompt_tokens_total{model=\"m\"} 5",
+            "neuron_prompt_tokens_cached_total{model=\"m\"} 4",
             "neuron_generated_tokens_total{model=\"m\"} 7",
             "neuron_model_in_flight{model=\"m\"} 2",
             "neuron_model_queue_depth{model=\"m\"} 1",

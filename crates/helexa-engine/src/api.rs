@@ -27,7 +27,15 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// CPU threads for the matmuls; default: all cores.
     pub threads: Option<usize>,
+    /// KV cache kept for finished sequences' prefixes (the prefix cache),
+    /// bytes at most; least recently used prefixes go first. 0 turns off
+    /// reuse across requests (the choices of one `n` > 1 request still
+    /// share their prompt).
+    pub prefix_cache_bytes: u64,
 }
+
+/// Default prefix cache budget: 1 GiB.
+pub const DEFAULT_PREFIX_CACHE_BYTES: u64 = 1 << 30;
 
 impl EngineConfig {
     pub fn new(model_path: impl Into<PathBuf>) -> Self {
@@ -39,6 +47,7 @@ impl EngineConfig {
             max_context: None,
             max_batch: 8,
             threads: None,
+            prefix_cache_bytes: DEFAULT_PREFIX_CACHE_BYTES,
         }
     }
 }
@@ -181,6 +190,10 @@ pub struct EngineStats {
     pub prompt_tokens_total: u64,
     /// Of `prompt_tokens_total`, those served from the prefix cache.
     pub prompt_tokens_cached_total: u64,
+    /// KV bytes the prefix cache holds for finished sequences now.
+    pub prefix_cache_bytes: u64,
+    /// Cached prefixes dropped to stay within the budget.
+    pub prefix_cache_evictions_total: u64,
     /// Recent prefill throughput, tokens/s.
     pub tok_s_prefill: f64,
     /// Recent decode throughput over all sequences, tokens/s.

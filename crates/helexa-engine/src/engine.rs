@@ -319,6 +319,7 @@ impl Engine {
             WorkerConfig {
                 tokenizer: tokenizer.clone(),
                 eos_token_ids,
+                prefix_cache_bytes: cfg.prefix_cache_bytes,
             },
         )?;
         Ok(Engine {

@@ -11,8 +11,8 @@
 //!
 //! Prefix cache: a slot's KV cache outlives its sequence. A new sequence
 //! takes the free slot whose cached tokens share the longest prefix with its
-//! prompt (else the least recently used one) and skips prefilling that
-//! prefix; a prompt that shares a longer prefix with a running sequence (the
+//! prompt (at least `MIN_SHARE` tokens; else the least recently used slot)
+//! and skips prefilling that prefix; a prompt that shares a longer prefix with a running sequence (the
 //! other choices of an `n` > 1 request, an agent resending its history while
 //! an earlier turn still runs) copies those positions from it, waiting for
 //! an earlier sequence that is still prefilling them rather than computing
@@ -58,6 +58,8 @@ pub struct SharedStats {
     tokens_generated_total: AtomicU64,
     prompt_tokens_total: AtomicU64,
     prompt_tokens_cached_total: AtomicU64,
+    prefix_cache_bytes: AtomicU64,
+    prefix_cache_evictions_total: AtomicU64,
     tok_s_prefill: AtomicU64,
     tok_s_decode: AtomicU64,
 }
@@ -69,6 +71,8 @@ impl SharedStats {
             tokens_generated_total: self.tokens_generated_total.load(Ordering::Relaxed),
             prompt_tokens_total: self.prompt_tokens_total.load(Ordering::Relaxed),
             prompt_tokens_cached_total: self.prompt_tokens_cached_total.load(Ordering::Relaxed),
+            prefix_cache_bytes: self.prefix_cache_bytes.load(Ordering::Relaxed),
+            prefix_cache_evictions_total: self.prefix_cache_evictions_total.load(Ordering::Relaxed),
             tok_s_prefill: f64::from_bits(self.tok_s_prefill.load(Ordering::Relaxed)),
             tok_s_decode: f64::from_bits(self.tok_s_decode.load(Ordering::Relaxed)),
         }
@@ -79,6 +83,8 @@ impl SharedStats {
 pub struct WorkerConfig {
     pub tokenizer: Arc<tokenizers::Tokenizer>,
     pub eos_token_ids: Vec<u32>,
+    /// Bytes of KV the free slots may keep for reuse.
+    pub prefix_cache_bytes: u64,
 }
 
 /// Handle to the worker thread.
@@ -369,12 +375,14 @@ impl Worker {
 
     fn admit(&mut self) {
         while !self.waiting.is_empty() {
-            // The free slot whose cache shares most of the prompt, else the
-            // least recently used one.
+            // The free slot whose cache shares most of the prompt; when none
+            // shares at least MIN_SHARE tokens, the least recently used one
+            // (never-used slots first), so that a long cached prefix is not
+            // overwritten for a gain of a token or two.
             let prompt = &self.waiting[0].req.prompt;
             let limit = prompt.len().saturating_sub(1);
             let reuse = self.reuse;
-            let best = (0..self.slots.len())
+            let free: Vec<(usize, usize, u64)> = (0..self.slots.len())
                 .filter(|&i| self.slots[i].is_none())
                 .map(|i| {
                     let m = &self.memo[i];
@@ -385,7 +393,18 @@ impl Worker {
                     };
                     (i, shared, m.last_used)
                 })
-                .max_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)));
+                .collect();
+            let best = free
+                .iter()
+                .copied()
+                .max_by(|a, b| a.1.cmp(&b.1).then(b.2.cmp(&a.2)))
+                .filter(|b| b.1 >= MIN_SHARE)
+                .or_else(|| {
+                    free.iter()
+                        .copied()
+                        .min_by_key(|f| f.2)
+                        .map(|f| (f.0, 0, f.2))
+                });
             let Some((slot, reused, _)) = best else {
                 break;
             };
@@ -564,6 +583,38 @@ impl Worker {
         memo.last_used = self.clock;
         self.model.release(slot);
         self.end_one();
+        self.trim_cache();
+    }
+
+    /// Keeps the free slots' cached prefixes within the byte budget,
+    /// dropping the least recently used first (and their memory with them).
+    fn trim_cache(&mut self) {
+        let per = self.model.kv_bytes_per_position() as u64;
+        let held = |w: &Worker, i: usize| {
+            if w.slots[i].is_none() {
+                w.memo[i].tokens.len() as u64 * per
+            } else {
+                0
+            }
+        };
+        let mut total: u64 = (0..self.slots.len()).map(|i| held(self, i)).sum();
+        while total > self.cfg.prefix_cache_bytes {
+            let Some(lru) = (0..self.slots.len())
+                .filter(|&i| held(self, i) > 0)
+                .min_by_key(|&i| self.memo[i].last_used)
+            else {
+                break;
+            };
+            total -= held(self, lru);
+            self.memo[lru].tokens.clear();
+            self.model.drop_cache(lru);
+            self.stats
+                .prefix_cache_evictions_total
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        self.stats
+            .prefix_cache_bytes
+            .store(total, Ordering::Relaxed);
     }
 
     /// Before planning a step: copies prefixes that running sequences have

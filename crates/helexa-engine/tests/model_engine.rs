@@ -484,9 +484,10 @@ fn prefix_cache_reuses_a_finished_prompt_and_a_shared_system_prompt() {
     assert_eq!(r.cached, shared);
     let stats = e.stats();
     assert_eq!(stats.prompt_tokens_cached_total, (len - 1 + shared) as u64);
-    // A prompt that shares only its first token (`<|im_start|>`) reuses that.
+    // A prompt that shares only its first token (`<|im_start|>`) takes a
+    // fresh slot rather than overwrite a long cached prefix for one token.
     let fresh = collect(submit(&e, &chatml("Name a colour."), 4));
-    assert_eq!(fresh.cached, 1);
+    assert_eq!(fresh.cached, 0);
 }
 
 #[test]
@@ -530,4 +531,43 @@ fn a_cancelled_prefill_leaves_its_followers_to_prefill_themselves() {
     assert!(r.finish.is_some());
     let alone = collect(submit(&private_engine(1), &p, 8));
     assert_eq!(r.text, alone.text);
+}
+
+#[test]
+fn the_prefix_cache_stays_within_its_byte_budget() {
+    // SmolLM2-135M keeps 30 layers × 3 KV heads × 64 × 2 × 4 bytes per position.
+    let per_position = 30 * 3 * 64 * 2 * 4;
+    let p = long_system("Which screwdriver fits a Torx screw?");
+    // Shares only `<|im_start|>` with `p`: it goes to the other slot.
+    let q = chatml("Which saw cuts tiles?");
+    let mut cfg = EngineConfig::new(model_path());
+    cfg.max_batch = 2;
+    let e = Engine::load(cfg).expect("model loads");
+    let len = e.tokenize(&p, true).unwrap().len();
+    // Room for one finished sequence's prefix (prompt + what it generated).
+    let mut cfg = EngineConfig::new(model_path());
+    cfg.max_batch = 2;
+    cfg.prefix_cache_bytes = ((len + 8) * per_position) as u64;
+    let small = Engine::load(cfg).expect("model loads");
+    collect(submit(&small, &p, 4));
+    assert!(small.stats().prefix_cache_bytes > 0);
+    collect(submit(&small, &q, 4));
+    // Two prefixes do not fit: the older one was dropped.
+    let stats = small.stats();
+    assert_eq!(stats.prefix_cache_evictions_total, 1, "{stats:?}");
+    assert!(stats.prefix_cache_bytes <= ((len + 8) * per_position) as u64);
+    let again = collect(submit(&small, &p, 4));
+    assert_eq!(again.cached, 0);
+    // Budget 0: nothing is kept across requests.
+    let mut cfg = EngineConfig::new(model_path());
+    cfg.prefix_cache_bytes = 0;
+    let none = Engine::load(cfg).expect("model loads");
+    collect(submit(&none, &p, 4));
+    assert_eq!(collect(submit(&none, &p, 4)).cached, 0);
+    assert_eq!(none.stats().prefix_cache_bytes, 0);
+    // The default budget keeps both.
+    collect(submit(&e, &p, 4));
+    collect(submit(&e, &q, 4));
+    assert_eq!(collect(submit(&e, &p, 4)).cached, len - 1);
+    assert_eq!(e.stats().prefix_cache_evictions_total, 0);
 }

@@ -37,7 +37,7 @@ pub struct Measure {
     pub model: String,
     pub started: Instant,
     pub status: u16,
-    usage: Option<(u64, u64)>,
+    usage: Option<(u64, u64, u64)>,
 }
 
 impl Measure {
@@ -56,8 +56,8 @@ impl Drop for Measure {
     fn drop(&mut self) {
         self.metrics
             .answered(&self.model, self.status, self.started.elapsed());
-        if let Some((prompt, generated)) = self.usage {
-            self.metrics.usage(&self.model, prompt, generated);
+        if let Some((prompt, generated, cached)) = self.usage {
+            self.metrics.usage(&self.model, prompt, generated, cached);
         }
     }
 }
@@ -199,7 +199,7 @@ enum Seen {
 struct SseWatch {
     parser: sse_parse::SseParser,
     last_token: Option<Instant>,
-    usage: Option<(u64, u64)>,
+    usage: Option<(u64, u64, u64)>,
     strip_usage: bool,
     /// Output held back until its event is complete (only when stripping).
     pending: BytesMut,
@@ -228,7 +228,7 @@ impl SseWatch {
                 continue;
             };
             if let Some(u) = parsed.usage {
-                self.usage = Some((u.prompt_tokens, u.completion_tokens));
+                self.usage = Some(u.counts());
             }
             content |= parsed.has_content();
         }
@@ -292,6 +292,22 @@ struct Usage {
     prompt_tokens: u64,
     #[serde(default)]
     completion_tokens: u64,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptDetails>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: u64,
+}
+
+impl Usage {
+    /// (prompt, completion, cached prompt) tokens.
+    fn counts(&self) -> (u64, u64, u64) {
+        let cached = self.prompt_tokens_details.map_or(0, |d| d.cached_tokens);
+        (self.prompt_tokens, self.completion_tokens, cached)
+    }
 }
 
 #[derive(Deserialize)]
@@ -335,7 +351,7 @@ impl Chunk<'_> {
 
 /// `usage` of a JSON answer from its last bytes: the object after the last
 /// `"usage":` key.
-fn usage_in_json_tail(tail: &[u8]) -> Option<(u64, u64)> {
+fn usage_in_json_tail(tail: &[u8]) -> Option<(u64, u64, u64)> {
     let key = b"\"usage\"";
     let at = tail.windows(key.len()).rposition(|w| w == key)?;
     let rest = &tail[at + key.len()..];
@@ -343,7 +359,7 @@ fn usage_in_json_tail(tail: &[u8]) -> Option<(u64, u64)> {
     let value = &rest[colon + 1..];
     let mut values = serde_json::Deserializer::from_slice(value).into_iter::<Option<Usage>>();
     let usage = values.next()?.ok()??;
-    Some((usage.prompt_tokens, usage.completion_tokens))
+    Some(usage.counts())
 }
 
 #[cfg(test)]
@@ -353,7 +369,7 @@ mod tests {
     #[test]
     fn usage_is_read_from_the_end_of_an_answer() {
         let body = br#"{"choices":[{"message":{"content":"usage"}}],"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}"#;
-        assert_eq!(usage_in_json_tail(body), Some((3, 5)));
+        assert_eq!(usage_in_json_tail(body), Some((3, 5, 0)));
         assert_eq!(usage_in_json_tail(br#"{"usage":null}"#), None);
         assert_eq!(usage_in_json_tail(br#"{"error":{}}"#), None);
     }
@@ -375,7 +391,7 @@ mod tests {
         let (a, b) = last.split_at(70);
         w.watch(a);
         w.watch(b);
-        assert_eq!(w.usage, Some((4, 2)));
+        assert_eq!(w.usage, Some((4, 2, 0)));
         let mut out = w.strip(Bytes::from_static(a)).to_vec();
         out.extend_from_slice(&w.strip(Bytes::from_static(b)));
         assert_eq!(

@@ -66,6 +66,10 @@ pub struct EngineArgs {
     pub max_output: Option<usize>,
     #[arg(long)]
     pub threads: Option<usize>,
+    /// KV cache kept for reuse by later requests with the same prompt
+    /// prefix, MiB (0: no reuse across requests).
+    #[arg(long, default_value_t = 1024)]
+    pub prefix_cache_mb: u64,
     /// Seconds between SSE keep-alive comments while a prompt prefills.
     #[arg(long, default_value_t = 1)]
     pub keep_alive_secs: u64,
@@ -211,6 +215,9 @@ async fn health(State(st): State<Arc<EngineState>>) -> Response {
         "in_flight": s.in_flight,
         "tokens_generated_total": s.tokens_generated_total,
         "prompt_tokens_total": s.prompt_tokens_total,
+        "prompt_tokens_cached_total": s.prompt_tokens_cached_total,
+        "prefix_cache_bytes": s.prefix_cache_bytes,
+        "prefix_cache_evictions_total": s.prefix_cache_evictions_total,
         "tok_s_prefill": s.tok_s_prefill,
         "tok_s_decode": s.tok_s_decode,
     }))
@@ -355,6 +362,7 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
         max_context: args.max_context,
         max_batch: args.max_batch.max(1),
         threads: args.threads,
+        prefix_cache_bytes: args.prefix_cache_mb.saturating_mul(1 << 20),
     };
     let loading = tokio::task::spawn_blocking(move || Engine::load(cfg));
     tokio::select! {

@@ -110,6 +110,10 @@ pub fn command_line(config: &Config, spec: &ModelSpec) -> (PathBuf, Vec<OsString
     opt("--max-output", spec.max_output.map(|v| v.to_string()));
     opt("--threads", spec.threads.map(|v| v.to_string()));
     opt(
+        "--prefix-cache-mb",
+        spec.prefix_cache_mb.map(|v| v.to_string()),
+    );
+    opt(
         "--tokenizer",
         spec.tokenizer.as_ref().map(|p| p.display().to_string()),
     );

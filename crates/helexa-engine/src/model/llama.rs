@@ -420,6 +420,16 @@ impl Model for LlamaModel {
         true
     }
 
+    fn kv_bytes_per_position(&self) -> usize {
+        2 * self.cfg.n_layer * self.cfg.n_kv_head * self.cfg.head_dim * std::mem::size_of::<f32>()
+    }
+
+    fn drop_cache(&mut self, slot: usize) {
+        if let Some(c) = self.caches.get_mut(slot) {
+            *c = None;
+        }
+    }
+
     fn copy_kv(&mut self, from: usize, to: usize, start: usize, end: usize) -> Result<(), String> {
         let n = self.caches.len();
         if from >= n || to >= n || start > end || end > self.cfg.context {

@@ -34,6 +34,14 @@ pub trait Model: Send {
     fn reuses_prefix(&self) -> bool {
         false
     }
+    /// KV cache bytes one position of one slot takes.
+    fn kv_bytes_per_position(&self) -> usize {
+        0
+    }
+    /// Frees the memory of `slot`'s cache (it is rebuilt on next use).
+    fn drop_cache(&mut self, slot: usize) {
+        let _ = slot;
+    }
     /// Copies cache positions `start..end` of slot `from` into slot `to`.
     fn copy_kv(&mut self, from: usize, to: usize, start: usize, end: usize) -> Result<(), String> {
         let _ = (from, to, start, end);
