@@ -440,3 +440,31 @@ async fn count_tokens_counts_at_cortex() {
     assert_eq!(anthropic_error(r).await["param"], "k");
     assert_eq!(a.recorded().v1_count, 0);
 }
+
+#[tokio::test]
+async fn a_stream_held_for_a_load_keeps_alive_then_is_translated() {
+    let a = MockNeuron::start("a", vec![MockModel::available("m", 0)]).await;
+    a.set(|b| b.load_delay = Duration::from_millis(400));
+    let mut cfg = config(&[("node-a", &a)]);
+    cfg.loading.keepalive_interval_ms = 50;
+    let h = start(cfg).await;
+    wait_until("m is in the catalogue", 20, || async {
+        let v = h.models().await;
+        v["data"].as_array().unwrap().iter().any(|m| m["id"] == "m")
+    })
+    .await;
+    let mut body = ask("hi");
+    body["stream"] = json!(true);
+    let r = h.post("/v1/messages", &body).await;
+    assert_eq!(r.status(), 200);
+    let text = String::from_utf8(r.bytes().await.unwrap().to_vec()).unwrap();
+    assert!(text.starts_with(": keep-alive\n\n"), "{text}");
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(events.first(), Some(&"message_start"), "{text}");
+    assert_eq!(events.last(), Some(&"message_stop"), "{text}");
+    assert!(text.contains("\"text\":\"Hello\""), "{text}");
+    assert_eq!(a.recorded().loads, vec!["m".to_string()]);
+}

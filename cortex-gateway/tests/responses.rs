@@ -364,3 +364,22 @@ async fn a_tpm_key_settles_from_a_translated_stream() {
     let spent = before - remaining().await;
     assert!((spent - used).abs() <= 3, "spent {spent}, used {used}");
 }
+
+#[tokio::test]
+async fn a_request_held_for_a_load_is_translated() {
+    let a = MockNeuron::start("a", vec![MockModel::available("m", 0)]).await;
+    let h = start(config(&[("node-a", &a)])).await;
+    wait_until("m is in the catalogue", 20, || async {
+        let v = h.models().await;
+        v["data"].as_array().unwrap().iter().any(|m| m["id"] == "m")
+    })
+    .await;
+    let r = h
+        .post("/v1/responses", &json!({"model": "m", "input": "hi"}))
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["object"], "response");
+    assert_eq!(v["output"][0]["content"][0]["text"], "Hello, world!");
+    assert_eq!(a.recorded().loads, vec!["m".to_string()]);
+}
