@@ -13,6 +13,7 @@ use crate::relay::{status_str, Accounting, InFlight, Relay};
 use crate::router::{self, Candidate};
 use crate::state::Gateway;
 use crate::tokens::{Counter, ModelTokenizer};
+use crate::translate::{self, Api, Plan};
 use crate::upstream::UpstreamHead;
 use axum::body::Body;
 use axum::extract::Request;
@@ -25,13 +26,18 @@ use http::{header, HeaderValue};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-/// The OpenAI endpoints cortex proxies.
+/// The endpoints cortex serves by sending them to a neuron.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
     Chat,
     Completions,
+    /// OpenAI Responses, translated to chat (`translate`).
     Responses,
     Embeddings,
+    /// Anthropic Messages, translated to chat (`translate`).
+    Messages,
+    /// Anthropic's token count, answered by cortex (`translate::count`).
+    CountTokens,
 }
 
 impl Route {
@@ -41,12 +47,32 @@ impl Route {
             Route::Completions => "/v1/completions",
             Route::Responses => "/v1/responses",
             Route::Embeddings => "/v1/embeddings",
+            Route::Messages => "/v1/messages",
+            Route::CountTokens => "/v1/messages/count_tokens",
+        }
+    }
+
+    /// The API this route is translated from, if it is.
+    pub fn translated(self) -> Option<Api> {
+        match self {
+            Route::Responses => Some(Api::Responses),
+            Route::Messages => Some(Api::Messages),
+            _ => None,
+        }
+    }
+
+    /// The route the neuron is asked: chat for translated routes.
+    fn upstream(self) -> Route {
+        if self.translated().is_some() {
+            Route::Chat
+        } else {
+            self
         }
     }
 
     /// Streams of these end with `data: [DONE]`.
     fn expects_done(self) -> bool {
-        matches!(self, Route::Chat | Route::Completions)
+        matches!(self.upstream(), Route::Chat | Route::Completions)
     }
 }
 
@@ -196,6 +222,8 @@ impl Route {
             Route::Completions,
             Route::Responses,
             Route::Embeddings,
+            Route::Messages,
+            Route::CountTokens,
         ]
         .into_iter()
         .find(|r| r.path() == path)
@@ -218,6 +246,28 @@ pub async fn serve(
     route: Route,
     fields: ClientFields,
     body: Result<Bytes, ApiError>,
+) -> Answer {
+    if route == Route::CountTokens {
+        return Answer::Other(translate::count::serve(gw, fields, body).await);
+    }
+    let Some(api) = route.translated() else {
+        return serve_plain(gw, route, fields, body, &mut None).await;
+    };
+    // A translated route is served as chat; its answer (or refusal) is
+    // translated back.
+    let mut plan = None;
+    let answer = serve_plain(gw, route, fields, body, &mut plan).await;
+    translate::finish(api, plan, answer).await
+}
+
+/// [`serve`] up to the chat answer; `plan` receives a translated request's
+/// plan once its body has been translated.
+async fn serve_plain(
+    gw: Arc<Gateway>,
+    route: Route,
+    fields: ClientFields,
+    body: Result<Bytes, ApiError>,
+    plan: &mut Option<Plan>,
 ) -> Answer {
     let started = Instant::now();
     let request_id = fields
@@ -247,7 +297,9 @@ pub async fn serve(
     // then as of its admission.
     let mut rate = key.as_ref().map(|k| k.peek_headers()).unwrap_or_default();
     let ctx = Ctx::new(gw, route, request_id, &fields, started, key);
-    serve_as(ctx, fields, body, &mut rate).await.with_rate(rate)
+    serve_as(ctx, fields, body, &mut rate, plan)
+        .await
+        .with_rate(rate)
 }
 
 impl Ctx {
@@ -295,14 +347,24 @@ async fn serve_as(
     fields: ClientFields,
     body: Result<Bytes, ApiError>,
     rate: &mut RateHeaders,
+    plan: &mut Option<Plan>,
 ) -> Answer {
     if let Err(e) = check_content_type_value(fields.content_type.as_ref()) {
         return ctx.reject(e);
     }
-    let body = match body {
+    let mut body = match body {
         Ok(b) => b,
         Err(e) => return ctx.reject(e),
     };
+    if let Some(api) = ctx.route.translated() {
+        match translate::translate(api, &body) {
+            Ok((chat, p)) => {
+                body = chat;
+                *plan = Some(p);
+            }
+            Err(e) => return ctx.reject(e),
+        }
+    }
     // Borrows from `body`; `forward` is what goes to the neuron.
     let head: RequestHead<'_> = match parse_json(&body) {
         Ok(h) => h,
@@ -337,7 +399,7 @@ async fn serve_as(
     // A stream of a `tpm` key must end with `usage` to settle: ask for it
     // when the client did not, and keep it from the client.
     let want_usage = head.stream
-        && matches!(ctx.route, Route::Chat | Route::Completions)
+        && matches!(ctx.route.upstream(), Route::Chat | Route::Completions)
         && ctx.key.as_ref().is_some_and(|k| k.limits_tokens())
         && !head
             .stream_options
@@ -589,7 +651,7 @@ impl Ctx {
                 gw,
                 c.node,
                 in_flight.replica(),
-                self.route.path(),
+                self.route.upstream().path(),
                 body.clone(),
                 &self.request_id,
                 self.accept.as_ref(),

@@ -22,6 +22,7 @@ pub mod router;
 pub mod server;
 pub mod state;
 pub mod tokens;
+pub mod translate;
 pub mod upstream;
 pub mod version;
 

@@ -59,6 +59,8 @@ pub fn app(gw: Arc<Gateway>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/responses", post(responses))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/messages", post(messages))
+        .route("/v1/messages/count_tokens", post(count_tokens))
         .route("/v1/models", get(api::list_models))
         .route("/health", get(api::health))
         .route("/ready", get(api::ready))
@@ -124,6 +126,12 @@ async fn responses(State(gw): Gw, req: Request) -> Response {
 }
 async fn embeddings(State(gw): Gw, req: Request) -> Response {
     inference::handle(gw, Route::Embeddings, req).await
+}
+async fn messages(State(gw): Gw, req: Request) -> Response {
+    inference::handle(gw, Route::Messages, req).await
+}
+async fn count_tokens(State(gw): Gw, req: Request) -> Response {
+    inference::handle(gw, Route::CountTokens, req).await
 }
 
 async fn metrics_text(State(gw): Gw) -> Response {

@@ -116,6 +116,13 @@ pub struct Behaviour {
     /// Accept connections and requests but never answer any (a hung
     /// neuron: alive to TCP, silent to HTTP).
     pub hang: bool,
+    /// Tool calls a chat answer makes after its content, as the engine
+    /// sends them: `(name, JSON arguments)`; streamed as a head chunk (id,
+    /// name, empty arguments) and the arguments in two pieces.
+    pub tool_calls: Vec<(String, String)>,
+    /// A chat answer's `finish_reason`; `None`: `stop` (`tool_calls` with
+    /// tool calls), and no finishing chunk in a stream.
+    pub finish_reason: Option<String>,
 }
 
 impl Default for Behaviour {
@@ -134,6 +141,8 @@ impl Default for Behaviour {
             memory_available_mb: 16_000,
             record: true,
             hang: false,
+            tool_calls: Vec::new(),
+            finish_reason: None,
         }
     }
 }
@@ -583,12 +592,34 @@ async fn serve(
     let completion_tokens = behaviour.chunks.len() as u64;
     let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                        "total_tokens": prompt_tokens + completion_tokens});
+    let calls = &behaviour.tool_calls;
+    let finish = match &behaviour.finish_reason {
+        Some(r) if r != "stop" => r.clone(),
+        _ if !calls.is_empty() => "tool_calls".to_string(),
+        _ => "stop".to_string(),
+    };
     if !stream {
         let text: String = behaviour.chunks.concat();
         let v = match kind {
-            Kind::Chat => json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": 1,
-                "model": model, "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                "finish_reason": "stop", "logprobs": null}], "usage": usage}),
+            Kind::Chat => {
+                let mut message = json!({"role": "assistant", "content": text});
+                if !calls.is_empty() {
+                    if text.is_empty() {
+                        message["content"] = Value::Null;
+                    }
+                    message["tool_calls"] = calls
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (name, args))| {
+                            json!({"id": format!("call_mock_{i}"),
+                            "type": "function", "function": {"name": name, "arguments": args}})
+                        })
+                        .collect();
+                }
+                json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": 1,
+                "model": model, "choices": [{"index": 0, "message": message,
+                "finish_reason": finish, "logprobs": null}], "usage": usage})
+            }
             Kind::Completions => {
                 json!({"id": "cmpl-mock", "object": "text_completion", "created": 1,
                 "model": model, "choices": [{"index": 0, "text": text, "finish_reason": "stop"}], "usage": usage})
@@ -625,6 +656,33 @@ async fn serve(
             _ => json!({"type": "response.output_text.delta", "delta": piece}),
         };
         events.push(frame(kind, &v, "response.output_text.delta"));
+    }
+    if kind == Kind::Chat {
+        let chunk = |delta: Value, finish: Option<&str>| {
+            let v = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1,
+                "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+            frame(kind, &v, "")
+        };
+        for (i, (name, args)) in calls.iter().enumerate() {
+            events.push(chunk(
+                json!({"tool_calls": [{"index": i, "id": format!("call_mock_{i}"), "type": "function",
+                    "function": {"name": name, "arguments": ""}}]}),
+                None,
+            ));
+            let half = args
+                .char_indices()
+                .nth(args.chars().count() / 2)
+                .map_or(0, |(b, _)| b);
+            for piece in [&args[..half], &args[half..]] {
+                events.push(chunk(
+                    json!({"tool_calls": [{"index": i, "function": {"arguments": piece}}]}),
+                    None,
+                ));
+            }
+        }
+        if behaviour.finish_reason.is_some() || !calls.is_empty() {
+            events.push(chunk(json!({}), Some(&finish)));
+        }
     }
     match kind {
         Kind::Responses => {

@@ -4,6 +4,8 @@
 //! both the control routes cortex polls and the OpenAI `/v1/*` routes. It
 //! advertises a context window (`--context`, 8192 by default) so that
 //! cortex's pre-validation runs, as it does in front of a real engine.
+//! `--tool-call NAME=ARGS` (repeatable) makes every chat answer end with
+//! that tool call, for client checks of tool calling through cortex.
 
 use helexa_testkit::{Behaviour, MockModel, MockNeuron};
 use std::time::Duration;
@@ -15,6 +17,7 @@ fn main() {
     let mut chunk_delay_us = 0u64;
     let mut threads = 1usize;
     let mut context = 8192u32;
+    let mut tool_calls = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_else(|| usage(&a));
@@ -27,6 +30,11 @@ fn main() {
             }
             "--threads" => threads = val().parse().unwrap_or_else(|_| usage("--threads")),
             "--context" => context = val().parse().unwrap_or_else(|_| usage("--context")),
+            "--tool-call" => {
+                let v = val();
+                let (name, args) = v.split_once('=').unwrap_or_else(|| usage("--tool-call"));
+                tool_calls.push((name.to_string(), args.to_string()));
+            }
             _ => usage(&a),
         }
     }
@@ -40,6 +48,7 @@ fn main() {
             chunks: (0..chunks).map(|i| format!("tok{i} ")).collect(),
             chunk_delay: Duration::from_micros(chunk_delay_us),
             record: false,
+            tool_calls,
             ..Behaviour::default()
         };
         let addr = listen.parse().unwrap_or_else(|_| usage("--listen"));
@@ -61,7 +70,7 @@ fn main() {
 
 fn usage(arg: &str) -> ! {
     eprintln!(
-        "fake-neuron: bad argument {arg}\nusage: fake-neuron [--listen ADDR] [--model ID] [--chunks N] [--chunk-delay-us N] [--threads N] [--context TOKENS (0 = unknown)]"
+        "fake-neuron: bad argument {arg}\nusage: fake-neuron [--listen ADDR] [--model ID] [--chunks N] [--chunk-delay-us N] [--threads N] [--context TOKENS (0 = unknown)] [--tool-call NAME=JSON_ARGUMENTS]..."
     );
     std::process::exit(2)
 }
