@@ -171,7 +171,9 @@ pub fn tokenizer_from_gguf(md: &HashMap<String, Value>) -> Result<Tokenizer, Eng
             _ => None,
         })
         .collect();
-    tokenizer.add_special_tokens(&added);
+    tokenizer.add_special_tokens(added).map_err(|e| {
+        EngineError::Tokenizer(format!("cannot add the GGUF's special tokens: {e}"))
+    })?;
 
     let add_bos_default = model == "llama";
     let add_bos = match md.get("tokenizer.ggml.add_bos_token") {
@@ -306,7 +308,9 @@ fn sentencepiece_bpe(
     }
 
     let mut tokenizer = Tokenizer::new(bpe);
-    tokenizer.with_normalizer(Some(NormalizerSequence::new(normalizers)));
+    tokenizer
+        .with_normalizer(Some(NormalizerSequence::new(normalizers)))
+        .map_err(|e| EngineError::Tokenizer(format!("cannot set the normalizer: {e}")))?;
     tokenizer.with_decoder(Some(DecoderSequence::new(decoders)));
     Ok(tokenizer)
 }
