@@ -256,8 +256,9 @@ pub async fn serve(
     // A translated route is served as chat; its answer (or refusal) is
     // translated back.
     let mut plan = None;
+    let limit = gw.config.upstream.max_refusal_body_bytes;
     let answer = serve_plain(gw, route, fields, body, &mut plan).await;
-    translate::finish(api, plan, answer).await
+    translate::finish(api, plan, answer, limit).await
 }
 
 /// [`serve`] up to the chat answer; `plan` receives a translated request's

@@ -119,8 +119,9 @@ pub fn error_response(api: Api, e: ApiError) -> Response {
 /// The chat answer `answer` (whatever the pipeline produced for the
 /// translated request: a relayed answer, a held stream, or an error) as
 /// `api`'s answer. `plan` is `None` when the request was refused before it
-/// could be translated.
-pub async fn finish(api: Api, plan: Option<Plan>, answer: Answer) -> Answer {
+/// could be translated; `error_limit` bounds an error body read to reshape
+/// it (`upstream.max_refusal_body_bytes`).
+pub async fn finish(api: Api, plan: Option<Plan>, answer: Answer, error_limit: usize) -> Answer {
     let resp = match answer {
         Answer::Other(r) => r,
         relayed => relayed.into_response(),
@@ -130,7 +131,7 @@ pub async fn finish(api: Api, plan: Option<Plan>, answer: Answer) -> Answer {
         // A refusal: cortex's own or a neuron's, in the §2 envelope.
         return Answer::Other(match api {
             Api::Responses => Response::from_parts(parts, body),
-            Api::Messages => messages::reshape_error(parts, body).await,
+            Api::Messages => messages::reshape_error(parts, body, error_limit).await,
         });
     };
     parts.headers.remove(header::CONTENT_LENGTH);
