@@ -81,6 +81,15 @@ pub fn translate(req: Map<String, Value>) -> Result<(Value, Plan), ApiError> {
     for (i, m) in list.iter().enumerate() {
         message(m, &format!("messages[{i}]"), &mut messages)?;
     }
+    // Anthropic continues a last assistant message (a "prefill"); a chat
+    // engine starts a new turn after it, so the answer would not continue it.
+    let last = list.len() - 1;
+    if list[last].get("role").and_then(Value::as_str) == Some("assistant") {
+        return Err(bad(
+            &format!("messages[{last}].role"),
+            "is \"assistant\": a last assistant message (prefill) is not supported, since the answer would not continue it",
+        ));
+    }
 
     let stream = check::boolean(&req, "stream", "")?.unwrap_or(false);
     let mut chat = json!({"model": model, "messages": messages, "stream": stream,
