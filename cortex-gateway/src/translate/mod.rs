@@ -13,6 +13,8 @@
 
 pub mod chat;
 pub mod count;
+#[cfg(test)]
+mod fixtures;
 pub mod messages;
 pub mod responses;
 #[cfg(test)]
