@@ -59,9 +59,18 @@ pub trait Machine: Send {
 }
 
 impl Plan {
+    /// The machine for a stream.
     pub fn machine(&self) -> Box<dyn Machine> {
         match self {
             Plan::Responses(p) => Box::new(responses::Machine::new((**p).clone())),
+            Plan::Messages(p) => Box::new(messages::Machine::new(p.clone())),
+        }
+    }
+
+    /// The machine for a whole answer (it may skip building stream events).
+    pub fn whole_machine(&self) -> Box<dyn Machine> {
+        match self {
+            Plan::Responses(p) => Box::new(responses::Machine::whole((**p).clone())),
             Plan::Messages(p) => Box::new(messages::Machine::new(p.clone())),
         }
     }
@@ -158,7 +167,7 @@ pub async fn finish(api: Api, plan: Option<Plan>, answer: Answer, error_limit: u
         }
     };
     let object = chat::whole_events(&whole).and_then(|events| {
-        let mut m = plan.machine();
+        let mut m = plan.whole_machine();
         let mut sink = Vec::new();
         for ev in events {
             m.on(ev, &mut sink);
