@@ -26,7 +26,8 @@ use http::{header, HeaderValue};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-/// The endpoints cortex serves by sending them to a neuron.
+/// The `POST /v1/…` endpoints: proxied to a neuron, translated to chat and
+/// proxied, or (the token count) answered by cortex alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
     Chat,
