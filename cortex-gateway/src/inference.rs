@@ -26,7 +26,8 @@ use http::{header, HeaderValue};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-/// The endpoints cortex serves by sending them to a neuron.
+/// The `POST /v1/…` endpoints: proxied to a neuron, translated to chat and
+/// proxied, or (the token count) answered by cortex alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
     Chat,
@@ -256,8 +257,9 @@ pub async fn serve(
     // A translated route is served as chat; its answer (or refusal) is
     // translated back.
     let mut plan = None;
+    let limit = gw.config.upstream.max_refusal_body_bytes;
     let answer = serve_plain(gw, route, fields, body, &mut plan).await;
-    translate::finish(api, plan, answer).await
+    translate::finish(api, plan, answer, limit).await
 }
 
 /// [`serve`] up to the chat answer; `plan` receives a translated request's

@@ -7,8 +7,11 @@
 use helexa_api::error::{ApiError, ErrorCode};
 use serde_json::Value;
 
-/// Largest single SSE event read from the upstream chat stream.
-const EVENT_LIMIT: usize = 1 << 20;
+/// Largest single SSE event read from the upstream chat stream. One event
+/// holds at most one chunk of text or one tool call's arguments, which an
+/// engine's output limit keeps far below this; a bigger one ends the
+/// translated stream with an error rather than being dropped unseen.
+pub const EVENT_LIMIT: usize = 16 << 20;
 
 /// Token counts of a chat answer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -86,6 +89,8 @@ pub enum ChatEvent {
 /// Reads a chat SSE stream piece by piece.
 pub struct ChatReader {
     parser: sse_parse::SseParser,
+    /// Largest event read (bytes).
+    limit: usize,
     started: bool,
     /// chat tool-call indexes already opened.
     tools: Vec<u64>,
@@ -95,16 +100,22 @@ pub struct ChatReader {
 
 impl Default for ChatReader {
     fn default() -> Self {
+        ChatReader::with_limit(EVENT_LIMIT)
+    }
+}
+
+impl ChatReader {
+    /// A reader that refuses events over `limit` bytes.
+    pub fn with_limit(limit: usize) -> Self {
         ChatReader {
-            parser: sse_parse::SseParser::new().max_buffer(EVENT_LIMIT),
+            parser: sse_parse::SseParser::new().max_buffer(limit),
+            limit,
             started: false,
             tools: Vec::new(),
             at_boundary: true,
         }
     }
-}
 
-impl ChatReader {
     /// A piece made only of SSE comments (keep-alives, sent while a model
     /// loads or a long prompt is read) that begins on an event boundary:
     /// passed to the client as it is, so its connection stays alive.
@@ -120,17 +131,33 @@ impl ChatReader {
     /// Feeds one piece of the stream; the events it completed go to `out`.
     pub fn feed(&mut self, chunk: &[u8], out: &mut Vec<ChatEvent>) {
         self.at_boundary = chunk.ends_with(b"\n\n") || chunk.ends_with(b"\r\n\r\n");
+        let dropped = self.parser.overflows();
         self.parser.feed(chunk);
+        self.drain(dropped, out);
+    }
+
+    /// The stream ended (a block without its closing blank line is
+    /// dropped, as the SSE standard says; the translation then reports the
+    /// stream as cut short).
+    pub fn finish(&mut self, out: &mut Vec<ChatEvent>) {
+        let dropped = self.parser.overflows();
+        self.parser.finish();
+        self.drain(dropped, out);
+    }
+
+    fn drain(&mut self, dropped: u64, out: &mut Vec<ChatEvent>) {
         while let Some(ev) = self.parser.next_event() {
             self.event(&ev.data, out);
         }
-    }
-
-    /// The stream ended: a last event without its blank line still counts.
-    pub fn finish(&mut self, out: &mut Vec<ChatEvent>) {
-        self.parser.finish();
-        while let Some(ev) = self.parser.next_event() {
-            self.event(&ev.data, out);
+        if self.parser.overflows() > dropped {
+            out.push(ChatEvent::Error(StreamError {
+                code: "upstream_error".into(),
+                kind: "api_error".into(),
+                message: format!(
+                    "the engine sent a stream event over {} bytes, which cortex cannot translate",
+                    self.limit
+                ),
+            }));
         }
     }
 
@@ -364,6 +391,18 @@ mod tests {
                 }),
                 ChatEvent::Done
             ]
+        );
+        // An event over the limit is an error, not a silent gap.
+        let mut r = ChatReader::with_limit(64);
+        let mut out = Vec::new();
+        let big = format!(
+            "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{}\"}}}}]}}\n\n",
+            "x".repeat(100)
+        );
+        r.feed(big.as_bytes(), &mut out);
+        assert!(
+            matches!(&out[..], [ChatEvent::Error(e)] if e.message.contains("over 64 bytes")),
+            "{out:?}"
         );
         // Mid-event, a comment-looking piece is part of the event.
         let mut r = ChatReader::default();

@@ -29,9 +29,6 @@ const KNOWN: &[&str] = &[
     "thinking",
 ];
 
-/// Largest error body read from a refusal to reshape it.
-const ERROR_BODY_LIMIT: usize = 64 * 1024;
-
 /// What the answer's translation needs from the request.
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
@@ -83,6 +80,15 @@ pub fn translate(req: Map<String, Value>) -> Result<(Value, Plan), ApiError> {
     };
     for (i, m) in list.iter().enumerate() {
         message(m, &format!("messages[{i}]"), &mut messages)?;
+    }
+    // Anthropic continues a last assistant message (a "prefill"); a chat
+    // engine starts a new turn after it, so the answer would not continue it.
+    let last = list.len() - 1;
+    if list[last].get("role").and_then(Value::as_str) == Some("assistant") {
+        return Err(bad(
+            &format!("messages[{last}].role"),
+            "is \"assistant\": a last assistant message (prefill) is not supported, since the answer would not continue it",
+        ));
     }
 
     let stream = check::boolean(&req, "stream", "")?.unwrap_or(false);
@@ -706,10 +712,11 @@ pub fn error_response(e: &ApiError) -> Response {
 /// A §2 refusal (cortex's or a neuron's, passed on) rewritten into
 /// Anthropic's shape: same status and header fields (`Retry-After`, rate
 /// limits, node).
-pub async fn reshape_error(mut parts: http::response::Parts, body: Body) -> Response {
-    let text = axum::body::to_bytes(body, ERROR_BODY_LIMIT)
-        .await
-        .unwrap_or_default();
+///
+/// A body over `limit` bytes is not read; its status's reason stands in
+/// for the message.
+pub async fn reshape_error(mut parts: http::response::Parts, body: Body, limit: usize) -> Response {
+    let text = axum::body::to_bytes(body, limit).await.unwrap_or_default();
     let (message, code, param) = match serde_json::from_slice::<ErrorEnvelope>(&text) {
         Ok(env) => (env.error.message, env.error.code, env.error.param),
         Err(_) if text.is_empty() => (

@@ -13,6 +13,8 @@
 
 pub mod chat;
 pub mod count;
+#[cfg(test)]
+mod fixtures;
 pub mod messages;
 pub mod responses;
 #[cfg(test)]
@@ -57,9 +59,18 @@ pub trait Machine: Send {
 }
 
 impl Plan {
+    /// The machine for a stream.
     pub fn machine(&self) -> Box<dyn Machine> {
         match self {
             Plan::Responses(p) => Box::new(responses::Machine::new((**p).clone())),
+            Plan::Messages(p) => Box::new(messages::Machine::new(p.clone())),
+        }
+    }
+
+    /// The machine for a whole answer (it may skip building stream events).
+    pub fn whole_machine(&self) -> Box<dyn Machine> {
+        match self {
+            Plan::Responses(p) => Box::new(responses::Machine::whole((**p).clone())),
             Plan::Messages(p) => Box::new(messages::Machine::new(p.clone())),
         }
     }
@@ -119,8 +130,9 @@ pub fn error_response(api: Api, e: ApiError) -> Response {
 /// The chat answer `answer` (whatever the pipeline produced for the
 /// translated request: a relayed answer, a held stream, or an error) as
 /// `api`'s answer. `plan` is `None` when the request was refused before it
-/// could be translated.
-pub async fn finish(api: Api, plan: Option<Plan>, answer: Answer) -> Answer {
+/// could be translated; `error_limit` bounds an error body read to reshape
+/// it (`upstream.max_refusal_body_bytes`).
+pub async fn finish(api: Api, plan: Option<Plan>, answer: Answer, error_limit: usize) -> Answer {
     let resp = match answer {
         Answer::Other(r) => r,
         relayed => relayed.into_response(),
@@ -130,7 +142,7 @@ pub async fn finish(api: Api, plan: Option<Plan>, answer: Answer) -> Answer {
         // A refusal: cortex's own or a neuron's, in the §2 envelope.
         return Answer::Other(match api {
             Api::Responses => Response::from_parts(parts, body),
-            Api::Messages => messages::reshape_error(parts, body).await,
+            Api::Messages => messages::reshape_error(parts, body, error_limit).await,
         });
     };
     parts.headers.remove(header::CONTENT_LENGTH);
@@ -155,7 +167,7 @@ pub async fn finish(api: Api, plan: Option<Plan>, answer: Answer) -> Answer {
         }
     };
     let object = chat::whole_events(&whole).and_then(|events| {
-        let mut m = plan.machine();
+        let mut m = plan.whole_machine();
         let mut sink = Vec::new();
         for ev in events {
             m.on(ev, &mut sink);

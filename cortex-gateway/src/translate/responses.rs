@@ -481,9 +481,20 @@ pub struct Machine {
     usage: Option<Usage>,
     error: Option<StreamError>,
     ended: bool,
+    /// Building a whole answer: no stream events are wanted, so the
+    /// response snapshots they carry are not built.
+    quiet: bool,
 }
 
 impl Machine {
+    /// A machine for a whole (non-streamed) answer.
+    pub fn whole(plan: Plan) -> Machine {
+        Machine {
+            quiet: true,
+            ..Machine::new(plan)
+        }
+    }
+
     pub fn new(plan: Plan) -> Machine {
         Machine {
             plan,
@@ -499,6 +510,7 @@ impl Machine {
             usage: None,
             error: None,
             ended: false,
+            quiet: false,
         }
     }
 
@@ -604,6 +616,9 @@ impl Machine {
             return;
         }
         self.started = true;
+        if self.quiet {
+            return;
+        }
         let r = self.response();
         self.emit(out, "response.created", json!({"response": r}));
         let r = self.response();
@@ -698,8 +713,10 @@ impl Machine {
             "incomplete" => "response.incomplete",
             _ => "response.completed",
         };
-        let r = self.response();
-        self.emit(out, kind, json!({"response": r}));
+        if !self.quiet {
+            let r = self.response();
+            self.emit(out, kind, json!({"response": r}));
+        }
     }
 }
 

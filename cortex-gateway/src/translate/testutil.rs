@@ -104,7 +104,7 @@ pub fn run(plan: &Plan, pieces: &[&[u8]]) -> String {
 
 /// The whole object for a whole chat answer.
 pub fn whole(plan: &Plan, body: &[u8]) -> Result<Value, helexa_api::ApiError> {
-    let mut m: Box<dyn Machine> = plan.machine();
+    let mut m: Box<dyn Machine> = plan.whole_machine();
     let mut sink = Vec::new();
     for e in super::chat::whole_events(body)? {
         m.on(e, &mut sink);

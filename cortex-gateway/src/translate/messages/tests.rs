@@ -88,8 +88,13 @@ fn blocks_become_chat_turns() {
     // Tool use alone: no text content.
     let chat = chat_of(json!({"model": "m", "max_tokens": 10, "messages": [
         {"role": "user", "content": "x"},
-        {"role": "assistant", "content": [{"type": "tool_use", "id": "a", "name": "f", "input": {}}]}]}));
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "a", "name": "f", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "a"}]}]}));
     assert_eq!(chat["messages"][1]["content"], Value::Null);
+    assert_eq!(
+        chat["messages"][2],
+        json!({"role": "tool", "tool_call_id": "a", "content": ""})
+    );
 }
 
 #[test]
@@ -175,6 +180,14 @@ fn what_is_not_honoured_is_refused_by_name() {
             "messages[0].content[0].source.type",
         ),
         (with("system", json!([{"type": "image"}])), "system[0].type"),
+        (
+            with(
+                "messages",
+                json!([{"role": "user", "content": "x"},
+            {"role": "assistant", "content": "The answer is"}]),
+            ),
+            "messages[1].role",
+        ),
     ];
     for (req, param) in cases {
         let (code, p) = refused(req.clone());
