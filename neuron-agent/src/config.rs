@@ -188,6 +188,12 @@ pub struct ModelSpec {
     pub max_output: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threads: Option<u32>,
+    /// Embedding models: padded tokens of one forward pass (engine default 8192).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch_tokens: Option<u32>,
+    /// Embedding models: inputs one request may carry (engine default 2048).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_inputs: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokenizer: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -232,6 +238,8 @@ impl ModelSpec {
             max_batch: None,
             max_output: None,
             threads: None,
+            max_batch_tokens: None,
+            max_inputs: None,
             tokenizer: None,
             chat_template: None,
             device: None,

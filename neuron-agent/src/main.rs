@@ -25,7 +25,8 @@ enum Command {
     /// Run the node agent (the default when no subcommand is given).
     Agent(AgentArgs),
     /// Serve one model over the OpenAI API (started by the agent per model).
-    Engine(EngineArgs),
+    /// Boxed: the engine's many flags would make every `Command` that large.
+    Engine(Box<EngineArgs>),
 }
 
 #[tokio::main]
@@ -34,7 +35,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Engine(args)) => {
             neuron_agent::telemetry::init("text");
-            neuron_agent::engine_server::run(args).await
+            neuron_agent::engine_server::run(*args).await
         }
         Some(Command::Agent(args)) => neuron_agent::run_agent(args).await,
         None => neuron_agent::run_agent(cli.agent).await,
