@@ -129,7 +129,8 @@ pub struct EngineState {
 
 impl EngineState {
     /// The state of a server around an engine already loaded (in-process
-    /// tests, embedding): the same routes as `neuron engine` serves.
+    /// tests, or a server inside another program): the same routes as
+    /// `neuron engine` serves.
     pub fn loaded(id: impl Into<String>, engine: Engine) -> Arc<EngineState> {
         Arc::new(EngineState::new(id.into(), Loaded::Generator(engine)))
     }
