@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 
 pub const MODEL_ID: &str = "smollm2-135m-instruct";
 pub const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The embedding model's id in the e2e configs, and its folder
+/// (scripts/fetch-embedding-model).
+pub const EMBED_MODEL_ID: &str = "all-minilm-l6-v2";
+pub const EMBED_MODEL_DIR: &str = "all-MiniLM-L6-v2";
 
 /// The folder holding this build's binaries (`target/<profile>`), found from
 /// the test executable (`target/<profile>/deps/<test>`).
@@ -34,14 +38,23 @@ pub fn binary(name: &str) -> PathBuf {
     p
 }
 
-/// The default model; a missing file fails the test with what to run.
-pub fn model_path() -> PathBuf {
-    let dir = std::env::var_os("HELEXA_MODEL_DIR")
+fn model_dir() -> PathBuf {
+    std::env::var_os("HELEXA_MODEL_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/helexa/models")
-        });
-    let p = dir.join(MODEL_FILE);
+        })
+}
+
+/// The embedding model's folder, or `None` when it is absent.
+pub fn embedding_model_path() -> Option<PathBuf> {
+    let p = model_dir().join(EMBED_MODEL_DIR);
+    p.join("model.safetensors").is_file().then_some(p)
+}
+
+/// The default model; a missing file fails the test with what to run.
+pub fn model_path() -> PathBuf {
+    let p = model_dir().join(MODEL_FILE);
     assert!(
         p.exists(),
         "the default model {} is missing: run scripts/fetch-model",
@@ -148,6 +161,8 @@ pub fn children_of(pid: i32) -> Vec<i32> {
 pub struct ClusterOptions {
     pub with_cortex: bool,
     pub max_in_flight: u32,
+    /// Also serve this embedding model folder as `EMBED_MODEL_ID`.
+    pub embedding_model: Option<PathBuf>,
 }
 
 impl Default for ClusterOptions {
@@ -155,6 +170,7 @@ impl Default for ClusterOptions {
         ClusterOptions {
             with_cortex: true,
             max_in_flight: 4,
+            embedding_model: None,
         }
     }
 }
@@ -177,15 +193,20 @@ impl Cluster {
         let neuron_port = free_port();
         let neuron_url = format!("http://127.0.0.1:{neuron_port}");
         let neuron_cfg = dir.path().join("neuron.toml");
-        std::fs::write(
-            &neuron_cfg,
-            format!(
-                "listen = \"127.0.0.1:{neuron_port}\"\nmetrics_listen = \"127.0.0.1:0\"\nnode = \"e2e-node\"\n\n[[models]]\nid = \"{MODEL_ID}\"\npath = \"{}\"\npreload = true\nmax_in_flight = {}\nmax_queue_depth = 32\nmax_wait_secs = 120\n",
-                model.display(),
-                opts.max_in_flight
-            ),
-        )
-        .unwrap();
+        let mut text = format!(
+            "listen = \"127.0.0.1:{neuron_port}\"\nmetrics_listen = \"127.0.0.1:0\"\nnode = \"e2e-node\"\n\n[[models]]\nid = \"{MODEL_ID}\"\npath = \"{}\"\npreload = true\nmax_in_flight = {}\nmax_queue_depth = 32\nmax_wait_secs = 120\n",
+            model.display(),
+            opts.max_in_flight
+        );
+        let mut ids = vec![MODEL_ID];
+        if let Some(p) = &opts.embedding_model {
+            text.push_str(&format!(
+                "\n[[models]]\nid = \"{EMBED_MODEL_ID}\"\npath = \"{}\"\npreload = true\nmax_in_flight = 2\nmax_queue_depth = 32\nmax_wait_secs = 120\nmax_inputs = 64\n",
+                p.display()
+            ));
+            ids.push(EMBED_MODEL_ID);
+        }
+        std::fs::write(&neuron_cfg, text).unwrap();
         let mut cmd = Command::new(binary("neuron"));
         cmd.arg("--config").arg(&neuron_cfg).env("RUST_LOG", "info");
         let neuron = Proc::spawn("neuron", cmd);
@@ -199,7 +220,9 @@ impl Cluster {
             http,
             _dir: dir,
         };
-        cluster.wait_neuron_loaded(Duration::from_secs(180)).await;
+        cluster
+            .wait_neuron_loaded_all(&ids, Duration::from_secs(180))
+            .await;
         if opts.with_cortex {
             let port = free_port();
             let mport = free_port();
@@ -217,30 +240,42 @@ impl Cluster {
             cluster.cortex = Some(Proc::spawn("cortex", cmd));
             cluster.cortex_url = format!("http://127.0.0.1:{port}");
             cluster.metrics_url = format!("http://127.0.0.1:{mport}");
-            cluster.wait_cortex_routes(Duration::from_secs(60)).await;
+            for id in &ids {
+                cluster
+                    .wait_cortex_routes(id, Duration::from_secs(60))
+                    .await;
+            }
         }
         cluster
     }
 
     /// Polls the neuron's /health until the model is `loaded`.
     pub async fn wait_neuron_loaded(&mut self, limit: Duration) {
+        self.wait_neuron_loaded_all(&[MODEL_ID], limit).await
+    }
+
+    /// Polls the neuron's /health until every one of `ids` is `loaded`.
+    pub async fn wait_neuron_loaded_all(&mut self, ids: &[&str], limit: Duration) {
         let start = Instant::now();
         loop {
             assert!(self.neuron.is_running(), "neuron exited during start-up");
             if let Some(h) = self.neuron_health().await {
-                if model_health(&h)["status"] == "loaded" {
+                if ids
+                    .iter()
+                    .all(|id| model_health_of(&h, id)["status"] == "loaded")
+                {
                     return;
                 }
             }
             assert!(
                 start.elapsed() < limit,
-                "neuron did not load {MODEL_ID} within {limit:?}"
+                "neuron did not load {ids:?} within {limit:?}"
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
-    async fn wait_cortex_routes(&mut self, limit: Duration) {
+    async fn wait_cortex_routes(&mut self, model: &str, limit: Duration) {
         let start = Instant::now();
         loop {
             if let Some(c) = self.cortex.as_mut() {
@@ -257,7 +292,7 @@ impl Cluster {
                         .as_array()
                         .map(|d| {
                             d.iter()
-                                .any(|m| m["id"] == MODEL_ID && m["status"] == "loaded")
+                                .any(|m| m["id"] == model && m["status"] == "loaded")
                         })
                         .unwrap_or(false);
                     if loaded {
@@ -314,9 +349,14 @@ impl Cluster {
 
 /// The default model's entry in a neuron /health document.
 pub fn model_health(h: &Value) -> Value {
+    model_health_of(h, MODEL_ID)
+}
+
+/// Model `id`'s entry in a neuron /health document.
+pub fn model_health_of(h: &Value, id: &str) -> Value {
     h["models"]
         .as_array()
-        .and_then(|m| m.iter().find(|m| m["id"] == MODEL_ID))
+        .and_then(|m| m.iter().find(|m| m["id"] == id))
         .cloned()
         .unwrap_or(Value::Null)
 }

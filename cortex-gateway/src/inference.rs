@@ -75,6 +75,56 @@ impl Route {
     fn expects_done(self) -> bool {
         matches!(self.upstream(), Route::Chat | Route::Completions)
     }
+
+    /// The capability (docs/protocol.md §3 `/models`) a model needs for
+    /// this route; `None`: not checked.
+    fn capability(self) -> Option<&'static str> {
+        match self {
+            Route::Chat => Some("chat"),
+            Route::Completions => Some("completions"),
+            Route::Embeddings => Some("embeddings"),
+            Route::Responses => None,
+        }
+    }
+}
+
+/// `400` naming the capability when every candidate replica reports its
+/// capabilities and none has the one `route` needs (an embeddings request
+/// to a chat model, say), so no neuron is bothered with it. A replica that
+/// reports none (an older neuron) is given the benefit of the doubt.
+fn check_capability(
+    route: Route,
+    snap: &crate::fleet::Snapshot,
+    candidates: &[Candidate],
+    model: &str,
+) -> Result<(), ApiError> {
+    let Some(need) = route.capability() else {
+        return Ok(());
+    };
+    let mut have: Vec<&str> = Vec::new();
+    for c in candidates {
+        let Some(info) = snap.nodes.get(c.node).and_then(|v| v.models.get(model)) else {
+            return Ok(());
+        };
+        if info.capabilities.is_empty() || info.capabilities.iter().any(|x| x == need) {
+            return Ok(());
+        }
+        have.extend(info.capabilities.iter().map(String::as_str));
+    }
+    if have.is_empty() {
+        return Ok(());
+    }
+    have.sort_unstable();
+    have.dedup();
+    Err(ApiError::invalid_request(
+        format!(
+            "The model `{model}` does not have the `{need}` capability needed by {}: its capabilities are {}",
+            route.path(),
+            have.join(", ")
+        ),
+        "model",
+    )
+    .with_extra("capabilities", have))
 }
 
 /// Per-request facts the later steps need.
@@ -438,6 +488,9 @@ async fn serve_as(
             ApiError::model_not_found(&ctx.model)
         };
         return ctx.reject(err);
+    }
+    if let Err(e) = check_capability(ctx.route, &snap, &candidates, &ctx.model) {
+        return ctx.reject(e);
     }
     let context = ctx.context_limit(&snap);
     drop(snap);
@@ -846,4 +899,62 @@ fn refusal_error(r: &Refusal, model: &str) -> ApiError {
         None => ErrorCode::UpstreamError,
     };
     ApiError::new(code, msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::{NodeView, Snapshot};
+    use helexa_protocol::ModelInfo;
+
+    fn snap(caps: &[&[&str]]) -> (Snapshot, Vec<Candidate>) {
+        let nodes = caps
+            .iter()
+            .map(|c| {
+                let mut v = NodeView {
+                    healthy: true,
+                    ..NodeView::default()
+                };
+                let info = ModelInfo {
+                    id: "m".into(),
+                    capabilities: c.iter().map(|s| s.to_string()).collect(),
+                    ..ModelInfo::default()
+                };
+                v.models.insert("m".into(), info);
+                v
+            })
+            .collect();
+        let cands = (0..caps.len())
+            .map(|node| Candidate { node, score: 0 })
+            .collect();
+        (Snapshot { nodes }, cands)
+    }
+
+    #[test]
+    fn a_route_needs_its_capability_on_some_replica() {
+        let (s, c) = snap(&[&["embeddings"]]);
+        let e = check_capability(Route::Chat, &s, &c, "m").unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidRequest);
+        assert!(e.message.contains("`chat` capability"), "{}", e.message);
+        assert!(e.message.contains("embeddings"), "{}", e.message);
+        assert!(check_capability(Route::Embeddings, &s, &c, "m").is_ok());
+
+        let (s, c) = snap(&[&["chat", "completions"]]);
+        let e = check_capability(Route::Embeddings, &s, &c, "m").unwrap_err();
+        assert!(
+            e.message.contains("`embeddings` capability"),
+            "{}",
+            e.message
+        );
+        assert!(check_capability(Route::Completions, &s, &c, "m").is_ok());
+        // The Responses API is not checked.
+        assert!(check_capability(Route::Responses, &s, &c, "m").is_ok());
+
+        // One replica that has it, or one that reports nothing (an older
+        // neuron), is enough.
+        let (s, c) = snap(&[&["chat"], &["embeddings"]]);
+        assert!(check_capability(Route::Embeddings, &s, &c, "m").is_ok());
+        let (s, c) = snap(&[&["chat"], &[]]);
+        assert!(check_capability(Route::Embeddings, &s, &c, "m").is_ok());
+    }
 }

@@ -212,8 +212,17 @@ pub fn count_prompt(head: &RequestHead<'_>, counter: &Counter, cfg: &Prevalidati
             match i {
                 Value::Array(items) => {
                     for it in items {
-                        total = total.saturating_add(cfg.per_message_tokens);
-                        content_text(it, &mut buf);
+                        match it {
+                            // Embeddings' token ids: one token each.
+                            Value::Number(_) => total = total.saturating_add(1),
+                            Value::Array(ids) if ids.first().is_some_and(Value::is_number) => {
+                                total = total.saturating_add(ids.len() as u64)
+                            }
+                            _ => {
+                                total = total.saturating_add(cfg.per_message_tokens);
+                                content_text(it, &mut buf);
+                            }
+                        }
                     }
                 }
                 other => content_text(other, &mut buf),
@@ -315,6 +324,21 @@ mod tests {
         );
         let extra = count_prompt(&tools, &c, &cfg) - count_prompt(&plain, &c, &cfg);
         assert!(extra >= 20, "{extra}");
+    }
+
+    #[test]
+    fn embeddings_token_ids_count_one_each() {
+        let cfg = PrevalidationConfig::default();
+        let ids = parse(r#"{"model": "m", "input": [101, 7592, 102]}"#);
+        assert_eq!(count_prompt(&ids, &EST, &cfg), 3);
+        let lists = parse(r#"{"model": "m", "input": [[101, 102], [101, 7, 8, 102]]}"#);
+        assert_eq!(count_prompt(&lists, &EST, &cfg), 6);
+        // Texts: an allowance per input plus the text (8 characters = 2).
+        let texts = parse(r#"{"model": "m", "input": ["abcd", "efgh"]}"#);
+        assert_eq!(
+            count_prompt(&texts, &EST, &cfg),
+            2 * cfg.per_message_tokens + 2
+        );
     }
 
     #[test]

@@ -191,6 +191,12 @@ pub struct ModelSpec {
     /// The engine's prefix cache budget, MiB (engine default 1024).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix_cache_mb: Option<u32>,
+    /// Embedding models: padded tokens of one forward pass (engine default 8192).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch_tokens: Option<u32>,
+    /// Embedding models: inputs one request may carry (engine default 2048).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_inputs: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokenizer: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -236,6 +242,8 @@ impl ModelSpec {
             max_output: None,
             threads: None,
             prefix_cache_mb: None,
+            max_batch_tokens: None,
+            max_inputs: None,
             tokenizer: None,
             chat_template: None,
             device: None,

@@ -781,21 +781,30 @@ fn select(
             "quant {q:?} given but the repo has no .gguf file"
         )));
     }
+    // sentence-transformers' pooling folder (`1_Pooling/config.json`) says
+    // how an embedding model's vectors are made: without it they are wrong.
+    let pooling = |n: &str| {
+        n.split_once('/')
+            .is_some_and(|(dir, f)| dir.ends_with("_Pooling") && f == "config.json")
+    };
     let files: Vec<String> = names
         .iter()
         .filter(|n| {
-            !n.contains('/')
-                && (n.ends_with(".safetensors")
-                    || n.ends_with(".safetensors.index.json")
-                    || matches!(
-                        n.as_str(),
-                        "config.json"
-                            | "generation_config.json"
-                            | "tokenizer.json"
-                            | "tokenizer_config.json"
-                            | "special_tokens_map.json"
-                            | "chat_template.jinja"
-                    ))
+            pooling(n)
+                || !n.contains('/')
+                    && (n.ends_with(".safetensors")
+                        || n.ends_with(".safetensors.index.json")
+                        || matches!(
+                            n.as_str(),
+                            "config.json"
+                                | "generation_config.json"
+                                | "tokenizer.json"
+                                | "tokenizer_config.json"
+                                | "special_tokens_map.json"
+                                | "chat_template.jinja"
+                                | "modules.json"
+                                | "sentence_bert_config.json"
+                        ))
         })
         .cloned()
         .collect();
@@ -977,6 +986,27 @@ mod tests {
         assert_eq!(
             files,
             names(&["config.json", "model.safetensors", "tokenizer.json"])
+        );
+        // An embedding model's sentence-transformers files come along.
+        let n = names(&[
+            "1_Pooling/config.json",
+            "config.json",
+            "model.safetensors",
+            "modules.json",
+            "onnx/model.onnx",
+            "openvino/config.json",
+            "tokenizer.json",
+        ]);
+        let (files, _) = select("o/m", &n, None).unwrap();
+        assert_eq!(
+            files,
+            names(&[
+                "1_Pooling/config.json",
+                "config.json",
+                "model.safetensors",
+                "modules.json",
+                "tokenizer.json"
+            ])
         );
     }
 

@@ -25,6 +25,7 @@ enum Command {
     /// Run the node agent (the default when no subcommand is given).
     Agent(AgentArgs),
     /// Serve one model over the OpenAI API (started by the agent per model).
+    /// Boxed: the engine's many flags would make every `Command` that large.
     Engine(Box<EngineArgs>),
 }
 

@@ -4,7 +4,8 @@
 //! The public surface is small on purpose: `Engine::load` a model, render and
 //! tokenize prompts, `submit` a `GenerationRequest`, read `GenEvent`s from the
 //! returned stream. Dropping the stream cancels the sequence within one decode
-//! step. The OpenAI HTTP layer lives in `neuron-agent` (`neuron engine`).
+//! step. Sentence-embedding models (BERT) load as an `Embedder` instead
+//! (`embed`). The OpenAI HTTP layer lives in `neuron-agent` (`neuron engine`).
 
 mod api;
 
@@ -13,6 +14,7 @@ pub mod constraint;
 pub use api::*;
 
 pub mod detok;
+pub mod embed;
 mod engine;
 pub mod gendefaults;
 mod kernels;
@@ -25,4 +27,5 @@ pub mod template;
 pub mod tokenizer;
 pub mod toolcall;
 pub use constraint::{Constraint, Grammar, Guidance};
+pub use embed::{is_embedding_model, EmbedConfig, Embedder};
 pub use engine::{Engine, GenerationStream};

@@ -422,7 +422,8 @@ async fn models(State(s): St, headers: HeaderMap) -> Response {
                 context: m.context,
                 output: m.output,
             },
-            capabilities: vec!["chat".into(), "completions".into()],
+            // The mock answers every /v1 route, so it reports them all.
+            capabilities: vec!["chat".into(), "completions".into(), "embeddings".into()],
             tokenizer: g
                 .behaviour
                 .serve_tokenizer

@@ -86,7 +86,7 @@ fn logprobs_request(req: &ChatCompletionRequest) -> Result<Option<usize>, ApiErr
 }
 
 async fn handle(st: Arc<EngineState>, req: ChatCompletionRequest) -> Result<Response, ApiError> {
-    let engine = st.engine()?.clone();
+    let engine = st.engine("chat", "/v1/chat/completions")?.clone();
     let n = check_n(req.n)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid_request(

@@ -61,7 +61,7 @@ fn logprobs_request(req: &CompletionRequest) -> Result<Option<usize>, ApiError> 
 }
 
 async fn handle(st: Arc<EngineState>, req: CompletionRequest) -> Result<Response, ApiError> {
-    let engine = st.engine()?.clone();
+    let engine = st.engine("completions", "/v1/completions")?.clone();
     let n = check_n(req.n)?;
     refuse_unsupported(&req.extra, &["best_of"]).or_else(|e| {
         // `best_of` equal to `n` is what we do anyway.

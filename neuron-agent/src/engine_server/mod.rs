@@ -5,11 +5,17 @@
 //! `HELEXA_ENGINE_LISTEN <addr>`, then loads the model; `GET /health` answers
 //! 503 `{"status":"loading"}` until the model is ready, then 200
 //! `{"status":"ready", ...}`. A failed load exits non-zero with the reason on
-//! stderr. Routes: `/v1/chat/completions`, `/v1/completions`, `/v1/models`,
-//! `/health`, `/info`, `/tokenizer`.
+//! stderr. Routes: `/v1/chat/completions`, `/v1/completions`,
+//! `/v1/embeddings`, `/v1/models`, `/health`, `/info`, `/tokenizer`.
+//!
+//! A BERT folder (`helexa_engine::is_embedding_model`) is served by an
+//! `Embedder` with the one capability `embeddings`; any other model by an
+//! `Engine` (chat, completions, ...). Each refuses the other's routes with a
+//! 400 naming the capability, so a client learns why, not just "no route".
 
 mod chat;
 mod completions;
+mod embeddings;
 mod logprobs;
 mod params;
 mod stream;
@@ -22,7 +28,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use bytes::Bytes;
 use helexa_api::{ApiError, ErrorCode};
-use helexa_engine::{DeviceSpec, Engine, EngineConfig};
+use helexa_engine::{DeviceSpec, EmbedConfig, Embedder, Engine, EngineConfig, EngineStats};
 use serde_json::json;
 use std::io::Write;
 use std::path::PathBuf;
@@ -79,12 +85,44 @@ pub struct EngineArgs {
     /// Seconds running requests get to finish after SIGTERM.
     #[arg(long, default_value_t = 30)]
     pub drain_timeout_secs: u64,
+    /// Embedding models: padded tokens (inputs × longest input) of one
+    /// forward pass; a longer list runs in several passes.
+    #[arg(long, default_value_t = helexa_engine::embed::DEFAULT_MAX_BATCH_TOKENS)]
+    pub max_batch_tokens: usize,
+    /// Embedding models: inputs one `/v1/embeddings` request may carry
+    /// (OpenAI's limit is 2048).
+    #[arg(long, default_value_t = DEFAULT_MAX_INPUTS)]
+    pub max_inputs: usize,
+}
+
+/// `--max-inputs` when not given.
+pub const DEFAULT_MAX_INPUTS: usize = 2048;
+
+/// What a generation engine serves (reported by `/info`, `/v1/models`).
+const GENERATE_CAPABILITIES: &[&str] = &[
+    "chat",
+    "completions",
+    "tools",
+    "structured_outputs",
+    "logprobs",
+];
+/// What an embedding model serves.
+const EMBED_CAPABILITIES: &[&str] = &["embeddings"];
+
+/// The model behind the server, once loaded.
+enum Loaded {
+    Generator(Engine),
+    Embedder(Embedder),
 }
 
 /// Shared by the engine's handlers.
 pub struct EngineState {
     id: String,
-    engine: OnceLock<Engine>,
+    /// Known before the load starts, so that a request during the load is
+    /// refused for the right reason.
+    embedding: bool,
+    engine: OnceLock<Loaded>,
+    max_inputs: usize,
     tokenizer_json: OnceLock<Bytes>,
     tokenizer_path: Option<PathBuf>,
     max_output: Option<usize>,
@@ -95,24 +133,65 @@ pub struct EngineState {
 
 impl EngineState {
     /// The state of a server around an engine already loaded (in-process
-    /// tests, embedding): the same routes as `neuron engine` serves.
+    /// tests, or a server inside another program): the same routes as
+    /// `neuron engine` serves.
     pub fn loaded(id: impl Into<String>, engine: Engine) -> Arc<EngineState> {
+        Arc::new(EngineState::new(id.into(), Loaded::Generator(engine)))
+    }
+
+    /// [`Self::loaded`] for an embedding model; `max_inputs` as
+    /// `--max-inputs`.
+    pub fn loaded_embedder(
+        id: impl Into<String>,
+        embedder: Embedder,
+        max_inputs: usize,
+    ) -> Arc<EngineState> {
+        let mut st = EngineState::new(id.into(), Loaded::Embedder(embedder));
+        st.max_inputs = max_inputs;
+        Arc::new(st)
+    }
+
+    fn new(id: String, loaded: Loaded) -> EngineState {
+        let embedding = matches!(loaded, Loaded::Embedder(_));
         let engine_cell = OnceLock::new();
-        let _ = engine_cell.set(engine);
-        Arc::new(EngineState {
-            id: id.into(),
+        let _ = engine_cell.set(loaded);
+        EngineState {
+            id,
+            embedding,
             engine: engine_cell,
+            max_inputs: DEFAULT_MAX_INPUTS,
             tokenizer_json: OnceLock::new(),
             tokenizer_path: None,
             max_output: None,
             keep_alive: Duration::from_secs(1),
             draining: AtomicBool::new(false),
             started: Instant::now(),
-        })
+        }
     }
 
-    /// The loaded engine, or why there is none yet.
-    fn engine(&self) -> Result<&Engine, ApiError> {
+    fn capabilities(&self) -> &'static [&'static str] {
+        if self.embedding {
+            EMBED_CAPABILITIES
+        } else {
+            GENERATE_CAPABILITIES
+        }
+    }
+
+    /// `400` for a request this model has no capability for.
+    fn lacks(&self, capability: &str, route: &str) -> ApiError {
+        ApiError::invalid_request(
+            format!(
+                "The model `{}` does not have the `{capability}` capability needed by {route}: its capabilities are {}",
+                self.id,
+                self.capabilities().join(", ")
+            ),
+            "model",
+        )
+        .with_extra("capabilities", self.capabilities().to_vec())
+    }
+
+    /// The loaded model, or why there is none yet.
+    fn current(&self) -> Result<&Loaded, ApiError> {
         if self.draining.load(Ordering::Relaxed) {
             return Err(ApiError::new(
                 ErrorCode::ShuttingDown,
@@ -128,14 +207,52 @@ impl EngineState {
         })
     }
 
+    /// The generation engine for a request needing `capability` (`chat`,
+    /// `completions`) on `route`; an embedding model refuses.
+    fn engine(&self, capability: &str, route: &str) -> Result<&Engine, ApiError> {
+        if self.embedding {
+            return Err(self.lacks(capability, route));
+        }
+        match self.current()? {
+            Loaded::Generator(e) => Ok(e),
+            Loaded::Embedder(_) => Err(self.lacks(capability, route)),
+        }
+    }
+
+    /// The embedding model; a generation model refuses.
+    fn embedder(&self) -> Result<&Embedder, ApiError> {
+        if !self.embedding {
+            return Err(self.lacks("embeddings", "/v1/embeddings"));
+        }
+        match self.current()? {
+            Loaded::Embedder(e) => Ok(e),
+            Loaded::Generator(_) => Err(self.lacks("embeddings", "/v1/embeddings")),
+        }
+    }
+
+    /// Tokens one request may hold (prompt + output; one input of an
+    /// embedding model), once loaded.
+    fn context_length(&self) -> Option<usize> {
+        self.engine.get().map(|l| match l {
+            Loaded::Generator(e) => e.meta().context_length,
+            Loaded::Embedder(e) => e.meta().context_length,
+        })
+    }
+
+    fn stats(&self) -> Option<EngineStats> {
+        self.engine.get().map(|l| match l {
+            Loaded::Generator(e) => e.stats(),
+            Loaded::Embedder(e) => e.stats(),
+        })
+    }
+
     /// Output cap when a request names none: the configured one, else the
     /// whole context.
     fn default_max_output(&self) -> usize {
-        let ctx = self
-            .engine
-            .get()
-            .map(|e| e.meta().context_length)
-            .unwrap_or(0);
+        if self.embedding {
+            return 0;
+        }
+        let ctx = self.context_length().unwrap_or(0);
         self.max_output.unwrap_or(ctx).min(ctx.max(1))
     }
 }
@@ -173,6 +290,7 @@ pub fn router(state: Arc<EngineState>, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(completions::completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/info", get(info))
@@ -200,14 +318,13 @@ async fn health(State(st): State<Arc<EngineState>>) -> Response {
         )
             .into_response();
     }
-    let Some(engine) = st.engine.get() else {
+    let Some(s) = st.stats() else {
         return (
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(json!({"status": "loading", "uptime_secs": st.started.elapsed().as_secs()})),
         )
             .into_response();
     };
-    let s = engine.stats();
     axum::Json(json!({
         "status": "ready",
         "model": st.id,
@@ -225,8 +342,26 @@ async fn health(State(st): State<Arc<EngineState>>) -> Response {
 }
 
 async fn info(State(st): State<Arc<EngineState>>) -> Response {
-    let engine = match st.engine() {
-        Ok(e) => e,
+    let engine = match st.current() {
+        Ok(Loaded::Generator(e)) => e,
+        Ok(Loaded::Embedder(e)) => {
+            let meta = e.meta();
+            return axum::Json(json!({
+                "id": st.id,
+                "name": meta.name,
+                "architecture": meta.architecture,
+                "context_length": meta.context_length,
+                "max_output_tokens": 0,
+                "vocab_size": meta.vocab_size,
+                "weights_bytes": meta.weights_bytes,
+                "capabilities": EMBED_CAPABILITIES,
+                "dimensions": meta.dimensions,
+                "pooling": meta.pooling.mode.as_str(),
+                "normalized": meta.pooling.normalize,
+                "tokenizer": st.tokenizer_path.as_ref().map(|p| p.display().to_string()),
+            }))
+            .into_response();
+        }
         Err(e) => return e.into_response(),
     };
     let meta = engine.meta();
@@ -240,7 +375,7 @@ async fn info(State(st): State<Arc<EngineState>>) -> Response {
         "weights_bytes": meta.weights_bytes,
         // Tool calls and structured outputs work on every chat model: the
         // template renders tools when it can, else the generic tool prompt.
-        "capabilities": ["chat", "completions", "tools", "structured_outputs", "logprobs"],
+        "capabilities": GENERATE_CAPABILITIES,
         "has_chat_template": meta.has_chat_template,
         "generation_defaults": meta.generation_defaults.to_json(),
         "tokenizer": st.tokenizer_path.as_ref().map(|p| p.display().to_string()),
@@ -249,13 +384,18 @@ async fn info(State(st): State<Arc<EngineState>>) -> Response {
 }
 
 async fn tokenizer(State(st): State<Arc<EngineState>>) -> Response {
-    let engine = match st.engine() {
-        Ok(e) => e,
+    let loaded = match st.current() {
+        Ok(l) => l,
         Err(e) => return e.into_response(),
     };
     let body = st
         .tokenizer_json
-        .get_or_init(|| Bytes::from(engine.tokenizer_json()))
+        .get_or_init(|| {
+            Bytes::from(match loaded {
+                Loaded::Generator(e) => e.tokenizer_json(),
+                Loaded::Embedder(e) => e.tokenizer_json(),
+            })
+        })
         .clone();
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
@@ -265,13 +405,11 @@ async fn tokenizer(State(st): State<Arc<EngineState>>) -> Response {
 }
 
 async fn models(State(st): State<Arc<EngineState>>) -> Response {
-    let (status, ctx, defaults) = match st.engine.get() {
-        Some(e) => (
-            "loaded",
-            Some(e.meta().context_length),
-            Some(e.meta().generation_defaults.to_json()),
-        ),
-        None => ("loading", None, None),
+    let ctx = st.context_length();
+    let status = if ctx.is_some() { "loaded" } else { "loading" };
+    let defaults = match st.engine.get() {
+        Some(Loaded::Generator(e)) => Some(e.meta().generation_defaults.to_json()),
+        _ => None,
     };
     axum::Json(json!({
         "object": "list",
@@ -280,6 +418,7 @@ async fn models(State(st): State<Arc<EngineState>>) -> Response {
             "context_length": ctx, "max_model_len": ctx,
             "max_output_tokens": ctx.map(|_| st.default_max_output()),
             "status": status,
+            "capabilities": st.capabilities(),
             "generation_defaults": defaults,
         }],
     }))
@@ -310,9 +449,12 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let embedding = helexa_engine::is_embedding_model(&args.model);
     let state = Arc::new(EngineState {
         id: id.clone(),
+        embedding,
         engine: OnceLock::new(),
+        max_inputs: args.max_inputs.max(1),
         tokenizer_json: OnceLock::new(),
         tokenizer_path: args.tokenizer.clone(),
         max_output: args.max_output,
@@ -354,22 +496,34 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
         }
     });
 
-    let cfg = EngineConfig {
-        model_path: args.model.clone(),
-        tokenizer_path: args.tokenizer.clone(),
-        chat_template,
-        device,
-        max_context: args.max_context,
-        max_batch: args.max_batch.max(1),
-        threads: args.threads,
-        prefix_cache_bytes: args.prefix_cache_mb.saturating_mul(1 << 20),
+    let loading = if embedding {
+        let cfg = EmbedConfig {
+            model_path: args.model.clone(),
+            tokenizer_path: args.tokenizer.clone(),
+            device,
+            max_context: args.max_context,
+            max_batch_tokens: args.max_batch_tokens.max(1),
+            threads: args.threads,
+        };
+        tokio::task::spawn_blocking(move || Embedder::load(cfg).map(Loaded::Embedder))
+    } else {
+        let cfg = EngineConfig {
+            model_path: args.model.clone(),
+            tokenizer_path: args.tokenizer.clone(),
+            chat_template,
+            device,
+            max_context: args.max_context,
+            max_batch: args.max_batch.max(1),
+            threads: args.threads,
+            prefix_cache_bytes: args.prefix_cache_mb.saturating_mul(1 << 20),
+        };
+        tokio::task::spawn_blocking(move || Engine::load(cfg).map(Loaded::Generator))
     };
-    let loading = tokio::task::spawn_blocking(move || Engine::load(cfg));
     tokio::select! {
         loaded = loading => {
-            let engine = loaded??;
-            tracing::info!(model = %id, context = engine.meta().context_length, "engine ready");
-            let _ = state.engine.set(engine);
+            let loaded = loaded??;
+            let _ = state.engine.set(loaded);
+            tracing::info!(model = %id, context = state.context_length(), embedding, "engine ready");
         }
         _ = &mut stop => {
             tracing::info!(model = %id, "signal while loading: exiting");
@@ -385,8 +539,10 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
     if tokio::time::timeout(drain, server).await.is_err() {
         tracing::warn!(model = %id, "drain timeout: ending running answers");
     }
-    if let Some(engine) = state.engine.get() {
-        engine.shutdown();
+    match state.engine.get() {
+        Some(Loaded::Generator(e)) => e.shutdown(),
+        Some(Loaded::Embedder(e)) => e.shutdown(),
+        None => {}
     }
     Ok(())
 }

@@ -114,6 +114,11 @@ pub fn command_line(config: &Config, spec: &ModelSpec) -> (PathBuf, Vec<OsString
         spec.prefix_cache_mb.map(|v| v.to_string()),
     );
     opt(
+        "--max-batch-tokens",
+        spec.max_batch_tokens.map(|v| v.to_string()),
+    );
+    opt("--max-inputs", spec.max_inputs.map(|v| v.to_string()));
+    opt(
         "--tokenizer",
         spec.tokenizer.as_ref().map(|p| p.display().to_string()),
     );
@@ -446,6 +451,8 @@ mod tests {
         let mut spec = ModelSpec::new("m", "/models/m.gguf");
         spec.max_context = Some(4096);
         spec.threads = Some(3);
+        spec.max_batch_tokens = Some(4096);
+        spec.max_inputs = Some(64);
         spec.device = Some("cuda:1".into());
         spec.extra_args = vec!["--keep-alive-secs".into(), "2".into()];
         let (program, args) = command_line(&config, &spec);
@@ -453,7 +460,7 @@ mod tests {
         let args: Vec<String> = args.into_iter().map(|a| a.into_string().unwrap()).collect();
         assert_eq!(
             args.join(" "),
-            "engine --model /models/m.gguf --id m --listen 127.0.0.1:0 --max-context 4096 --threads 3 --device cuda:1 --keep-alive-secs 2"
+            "engine --model /models/m.gguf --id m --listen 127.0.0.1:0 --max-context 4096 --threads 3 --max-batch-tokens 4096 --max-inputs 64 --device cuda:1 --keep-alive-secs 2"
         );
     }
 

@@ -62,7 +62,7 @@ pub(crate) fn chat_template(v: Option<&serde_json::Value>) -> Option<String> {
     }
 }
 
-fn device(spec: DeviceSpec) -> Result<(Device, DType), String> {
+pub(crate) fn device(spec: DeviceSpec) -> Result<(Device, DType), String> {
     match spec {
         DeviceSpec::Cpu => Ok((Device::Cpu, DType::F32)),
         #[cfg(feature = "cuda")]
