@@ -80,10 +80,11 @@ impl Route {
     /// this route; `None`: not checked.
     fn capability(self) -> Option<&'static str> {
         match self {
-            Route::Chat => Some("chat"),
+            // Responses and Messages are translated to chat completions.
+            Route::Chat | Route::Responses | Route::Messages => Some("chat"),
             Route::Completions => Some("completions"),
             Route::Embeddings => Some("embeddings"),
-            Route::Responses => None,
+            Route::CountTokens => None,
         }
     }
 }

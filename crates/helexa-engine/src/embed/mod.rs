@@ -349,6 +349,7 @@ impl Embedder {
             prompt_tokens_total: s.prompt_tokens_total.load(Ordering::Relaxed),
             tok_s_prefill: f64::from_bits(s.tok_s.load(Ordering::Relaxed)),
             tok_s_decode: 0.0,
+            ..EngineStats::default()
         }
     }
 
