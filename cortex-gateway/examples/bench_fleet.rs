@@ -179,6 +179,23 @@ fn main() {
             routing.push(t.elapsed().as_nanos() as u64);
             replicas += black_box(ranked).len();
         }
+        // The same decision by scanning every node (how `rank` found
+        // replicas before the per-model index), for comparison.
+        let mut scanning = Vec::with_capacity(a.decisions);
+        for j in 0..a.decisions {
+            let model = &models[j % models.len()];
+            let t = Instant::now();
+            let snap = gw.fleet.snapshot();
+            let found: Vec<usize> = snap
+                .nodes
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| v.serves(model))
+                .map(|(i, _)| i)
+                .collect();
+            scanning.push(t.elapsed().as_nanos() as u64);
+            black_box(found);
+        }
         let policy = gw.policy();
         let placements = (a.decisions / 20).max(1000);
         let mut placing = Vec::with_capacity(placements);
@@ -198,10 +215,12 @@ fn main() {
         let rss_all = rss_mb();
         let (r50, r99, rmax) = percentiles(routing);
         let (p50, p99, pmax) = percentiles(placing);
+        let (s50, s99, _) = percentiles(scanning);
         println!("fleet: {} nodes x {} models, {} loaded per node ({:.1} replicas per model on average)",
             a.nodes, a.models, a.loaded_per_node, replicas as f64 / a.decisions as f64);
         println!("routing decision  (snapshot + rank), {} decisions: p50 {r50:.2} us  p99 {r99:.2} us  max {rmax:.1} us",
             a.decisions);
+        println!("  (finding the replicas by scanning every node instead: p50 {s50:.2} us  p99 {s99:.2} us, before any scoring)");
         println!("placement decision (snapshot + plan), {placements} decisions ({fits} fit, {evicts} evict, {none} no room): p50 {p50:.1} us  p99 {p99:.1} us  max {pmax:.1} us");
         println!("poll round over {} neurons (/health + /models each): {per_round_cpu:.1} ms CPU, {per_round_wall:.1} ms wall (mean of {} rounds; at poll.interval_ms = 1000 that is {:.1}% of one core)",
             a.nodes, a.rounds, per_round_cpu / 10.0);
