@@ -84,3 +84,42 @@ async fn load_over_budget_is_507_before_anything_starts() {
     let (_, h) = get(&agent, "/health").await;
     assert_eq!(h["memory_mb"], json!({"budget": 10, "used": 0, "free": 10}));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_loads_cannot_share_the_last_free_memory() {
+    let fx = Fixture::new();
+    let mut specs = Vec::new();
+    for id in ["big1", "big2"] {
+        let path = fx.dir.path().join(format!("{id}.gguf"));
+        synthetic_gguf(&path, 8);
+        let mut spec = neuron_agent::config::ModelSpec::new(id, &path);
+        spec.max_context = Some(1024);
+        spec.max_batch = Some(1);
+        specs.push(spec);
+    }
+    let mut cfg = config(specs);
+    // Room for one 9 MiB estimate, not two.
+    cfg.memory_budget_mb = Some(12);
+    let agent = start(cfg).await;
+    let (a, b) = tokio::join!(
+        post(&agent, "/models/load", json!({"model": "big1"})),
+        post(&agent, "/models/load", json!({"model": "big2"}))
+    );
+    let mut statuses = [a.status().as_u16(), b.status().as_u16()];
+    statuses.sort();
+    assert_eq!(statuses, [200, 507]);
+    // Loaded, the model takes the engine's real weights (the fake engine
+    // reports 3 MiB) plus its 1 MiB KV cache, not the 9 MiB estimate.
+    let (_, h) = get(&agent, "/health").await;
+    assert_eq!(h["memory_mb"], json!({"budget": 12, "used": 4, "free": 8}));
+    let (_, models) = get(&agent, "/models").await;
+    assert_eq!(models[0]["memory_mb"], 4, "{models}");
+    let (_, d) = get(&agent, "/discovery").await;
+    let loaded = d["catalogue"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["loaded"] == true)
+        .unwrap();
+    assert_eq!(loaded["memory_mb"], 4, "{d}");
+}
