@@ -259,6 +259,11 @@ impl NodeView {
                 .is_some_and(|h| h.status == ModelStatus::Loading)
     }
 
+    /// Whether this node takes loads at all (healthy, not draining).
+    pub fn accepts_loads(&self) -> bool {
+        self.healthy && self.status != Some(NodeStatus::Draining)
+    }
+
     /// Whether this node could load `model` (its catalogue lists it).
     pub fn can_load(&self, model: &str) -> bool {
         self.healthy
@@ -278,19 +283,39 @@ pub struct Snapshot {
     /// Built once per snapshot so that routing looks at a model's replicas
     /// only, not at every node of a large fleet.
     serving: HashMap<String, Vec<usize>>,
+    /// Per model: the nodes whose last `/discovery` lists it, with their
+    /// estimate of its need (MiB), ascending by node; placement's index.
+    catalogued: HashMap<String, Vec<(usize, u64)>>,
 }
 
 impl Snapshot {
     pub fn new(nodes: Vec<NodeView>) -> Self {
         let mut serving: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut catalogued: HashMap<String, Vec<(usize, u64)>> = HashMap::new();
         for (i, v) in nodes.iter().enumerate() {
             for id in v.models.keys() {
                 if v.serves(id) {
                     serving.entry(id.clone()).or_default().push(i);
                 }
             }
+            for c in v.discovery.iter().flat_map(|d| &d.catalogue) {
+                catalogued
+                    .entry(c.id.clone())
+                    .or_default()
+                    .push((i, c.memory_mb));
+            }
         }
-        Snapshot { nodes, serving }
+        Snapshot {
+            nodes,
+            serving,
+            catalogued,
+        }
+    }
+
+    /// The nodes whose catalogue lists `model` (healthy or not), each with
+    /// its estimate of the model's need.
+    pub fn catalogued(&self, model: &str) -> &[(usize, u64)] {
+        self.catalogued.get(model).map_or(&[], Vec::as_slice)
     }
 
     /// The nodes serving `model` now.

@@ -72,20 +72,22 @@ pub fn plan(
     let name = |i: usize| fleet.neurons[i].name.as_str();
     let reserved = |i: usize| scope.reserved.and_then(|r| r.get(&i)).copied().unwrap_or(0);
     let options: Vec<Site> = snap
-        .nodes
+        .catalogued(model)
         .iter()
-        .enumerate()
-        .filter(|(i, v)| {
-            scope.only.is_none_or(|o| o == *i)
-                && v.can_load(model)
-                && mp.allows_node(name(*i))
+        .filter(|&&(i, _)| {
+            let v = &snap.nodes[i];
+            scope.only.is_none_or(|o| o == i)
+                && v.accepts_loads()
+                && mp.allows_node(name(i))
                 && !v.models.contains_key(model)
                 && !v.load.contains_key(model)
         })
-        .map(|(i, v)| Site {
+        .map(|&(i, need)| Site {
             node: i,
-            need: v.need_mb(model),
-            free: v.memory.map(|m| m.free.saturating_sub(reserved(i))),
+            need,
+            free: snap.nodes[i]
+                .memory
+                .map(|m| m.free.saturating_sub(reserved(i))),
         })
         .collect();
     if options.is_empty() {
