@@ -90,14 +90,15 @@ pub async fn list_models(
         capabilities: Some(m.capabilities.iter().cloned().collect()),
     };
     let mut data: Vec<ModelObject> = merged.iter().map(|(id, m)| object(id, m)).collect();
-    for (alias, target) in &gw.config.aliases {
+    let policy = gw.policy();
+    for (alias, target) in &policy.aliases {
         if let Some(m) = merged.get(target) {
             data.push(object(alias, m));
         }
     }
     // A key limited to some models sees only those (by id or alias).
     if let Some(axum::Extension(Caller(key))) = caller {
-        data.retain(|m| match gw.config.aliases.get(&m.id) {
+        data.retain(|m| match policy.aliases.get(&m.id) {
             Some(target) => key.allows(&m.id, target),
             None => key.may_list(&m.id),
         });

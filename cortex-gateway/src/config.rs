@@ -23,6 +23,10 @@ pub struct Config {
     pub aliases: BTreeMap<String, String>,
     /// Client API keys and their limits (docs/protocol.md §7).
     pub keys: Vec<KeyConfig>,
+    /// Per-model fleet policy (docs/protocol.md §6); a model without an
+    /// entry gets `ModelPolicy::default()`.
+    pub models: Vec<ModelPolicy>,
+    pub admin: AdminConfig,
 }
 
 impl Default for Config {
@@ -40,6 +44,8 @@ impl Default for Config {
             auth: AuthConfig::default(),
             aliases: BTreeMap::new(),
             keys: Vec::new(),
+            models: Vec::new(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -182,6 +188,13 @@ pub struct LoadingConfig {
     pub timeout_ms: u64,
     /// SSE keep-alive comment interval for held streaming requests.
     pub keepalive_interval_ms: u64,
+    /// Requests held for one model's load at once; beyond it `503
+    /// model_loading` at once.
+    pub max_waiters: usize,
+    /// How long cortex waits for a neuron to answer `POST /models/load` or
+    /// `/models/unload` (a held request gives up after `timeout_ms`, the
+    /// load itself goes on until this).
+    pub load_timeout_ms: u64,
 }
 
 impl Default for LoadingConfig {
@@ -190,8 +203,61 @@ impl Default for LoadingConfig {
             enabled: true,
             timeout_ms: 600_000,
             keepalive_interval_ms: 5_000,
+            max_waiters: 1024,
+            load_timeout_ms: 900_000,
         }
     }
+}
+
+/// One `[[models]]` entry: how the fleet keeps a model (docs/protocol.md §6).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelPolicy {
+    pub id: String,
+    /// More client-facing names for it (beside the `[aliases]` table).
+    pub aliases: Vec<String>,
+    /// A load may evict models of equal or lower priority only.
+    pub residency_priority: i32,
+    /// Replicas kept loaded: loaded at start-up and whenever a node returns.
+    pub min_replicas: u32,
+    /// Autoscale ceiling.
+    pub max_replicas: u32,
+    /// Node names it may be loaded on; empty = any.
+    pub pinned_on: Vec<String>,
+    /// Replicas above `min_replicas` unused this long are unloaded; 0 = never.
+    pub idle_unload_secs: u64,
+    /// Every replica queued this long gets the model one more replica.
+    pub scale_up_after_secs: u64,
+}
+
+impl Default for ModelPolicy {
+    fn default() -> Self {
+        ModelPolicy {
+            id: String::new(),
+            aliases: Vec::new(),
+            residency_priority: 0,
+            min_replicas: 0,
+            max_replicas: 1,
+            pinned_on: Vec::new(),
+            idle_unload_secs: 0,
+            scale_up_after_secs: 10,
+        }
+    }
+}
+
+impl ModelPolicy {
+    /// Whether it may be loaded on the node called `node`.
+    pub fn allows_node(&self, node: &str) -> bool {
+        self.pinned_on.is_empty() || self.pinned_on.iter().any(|n| n == node)
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Enables `/admin/*` on the API listener; callers send
+    /// `Authorization: Bearer <token>`. Unset = no admin API.
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -300,6 +366,41 @@ impl Config {
                 "prevalidation.chars_per_token".into(),
                 "must be above 0".into(),
             ));
+        }
+        if self.loading.max_waiters == 0 {
+            return Err(("loading.max_waiters".into(), "must be at least 1".into()));
+        }
+        let mut ids = std::collections::HashSet::new();
+        for m in &self.models {
+            if m.id.trim().is_empty() {
+                return Err((
+                    "models.id".into(),
+                    "every [[models]] entry needs an id".into(),
+                ));
+            }
+            if !ids.insert(m.id.as_str()) {
+                return Err(("models.id".into(), format!("duplicate model id `{}`", m.id)));
+            }
+            if m.max_replicas == 0 || m.max_replicas < m.min_replicas {
+                return Err((
+                    "models.max_replicas".into(),
+                    format!(
+                        "`{}`: max_replicas ({}) must be at least 1 and at least min_replicas ({})",
+                        m.id, m.max_replicas, m.min_replicas
+                    ),
+                ));
+            }
+            for a in &m.aliases {
+                if let Some(other) = self.aliases.get(a).filter(|t| *t != &m.id) {
+                    return Err((
+                        "models.aliases".into(),
+                        format!(
+                            "alias `{a}` names `{}` here and `{other}` in [aliases]",
+                            m.id
+                        ),
+                    ));
+                }
+            }
         }
         let mut names = std::collections::HashSet::new();
         for n in &self.neurons {

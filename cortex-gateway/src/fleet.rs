@@ -6,7 +6,7 @@
 
 use helexa_protocol::{Discovery, ModelHealth, ModelInfo, NodeStatus};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 /// cortex's own state for one model on one neuron, kept across snapshots:
@@ -19,6 +19,22 @@ pub struct Replica {
     /// `GET /models/{id}/endpoint`'s answer, trailing `/` trimmed.
     endpoint: Mutex<Option<Arc<str>>>,
     series: OnceLock<Series>,
+    /// [`now_ms`] when a request last went here (or the replica appeared):
+    /// the LRU order of eviction and the idle clock of autoscaling.
+    last_used_ms: AtomicU64,
+    /// [`now_ms`] since which every poll saw queued work here; 0 = none.
+    queued_since_ms: AtomicU64,
+}
+
+/// Milliseconds since this process first asked, never 0 (0 means "never"
+/// in the replica clocks).
+pub fn now_ms() -> u64 {
+    static START: OnceLock<std::time::Instant> = OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        + 1
 }
 
 /// The labelled series a replica's requests update most.
@@ -39,6 +55,34 @@ impl Replica {
             in_flight: AtomicU32::new(0),
             endpoint: Mutex::new(None),
             series: OnceLock::new(),
+            last_used_ms: AtomicU64::new(now_ms()),
+            queued_since_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Marks the replica used now.
+    pub fn touch(&self) {
+        self.last_used_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn last_used_ms(&self) -> u64 {
+        self.last_used_ms.load(Ordering::Relaxed)
+    }
+
+    /// Records whether the last poll saw queued work here.
+    pub fn note_queue(&self, queued: bool) {
+        if !queued {
+            self.queued_since_ms.store(0, Ordering::Relaxed);
+        } else if self.queued_since_ms.load(Ordering::Relaxed) == 0 {
+            self.queued_since_ms.store(now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// How long work has been queued here without a break, ms; 0 = none now.
+    pub fn queued_for_ms(&self) -> u64 {
+        match self.queued_since_ms.load(Ordering::Relaxed) {
+            0 => 0,
+            since => now_ms().saturating_sub(since),
         }
     }
 
@@ -164,6 +208,8 @@ pub struct NodeView {
     pub load: HashMap<String, ModelHealth>,
     /// Polls since `/discovery` was last read.
     pub polls_since_discovery: u32,
+    /// `/health` `memory_mb`; `None` from neurons that do not report it.
+    pub memory: Option<helexa_protocol::MemoryBudget>,
 }
 
 impl NodeView {
@@ -184,6 +230,40 @@ impl NodeView {
         info.status == ModelStatus::Loaded && status == ModelStatus::Loaded
     }
 
+    /// The node's estimate of what `model` needs, MiB; 0 = unknown.
+    pub fn need_mb(&self, model: &str) -> u64 {
+        self.discovery
+            .as_ref()
+            .and_then(|d| d.catalogue.iter().find(|c| c.id == model))
+            .map_or(0, |c| c.memory_mb)
+    }
+
+    /// What loaded `model` takes here, MiB: its `/models` figure, else the
+    /// catalogue's.
+    pub fn taken_mb(&self, model: &str) -> u64 {
+        match self.models.get(model).map_or(0, |m| m.memory_mb) {
+            0 => self.need_mb(model),
+            n => n,
+        }
+    }
+
+    /// Whether `model` is loading here now.
+    pub fn loading(&self, model: &str) -> bool {
+        use helexa_protocol::ModelStatus;
+        self.models
+            .get(model)
+            .is_some_and(|m| m.status == ModelStatus::Loading)
+            || self
+                .load
+                .get(model)
+                .is_some_and(|h| h.status == ModelStatus::Loading)
+    }
+
+    /// Whether this node takes loads at all (healthy, not draining).
+    pub fn accepts_loads(&self) -> bool {
+        self.healthy && self.status != Some(NodeStatus::Draining)
+    }
+
     /// Whether this node could load `model` (its catalogue lists it).
     pub fn can_load(&self, model: &str) -> bool {
         self.healthy
@@ -199,9 +279,50 @@ impl NodeView {
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub nodes: Vec<NodeView>,
+    /// Per model: the indexes of the nodes that serve it now, ascending.
+    /// Built once per snapshot so that routing looks at a model's replicas
+    /// only, not at every node of a large fleet.
+    serving: HashMap<String, Vec<usize>>,
+    /// Per model: the nodes whose last `/discovery` lists it, with their
+    /// estimate of its need (MiB), ascending by node; placement's index.
+    catalogued: HashMap<String, Vec<(usize, u64)>>,
 }
 
 impl Snapshot {
+    pub fn new(nodes: Vec<NodeView>) -> Self {
+        let mut serving: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut catalogued: HashMap<String, Vec<(usize, u64)>> = HashMap::new();
+        for (i, v) in nodes.iter().enumerate() {
+            for id in v.models.keys() {
+                if v.serves(id) {
+                    serving.entry(id.clone()).or_default().push(i);
+                }
+            }
+            for c in v.discovery.iter().flat_map(|d| &d.catalogue) {
+                catalogued
+                    .entry(c.id.clone())
+                    .or_default()
+                    .push((i, c.memory_mb));
+            }
+        }
+        Snapshot {
+            nodes,
+            serving,
+            catalogued,
+        }
+    }
+
+    /// The nodes whose catalogue lists `model` (healthy or not), each with
+    /// its estimate of the model's need.
+    pub fn catalogued(&self, model: &str) -> &[(usize, u64)] {
+        self.catalogued.get(model).map_or(&[], Vec::as_slice)
+    }
+
+    /// The nodes serving `model` now.
+    pub fn serving(&self, model: &str) -> &[usize] {
+        self.serving.get(model).map_or(&[], Vec::as_slice)
+    }
+
     pub fn any_healthy(&self) -> bool {
         self.nodes.iter().any(|n| n.healthy)
     }
@@ -219,9 +340,7 @@ impl Fleet {
         let n = neurons.len();
         Fleet {
             neurons: neurons.into_iter().map(Arc::new).collect(),
-            snapshot: RwLock::new(Arc::new(Snapshot {
-                nodes: vec![NodeView::default(); n],
-            })),
+            snapshot: RwLock::new(Arc::new(Snapshot::new(vec![NodeView::default(); n]))),
         }
     }
 
@@ -232,7 +351,9 @@ impl Fleet {
             .clone()
     }
 
-    pub fn store(&self, snap: Snapshot) {
-        *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(snap);
+    /// Puts in a snapshot made of `nodes` (and its replica index).
+    pub fn store(&self, nodes: Vec<NodeView>) {
+        let snap = Arc::new(Snapshot::new(nodes));
+        *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = snap;
     }
 }

@@ -426,7 +426,8 @@ async fn serve_as(
     if head.model.is_empty() {
         return ctx.reject(ApiError::missing_model());
     }
-    let resolved = router::resolve_alias(&ctx.gw.config.aliases, &head.model);
+    let policy = ctx.gw.policy();
+    let resolved = router::resolve_alias(&policy.aliases, &head.model);
     if let Some(key) = &ctx.key {
         if !key.allows(&head.model, resolved) {
             ctx.model = resolved.to_string();
@@ -703,6 +704,8 @@ impl Ctx {
             }
             let neuron = &gw.fleet.neurons[c.node];
             let in_flight = InFlight::new(neuron.replica(&self.model));
+            // The LRU clock of eviction and the idle clock of autoscaling.
+            in_flight.replica().touch();
             let outcome = proxy::attempt(
                 gw,
                 c.node,
@@ -886,7 +889,7 @@ async fn load_on_main(ctx: &Ctx) -> Result<usize, ApiError> {
     let gw = ctx.gw.clone();
     let model = ctx.model.clone();
     ctx.gw
-        .on_main(async move { gw.loader.load(&gw, &model).await })
+        .on_main(async move { gw.loader.hold(&gw, &model).await })
         .await
 }
 

@@ -3,8 +3,10 @@
 //! `server::start` builds exactly what the `cortex` binary runs, so tests
 //! drive the real thing in-process on `127.0.0.1:0`.
 
+pub mod admin;
 pub mod advice;
 pub mod api;
+pub mod autoscale;
 pub mod config;
 pub mod fleet;
 pub mod front;
@@ -13,6 +15,8 @@ pub mod inference;
 pub mod keys;
 pub mod loader;
 pub mod metrics;
+pub mod placement;
+pub mod policy;
 pub mod poller;
 pub mod prevalidate;
 pub mod proxy;

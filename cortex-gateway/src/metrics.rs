@@ -43,7 +43,20 @@ pub struct Metrics {
     pub key_rejections: IntCounterVec,
     /// `cortex_build_info{version,git_sha}` = 1.
     pub build_info: IntGaugeVec,
+    /// `cortex_cold_starts_total{model}`: loads a request waited for (its
+    /// model had no loaded replica).
+    pub cold_starts: IntCounterVec,
+    /// `cortex_evictions_total{model,node}`: models unloaded to make room.
+    pub evictions: IntCounterVec,
+    /// `cortex_model_load_seconds`: how long loads cortex asked for took.
+    pub model_load_seconds: prometheus::Histogram,
+    /// `cortex_replicas{model}`: loaded replicas on healthy neurons.
+    pub replicas: IntGaugeVec,
 }
+
+const LOAD_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -152,6 +165,35 @@ impl Metrics {
             &["version", "git_sha"],
         )
         .expect("metric");
+        let cold_starts = IntCounterVec::new(
+            Opts::new(
+                "cortex_cold_starts_total",
+                "Loads that requests waited for because their model had no loaded replica",
+            ),
+            &["model"],
+        )
+        .expect("metric");
+        let evictions = IntCounterVec::new(
+            Opts::new(
+                "cortex_evictions_total",
+                "Models unloaded from a node to make room for another",
+            ),
+            &["model", "node"],
+        )
+        .expect("metric");
+        let model_load_seconds = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "cortex_model_load_seconds",
+                "Time from asking a neuron to load a model to its answer (successful loads)",
+            )
+            .buckets(LOAD_BUCKETS.to_vec()),
+        )
+        .expect("metric");
+        let replicas = IntGaugeVec::new(
+            Opts::new("cortex_replicas", "Loaded replicas on healthy neurons"),
+            &["model"],
+        )
+        .expect("metric");
         let v = crate::version::info();
         build_info
             .with_label_values(&[v.version.as_str(), v.git_sha.as_str()])
@@ -171,6 +213,10 @@ impl Metrics {
             Box::new(model_in_flight.clone()),
             Box::new(model_queue_depth.clone()),
             Box::new(model_loads.clone()),
+            Box::new(cold_starts.clone()),
+            Box::new(evictions.clone()),
+            Box::new(model_load_seconds.clone()),
+            Box::new(replicas.clone()),
         ] {
             registry.register(c).expect("unique metric");
         }
@@ -192,6 +238,10 @@ impl Metrics {
             connections_closed,
             key_rejections,
             build_info,
+            cold_starts,
+            evictions,
+            model_load_seconds,
+            replicas,
         }
     }
 

@@ -65,15 +65,16 @@ pub fn mark_hung(gw: &Arc<Gateway>, idx: usize) {
 
 fn store(gw: &Arc<Gateway>, edit: impl FnOnce(&mut Vec<NodeView>)) {
     let prev = gw.fleet.snapshot();
-    let mut snap = (*prev).clone();
-    edit(&mut snap.nodes);
+    let mut nodes = prev.nodes.clone();
+    edit(&mut nodes);
     let m = &gw.metrics;
     let mut before: HashSet<String> = HashSet::new();
     for n in &prev.nodes {
         before.extend(n.models.keys().cloned());
     }
     let mut after: HashSet<String> = HashSet::new();
-    for (i, view) in snap.nodes.iter().enumerate() {
+    let mut replicas: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+    for (i, view) in nodes.iter().enumerate() {
         let neuron = &gw.fleet.neurons[i];
         m.neuron_up
             .with_label_values(&[neuron.name.as_str()])
@@ -98,6 +99,26 @@ fn store(gw: &Arc<Gateway>, edit: impl FnOnce(&mut Vec<NodeView>)) {
             }
         }
         after.extend(view.models.keys().cloned());
+        // The replica clocks of docs/protocol.md §6: a model that appeared
+        // here starts its idle clock now; queued work starts the scale-up one.
+        for id in view.models.keys() {
+            if view.serves(id) {
+                *replicas.entry(id.as_str()).or_default() += 1;
+            }
+            if !prev.nodes[i].models.contains_key(id) {
+                neuron.replica(id).touch();
+            }
+        }
+        for (id, h) in &view.load {
+            if view.models.contains_key(id) {
+                neuron.replica(id).note_queue(h.queue_depth > 0);
+            }
+        }
+    }
+    for id in before.iter().chain(after.iter()) {
+        m.replicas
+            .with_label_values(&[id.as_str()])
+            .set(replicas.get(id.as_str()).copied().unwrap_or(0));
     }
     // Models that vanished from the whole fleet lose their cached tokenizer;
     // new ones get theirs fetched in the background.
@@ -105,7 +126,7 @@ fn store(gw: &Arc<Gateway>, edit: impl FnOnce(&mut Vec<NodeView>)) {
         gw.tokenizers.forget(gone);
     }
     let new: Vec<String> = after.difference(&before).cloned().collect();
-    gw.fleet.store(snap);
+    gw.fleet.store(nodes);
     // After the store, so the fetch finds the neuron that reported the model.
     if gw.config.prevalidation.enabled && gw.config.prevalidation.fetch_tokenizer {
         for id in new {
@@ -168,6 +189,7 @@ async fn poll_node(gw: &Gateway, idx: usize, prev: NodeView) -> NodeView {
                 status: Some(health.status),
                 discovery,
                 models: models.into_iter().map(|m| (m.id.clone(), m)).collect(),
+                memory: health.memory_mb,
                 load: health
                     .models
                     .into_iter()

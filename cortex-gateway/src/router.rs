@@ -18,11 +18,10 @@ pub struct Candidate {
 /// Loaded replicas of `model` on healthy neurons, best first.
 pub fn rank(fleet: &Fleet, snap: &Snapshot, model: &str) -> Vec<Candidate> {
     let mut out: Vec<Candidate> = snap
-        .nodes
+        .serving(model)
         .iter()
-        .enumerate()
-        .filter(|(_, view)| view.serves(model))
-        .map(|(i, view)| {
+        .map(|&i| {
+            let view = &snap.nodes[i];
             let local = fleet.neurons[i].local_in_flight(model) as u64;
             let (polled, queue) = view
                 .load
@@ -48,32 +47,6 @@ pub fn resolve_alias<'a>(aliases: &'a BTreeMap<String, String>, model: &'a str) 
     aliases.get(model).map(String::as_str).unwrap_or(model)
 }
 
-/// Where to load `model` when no replica is loaded: a healthy neuron whose
-/// catalogue lists it, most available memory first, then fewest loaded
-/// models, then name. `None` when no catalogue has it.
-pub fn placement(fleet: &Fleet, snap: &Snapshot, model: &str) -> Option<usize> {
-    snap.nodes
-        .iter()
-        .enumerate()
-        .filter(|(_, v)| v.can_load(model))
-        .min_by(|(ia, a), (ib, b)| {
-            let mem = |v: &crate::fleet::NodeView| {
-                let d = v.discovery.as_ref().expect("can_load implies discovery");
-                let dev: u64 = d.devices.iter().map(|x| x.memory_free_mb).sum();
-                if dev > 0 {
-                    dev
-                } else {
-                    d.memory_mb.available
-                }
-            };
-            mem(b)
-                .cmp(&mem(a))
-                .then_with(|| a.models.len().cmp(&b.models.len()))
-                .then_with(|| fleet.neurons[*ia].name.cmp(&fleet.neurons[*ib].name))
-        })
-        .map(|(i, _)| i)
-}
-
 /// Whether any node's catalogue or loaded set knows `model` at all.
 pub fn known_anywhere(snap: &Snapshot, model: &str) -> bool {
     snap.nodes.iter().any(|v| {
@@ -88,9 +61,7 @@ pub fn known_anywhere(snap: &Snapshot, model: &str) -> bool {
 mod tests {
     use super::*;
     use crate::fleet::{Neuron, NodeView};
-    use helexa_protocol::{
-        CatalogueEntry, Discovery, MemoryMb, ModelHealth, ModelInfo, NodeStatus,
-    };
+    use helexa_protocol::{ModelHealth, ModelInfo, NodeStatus};
 
     fn view(model: &str, in_flight: u32, queue: u32) -> NodeView {
         let mut v = NodeView {
@@ -124,9 +95,7 @@ mod tests {
     #[test]
     fn lowest_score_wins_ties_by_name() {
         let f = fleet(&["b", "a", "c"]);
-        let snap = Snapshot {
-            nodes: vec![view("m", 0, 0), view("m", 0, 0), view("m", 0, 1)],
-        };
+        let snap = Snapshot::new(vec![view("m", 0, 0), view("m", 0, 0), view("m", 0, 1)]);
         let r = rank(&f, &snap, "m");
         assert_eq!(r.iter().map(|c| c.node).collect::<Vec<_>>(), vec![1, 0, 2]);
     }
@@ -134,9 +103,7 @@ mod tests {
     #[test]
     fn local_count_used_when_higher_than_polled() {
         let f = fleet(&["a", "b"]);
-        let snap = Snapshot {
-            nodes: vec![view("m", 1, 0), view("m", 2, 0)],
-        };
+        let snap = Snapshot::new(vec![view("m", 1, 0), view("m", 2, 0)]);
         let r = f.neurons[0].replica("m");
         r.in_flight()
             .fetch_add(3, std::sync::atomic::Ordering::SeqCst);
@@ -151,36 +118,9 @@ mod tests {
         let f = fleet(&["a", "b", "c"]);
         let mut sick = view("m", 0, 0);
         sick.healthy = false;
-        let snap = Snapshot {
-            nodes: vec![sick, view("other", 0, 0), view("m", 5, 5)],
-        };
+        let snap = Snapshot::new(vec![sick, view("other", 0, 0), view("m", 5, 5)]);
         let r = rank(&f, &snap, "m");
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].node, 2);
-    }
-
-    #[test]
-    fn placement_prefers_free_memory() {
-        let f = fleet(&["a", "b"]);
-        let mk = |avail: u64| NodeView {
-            healthy: true,
-            discovery: Some(Discovery {
-                memory_mb: MemoryMb {
-                    total: 1,
-                    available: avail,
-                },
-                catalogue: vec![CatalogueEntry {
-                    id: "m".into(),
-                    loaded: false,
-                }],
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let snap = Snapshot {
-            nodes: vec![mk(100), mk(900)],
-        };
-        assert_eq!(placement(&f, &snap, "m"), Some(1));
-        assert_eq!(placement(&f, &snap, "zzz"), None);
     }
 }

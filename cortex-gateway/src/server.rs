@@ -65,6 +65,7 @@ pub fn app(gw: Arc<Gateway>) -> Router {
         .route("/health", get(api::health))
         .route("/ready", get(api::ready))
         .route("/version", get(api::version))
+        .merge(crate::admin::routes(&gw))
         .fallback(api::not_found)
         .method_not_allowed_fallback(api::method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -86,11 +87,11 @@ async fn client_key(State(gw): Gw, mut req: Request, next: axum::middleware::Nex
         return next.run(req).await;
     }
     let h = req.headers();
-    match gw
-        .keys
-        .get()
-        .identify(h.get(http::header::AUTHORIZATION), h.get("x-api-key"))
-    {
+    // On /admin/ with the admin API on, `Authorization` carries the admin
+    // token: the client key comes from `x-api-key` only.
+    let admin = path.starts_with("/admin/") && gw.config.admin.token.is_some();
+    let authorization = h.get(http::header::AUTHORIZATION).filter(|_| !admin);
+    match gw.keys.get().identify(authorization, h.get("x-api-key")) {
         Ok(Some(key)) => {
             let rate = key.peek_headers();
             req.extensions_mut().insert(api::Caller(key));
@@ -192,6 +193,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let gw = Arc::new(Gateway::new(config)?);
     let (tx, rx) = watch::channel(false);
     let poller = crate::poller::spawn(gw.clone());
+    let autoscaler = crate::autoscale::spawn(gw.clone());
 
     let metrics_app = Router::new()
         .route("/metrics", get(metrics_text))
@@ -241,6 +243,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             let _ = d.await;
         }
         poller.abort();
+        autoscaler.abort();
         metrics_task.abort();
     });
     tracing::info!(%addr, %metrics_addr, workers, neurons = gw.fleet.neurons.len(), "cortex listening");

@@ -38,6 +38,11 @@ pub struct Gateway {
     pub main: tokio::runtime::Handle,
     /// Exact token counts run off the API workers, this many at once.
     pub counting: tokio::sync::Semaphore,
+    /// `[[models]]` and aliases in force (replaced whole on reload).
+    policy: std::sync::RwLock<Arc<crate::policy::Policy>>,
+    /// The file reloads re-read (`SIGHUP`, `POST /admin/reload`); set by
+    /// the binary, or by a test.
+    pub config_path: std::sync::OnceLock<std::path::PathBuf>,
 }
 
 /// Why a gateway could not be built from its configuration.
@@ -66,6 +71,19 @@ pub fn keys_of(config: &Config) -> Result<Keys, BuildError> {
 }
 
 impl Gateway {
+    /// The fleet policy in force.
+    pub fn policy(&self) -> Arc<crate::policy::Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts `policy` in force (a reload).
+    pub fn set_policy(&self, policy: crate::policy::Policy) {
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+    }
+
     /// Runs `fut` on the main runtime and waits for it (from any runtime).
     pub async fn on_main<F>(&self, fut: F) -> F::Output
     where
@@ -113,6 +131,8 @@ impl Gateway {
             tokenizers: Tokenizers::default(),
             loader: Loader::default(),
             draining: AtomicBool::new(false),
+            policy: std::sync::RwLock::new(Arc::new(crate::policy::Policy::from_config(&config))),
+            config_path: std::sync::OnceLock::new(),
             config,
         })
     }

@@ -51,18 +51,22 @@ async fn unloaded_model_is_loaded_once_and_served() {
 }
 
 #[tokio::test]
-async fn load_goes_to_the_neuron_with_most_free_memory() {
+async fn load_goes_to_the_best_fit_neuron() {
+    // docs/protocol.md §6: the node left with the least free memory after
+    // the load, among those where it fits.
     let a = MockNeuron::start("a", vec![MockModel::available("m", 0)]).await;
     let b = MockNeuron::start("b", vec![MockModel::available("m", 0)]).await;
-    a.set(|bh| bh.memory_available_mb = 1000);
-    b.set(|bh| bh.memory_available_mb = 9000);
+    a.set(|bh| bh.memory_budget_mb = Some(9000));
+    b.set(|bh| bh.memory_budget_mb = Some(1000));
     let h = start(config(&[("node-a", &a), ("node-b", &b)])).await;
-    wait_until("catalogue seen", 20, || async {
-        h.models().await["data"]
-            .as_array()
-            .unwrap()
+    wait_until("memory polled", 20, || async {
+        h.cortex
+            .gateway
+            .fleet
+            .snapshot()
+            .nodes
             .iter()
-            .any(|m| m["id"] == "m")
+            .all(|v| v.memory.is_some() && v.discovery.is_some())
     })
     .await;
     let resp = h.chat("m", false).await;

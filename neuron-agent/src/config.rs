@@ -97,6 +97,12 @@ pub struct Config {
     pub loading_retry_after_secs: u64,
     /// Log format: `text` or `json`.
     pub log_format: String,
+    /// MiB this node may give to loaded models (docs/protocol.md §6); a
+    /// load whose estimate does not fit beside the loaded ones is refused
+    /// with `507 insufficient_memory`. Unset: the free GPU memory (GPU
+    /// nodes) or available host memory (CPU nodes) at start-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_budget_mb: Option<u64>,
     pub auth: AuthConfig,
     /// The models this node can serve (its catalogue).
     pub models: Vec<ModelSpec>,
@@ -319,6 +325,7 @@ impl Default for Config {
             busy_retry_after_secs: 1,
             loading_retry_after_secs: 2,
             log_format: "text".to_string(),
+            memory_budget_mb: None,
             auth: AuthConfig::default(),
             models: vec![ModelSpec::default_model()],
             sources: vec![SourceConfig::huggingface()],

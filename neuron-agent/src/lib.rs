@@ -14,6 +14,7 @@ pub mod discovery;
 pub mod engine_server;
 pub mod gpu;
 pub mod hub;
+pub mod memory;
 pub mod metrics;
 pub mod procfs;
 pub mod registry;

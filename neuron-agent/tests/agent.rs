@@ -66,7 +66,8 @@ async fn discovery_health_models_shapes_and_prewarming() {
     assert_eq!(d["runtimes"], json!(["candle"]));
     assert_eq!(
         d["catalogue"],
-        json!([{"id": "m1", "loaded": true}, {"id": "m2", "loaded": false}])
+        json!([{"id": "m1", "loaded": true, "memory_mb": 3},
+               {"id": "m2", "loaded": false, "memory_mb": 0}])
     );
 
     let (s, models) = get(&agent, "/models").await;

@@ -28,6 +28,9 @@ pub enum ErrorCode {
     NoCapacity,
     ShuttingDown,
     UpstreamTimeout,
+    /// `507`: the model does not fit the memory a node may give to models
+    /// (docs/protocol.md §6); permanent until something is unloaded.
+    InsufficientMemory,
     /// Not in the table: an engine-side failure after admission.
     InternalError,
 }
@@ -51,6 +54,7 @@ impl ErrorCode {
             ErrorCode::NoCapacity => "no_capacity",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::UpstreamTimeout => "upstream_timeout",
+            ErrorCode::InsufficientMemory => "insufficient_memory",
             ErrorCode::InternalError => "internal_error",
         }
     }
@@ -73,6 +77,7 @@ impl ErrorCode {
             | ErrorCode::NoCapacity
             | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorCode::InsufficientMemory => StatusCode::INSUFFICIENT_STORAGE,
             ErrorCode::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -85,6 +90,7 @@ impl ErrorCode {
             | ErrorCode::NoCapacity
             | ErrorCode::ShuttingDown
             | ErrorCode::UpstreamTimeout
+            | ErrorCode::InsufficientMemory
             | ErrorCode::InternalError => "api_error",
             _ => "invalid_request_error",
         }

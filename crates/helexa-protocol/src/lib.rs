@@ -57,6 +57,10 @@ pub struct DeviceInfo {
 pub struct CatalogueEntry {
     pub id: String,
     pub loaded: bool,
+    /// What the model needs loaded on this node, MiB (docs/protocol.md §6):
+    /// the estimate from its files (weights + KV cache at the configured
+    /// context) while unloaded, the real figure once loaded; 0 = unknown.
+    pub memory_mb: u64,
 }
 
 /// `GET /health`: how busy a node is. Polled every poll interval.
@@ -68,6 +72,32 @@ pub struct Health {
     pub activation: Activation,
     pub devices: Vec<DeviceHealth>,
     pub models: Vec<ModelHealth>,
+    /// The memory this node may give to models (docs/protocol.md §6);
+    /// absent from older neurons.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<MemoryBudget>,
+}
+
+/// `/health` `memory_mb`: `budget` is what the node may give to models,
+/// `used` what its loaded (and loading) models take, `free` the rest.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct MemoryBudget {
+    pub budget: u64,
+    pub used: u64,
+    pub free: u64,
+}
+
+impl MemoryBudget {
+    /// `used` out of `budget`, `free` saturating at 0 (an over-committed
+    /// node has no room, never negative room).
+    pub fn new(budget: u64, used: u64) -> Self {
+        MemoryBudget {
+            budget,
+            used,
+            free: budget.saturating_sub(used),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -226,6 +256,13 @@ mod tests {
         assert_eq!(h.models[0].in_flight, 2);
         assert_eq!(h.models[0].status, ModelStatus::Loaded);
         assert_eq!(h.devices[0].memory_free_mb, 80359);
+        assert_eq!(h.memory_mb, None);
+        let h: Health = serde_json::from_str(
+            r#"{"status":"ready","memory_mb":{"budget":1000,"used":400,"free":600}}"#,
+        )
+        .unwrap();
+        assert_eq!(h.memory_mb, Some(MemoryBudget::new(1000, 400)));
+        assert_eq!(MemoryBudget::new(100, 400).free, 0);
     }
 
     #[test]

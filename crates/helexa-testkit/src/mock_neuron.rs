@@ -35,6 +35,9 @@ pub struct MockModel {
     /// Reported `in_flight` is this plus the requests really open.
     pub in_flight: u32,
     pub queue_depth: u32,
+    /// What it takes loaded, MiB: `/discovery` `memory_mb` and `/models`
+    /// `memory_mb`, and what counts against `Behaviour::memory_budget_mb`.
+    pub memory_mb: u64,
 }
 
 impl MockModel {
@@ -46,7 +49,14 @@ impl MockModel {
             output: 0,
             in_flight: 0,
             queue_depth: 0,
+            memory_mb: 100,
         }
+    }
+
+    /// The same with `memory_mb` set.
+    pub fn taking(mut self, memory_mb: u64) -> Self {
+        self.memory_mb = memory_mb;
+        self
     }
 
     /// In the catalogue but not loaded.
@@ -109,8 +119,11 @@ pub struct Behaviour {
     pub load_delay: Duration,
     /// `POST /models/load` fails with 500 when true.
     pub load_fails: bool,
-    /// Reported available memory, for placement decisions.
+    /// Reported available host memory (`/discovery`).
     pub memory_available_mb: u64,
+    /// When set: `/health` reports `memory_mb` {budget, used, free} and a
+    /// load that does not fit is refused with `507 insufficient_memory`.
+    pub memory_budget_mb: Option<u64>,
     /// Keep bodies and headers of `/v1/*` requests (off for benchmarks).
     pub record: bool,
     /// Accept connections and requests but never answer any (a hung
@@ -139,6 +152,7 @@ impl Default for Behaviour {
             load_delay: Duration::from_millis(50),
             load_fails: false,
             memory_available_mb: 16_000,
+            memory_budget_mb: None,
             record: true,
             hang: false,
             tool_calls: Vec::new(),
@@ -174,6 +188,8 @@ pub struct Recorded {
     pub completed: usize,
     /// Model ids asked for by `POST /models/load`.
     pub loads: Vec<String>,
+    /// Model ids asked for by `POST /models/unload`.
+    pub unloads: Vec<String>,
     /// Requests per control path (`/health`, `/models`, ...).
     pub control: HashMap<String, usize>,
     /// `Authorization` header values seen on any route.
@@ -185,6 +201,17 @@ struct Inner {
     models: Vec<MockModel>,
     behaviour: Behaviour,
     recorded: Recorded,
+}
+
+impl Inner {
+    /// What the loaded models take, MiB.
+    fn used_mb(&self) -> u64 {
+        self.models
+            .iter()
+            .filter(|m| m.loaded)
+            .map(|m| m.memory_mb)
+            .sum()
+    }
 }
 
 struct Shared {
@@ -324,6 +351,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/health", get(health))
         .route("/models", get(models))
         .route("/models/load", post(load))
+        .route("/models/unload", post(unload))
         .route("/models/{id}/endpoint", get(endpoint))
         .route("/models/{id}/tokenizer", get(tokenizer))
         .route("/v1/chat/completions", post(chat))
@@ -363,6 +391,7 @@ async fn discovery(State(s): St, headers: HeaderMap) -> Response {
             .map(|m| CatalogueEntry {
                 id: m.id.clone(),
                 loaded: m.loaded,
+                memory_mb: m.memory_mb,
             })
             .collect(),
         ..Default::default()
@@ -398,6 +427,10 @@ async fn health(State(s): St, headers: HeaderMap) -> Response {
                 ..Default::default()
             })
             .collect(),
+        memory_mb: g
+            .behaviour
+            .memory_budget_mb
+            .map(|b| helexa_protocol::MemoryBudget::new(b, g.used_mb())),
         ..Default::default()
     };
     Json(h).into_response()
@@ -417,7 +450,7 @@ async fn models(State(s): St, headers: HeaderMap) -> Response {
             id: m.id.clone(),
             status: ModelStatus::Loaded,
             runtime: "mock".into(),
-            memory_mb: 100,
+            memory_mb: m.memory_mb,
             limit: ModelLimit {
                 context: m.context,
                 output: m.output,
@@ -470,8 +503,27 @@ async fn load(State(s): St, headers: HeaderMap, body: Bytes) -> Response {
     let (delay, fails, known) = {
         let mut g = s.lock();
         g.recorded.loads.push(req.model.clone());
-        let known = g.models.iter().any(|m| m.id == req.model);
-        (g.behaviour.load_delay, g.behaviour.load_fails, known)
+        let model = g.models.iter().find(|m| m.id == req.model).cloned();
+        if let (Some(m), Some(budget)) = (&model, g.behaviour.memory_budget_mb) {
+            let used = g.used_mb();
+            if !m.loaded && used + m.memory_mb > budget {
+                return ApiError::new(
+                    ErrorCode::InsufficientMemory,
+                    format!(
+                        "mock: `{}` needs {} MiB, {} of {budget} MiB free",
+                        m.id,
+                        m.memory_mb,
+                        budget.saturating_sub(used)
+                    ),
+                )
+                .into_response();
+            }
+        }
+        (
+            g.behaviour.load_delay,
+            g.behaviour.load_fails,
+            model.is_some(),
+        )
     };
     if !known {
         return ApiError::model_not_found(&req.model).into_response();
@@ -485,6 +537,25 @@ async fn load(State(s): St, headers: HeaderMap, body: Bytes) -> Response {
         m.loaded = true;
     }
     Json(json!({"status": "loaded"})).into_response()
+}
+
+/// `POST /models/unload`: the model stops being loaded at once (the mock
+/// has no engine to drain).
+async fn unload(State(s): St, headers: HeaderMap, body: Bytes) -> Response {
+    s.note_control("/models/unload", &headers);
+    let req: helexa_protocol::ModelRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return ApiError::new(ErrorCode::InvalidJson, e.to_string()).into_response(),
+    };
+    let mut g = s.lock();
+    g.recorded.unloads.push(req.model.clone());
+    match g.models.iter_mut().find(|m| m.id == req.model) {
+        Some(m) => {
+            m.loaded = false;
+            Json(json!({"status": "unloaded"})).into_response()
+        }
+        None => ApiError::model_not_found(&req.model).into_response(),
+    }
 }
 
 /// Counts an open `/v1/*` request; on drop records whether it finished.

@@ -28,6 +28,7 @@ pub async fn discovery(State(state): State<AppState>) -> Json<Discovery> {
         .phases()
         .into_iter()
         .map(|(id, phase)| CatalogueEntry {
+            memory_mb: state.registry.memory_mb(&id),
             id,
             loaded: matches!(phase, Phase::Loaded | Phase::Recovering),
         })
@@ -60,6 +61,7 @@ pub async fn health(State(state): State<AppState>) -> Json<Health> {
         activation,
         devices: state.figures().device_health,
         models: state.registry.model_health(),
+        memory_mb: Some(state.registry.memory()),
     })
 }
 

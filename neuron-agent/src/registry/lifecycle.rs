@@ -93,6 +93,13 @@ impl Registry {
                 return Err(LifecycleError::ShuttingDown);
             }
             let waiting_for = {
+                // Budget check and the move to `loading` under one lock
+                // (taken before the slot's: other slots are read inside).
+                let _admit = self.inner.admit.lock().expect("admit lock");
+                let phase = slot.lock().phase;
+                if matches!(phase, Phase::Unloaded | Phase::Failed) {
+                    self.check_fits(self.inner.by_id[id])?;
+                }
                 let mut st = slot.lock();
                 match st.phase {
                     Phase::Loaded | Phase::Recovering => return Ok(()),

@@ -9,6 +9,7 @@
 //! gauges), `tokenizer.rs` (the tokenizer cache). The engine processes
 //! themselves are the `supervisor`'s.
 
+mod budget;
 mod lifecycle;
 mod tokenizer;
 mod wire;
@@ -66,6 +67,13 @@ pub enum LifecycleError {
     Cancelled(String),
     #[error("the agent is shutting down")]
     ShuttingDown,
+    #[error("model `{id}` needs {need} MiB but this node has {free} MiB free of its {budget} MiB budget (memory_budget_mb)")]
+    InsufficientMemory {
+        id: String,
+        need: u64,
+        free: u64,
+        budget: u64,
+    },
 }
 
 impl From<LifecycleError> for ApiError {
@@ -81,6 +89,12 @@ impl From<LifecycleError> for ApiError {
             }
             LifecycleError::Cancelled(_) => ApiError::new(ErrorCode::ModelLoading, e.to_string()),
             LifecycleError::ShuttingDown => ApiError::new(ErrorCode::ShuttingDown, e.to_string()),
+            LifecycleError::InsufficientMemory {
+                need, free, budget, ..
+            } => ApiError::new(ErrorCode::InsufficientMemory, e.to_string())
+                .with_extra("need_mb", *need)
+                .with_extra("free_mb", *free)
+                .with_extra("budget_mb", *budget),
         }
     }
 }
@@ -126,6 +140,14 @@ pub(crate) struct Inner {
     pub(crate) shutting_down: AtomicBool,
     pub(crate) tasks: TaskTracker,
     pub(crate) activation: Mutex<Activation>,
+    /// Per slot: what its files say it needs (`memory::estimate`).
+    pub(crate) estimates: Vec<crate::memory::Estimate>,
+    /// MiB this node may give to models (`memory_budget_mb`, else what the
+    /// machine had free at start-up).
+    pub(crate) budget_mb: u64,
+    /// Held (never across I/O) while a load checks the budget and marks
+    /// its slot loading, so that two loads cannot share the last free MiB.
+    pub(crate) admit: Mutex<()>,
     /// Models being fetched from a hub source, by id (`activation.downloads`).
     pub(crate) downloads:
         Mutex<std::collections::BTreeMap<String, helexa_protocol::DownloadProgress>>,
@@ -193,8 +215,18 @@ impl Registry {
             pending: preload,
             ..Activation::default()
         };
+        let estimates = config.models.iter().map(crate::memory::estimate).collect();
+        let budget_mb = config.memory_budget_mb.unwrap_or_else(|| {
+            crate::memory::default_budget_mb(
+                &crate::discovery::devices(),
+                &crate::discovery::memory(),
+            )
+        });
         Registry {
             inner: Arc::new(Inner {
+                estimates,
+                budget_mb,
+                admit: Mutex::new(()),
                 config,
                 metrics,
                 client,

@@ -78,7 +78,7 @@ impl Registry {
     /// `/models` entries: loading, loaded and recovering models.
     pub fn model_infos(&self) -> Vec<helexa_protocol::ModelInfo> {
         let mut out = Vec::new();
-        for slot in &self.inner.slots {
+        for (i, slot) in self.inner.slots.iter().enumerate() {
             let st = slot.lock();
             let status = match st.phase {
                 Phase::Loading => ModelStatus::Loading,
@@ -92,7 +92,12 @@ impl Registry {
                 .map(|e| e.info.clone())
                 .or_else(|| st.last_info.clone())
                 .unwrap_or_default();
-            let memory_mb = if info.weights_bytes > 0 {
+            // The figure `/health` `memory_mb.used` sums (weights + KV
+            // cache) when the model has an estimate; else what is known.
+            let estimate = self.inner.estimates[i];
+            let memory_mb = if estimate.total_mb() > 0 {
+                estimate.loaded_mb(info.weights_bytes)
+            } else if info.weights_bytes > 0 {
                 info.weights_bytes.div_ceil(1024 * 1024)
             } else {
                 st.engine
