@@ -931,7 +931,7 @@ mod tests {
         let cands = (0..caps.len())
             .map(|node| Candidate { node, score: 0 })
             .collect();
-        (Snapshot { nodes }, cands)
+        (Snapshot::new(nodes), cands)
     }
 
     #[test]
