@@ -165,6 +165,15 @@ impl Hub {
         }
     }
 
+    /// The local path of `spec`'s model if the cache alone holds it.
+    pub fn cached_model(cache: &Path, spec: &ModelSpec) -> Option<PathBuf> {
+        let repo = spec.repo.as_deref()?;
+        let dir = Self::repo_dir(cache, repo);
+        cached(&dir, repo, spec.revision(), spec.quant.as_deref())
+            .ok()
+            .flatten()
+    }
+
     /// The folder of `repo` in the cache (`models--org--name`).
     pub fn repo_dir(cache: &Path, repo: &str) -> PathBuf {
         cache.join(format!("models--{}", repo.replace('/', "--")))

@@ -40,6 +40,27 @@ impl Estimate {
     }
 }
 
+/// `estimate`, and for a `repo` model already in the hub cache, the
+/// estimate of its cached files (so that its load is checked against the
+/// budget before anything starts, like a local model's).
+pub fn estimate_cached(config: &crate::config::Config, spec: &ModelSpec) -> Estimate {
+    if spec.repo.is_none() {
+        return estimate(spec);
+    }
+    match crate::hub::Hub::cached_model(&config.hub_cache_dir(), spec) {
+        Some(path) => estimate(&local(spec, path)),
+        None => Estimate::default(),
+    }
+}
+
+/// `spec` as a local model at `path` (what a resolved `repo` model is).
+pub fn local(spec: &ModelSpec, path: std::path::PathBuf) -> ModelSpec {
+    let mut s = spec.clone();
+    s.repo = None;
+    s.path = path;
+    s
+}
+
 /// The memory `spec` needs loaded; zero when its files are not on this
 /// machine yet (a `repo` model not yet fetched) or cannot be read.
 pub fn estimate(spec: &ModelSpec) -> Estimate {

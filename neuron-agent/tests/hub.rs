@@ -801,3 +801,69 @@ async fn files_fetched_by_other_tools_are_reused() {
     );
     agent.shutdown().await;
 }
+
+/// (9) The memory budget holds for a `repo` model too: unknown before its
+/// files are here, checked once they are (the load is refused with
+/// `insufficient_memory` and no engine starts), and known from the cache
+/// at the next start, so the refusal then comes before anything is fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetched_repo_model_is_checked_against_the_memory_budget() {
+    let gguf_path = std::env::var_os("HELEXA_MODEL_DIR")
+        .map(|d| PathBuf::from(d).join("SmolLM2-135M-Instruct.Q4_1.gguf"))
+        .unwrap_or_else(|| {
+            neuron_agent::config::expand_tilde(Path::new(
+                "~/.cache/helexa/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+            ))
+        });
+    let gguf = std::fs::read(&gguf_path).expect("the default model (scripts/fetch-model)");
+    let hub = Hub::start().await;
+    let repo = "org/budget-GGUF";
+    hub.add(repo, vec![("model.Q4_1.gguf", gguf.clone())]);
+    let cache = tempfile::tempdir().unwrap();
+    let mut m = repo_model("smol", repo, None);
+    m.max_context = Some(512);
+    m.max_batch = Some(1);
+    let make = || {
+        let mut c = hub_config(
+            cache.path(),
+            vec![hub.source("huggingface")],
+            vec![m.clone()],
+        );
+        // The weights alone are ~94 MiB.
+        c.memory_budget_mb = Some(50);
+        c.engine_program = Some(PathBuf::from("/nonexistent/engine-must-not-start"));
+        c
+    };
+    let agent = start(make()).await;
+    let (_, d) = get(&agent, "/discovery").await;
+    assert_eq!(
+        d["catalogue"][0]["memory_mb"], 0,
+        "unknown before the fetch: {d}"
+    );
+    let (s, e) = load(&agent, "smol").await;
+    assert_eq!(s, 507, "{e}");
+    assert_eq!(e["error"]["code"], "insufficient_memory", "{e}");
+    assert_cached(cache.path(), repo, "model.Q4_1.gguf", &gguf, true);
+    let (_, d) = get(&agent, "/discovery").await;
+    let need = d["catalogue"][0]["memory_mb"].as_u64().unwrap();
+    assert!(need > 90, "the estimate of the fetched file: {d}");
+    let (_, h) = get(&agent, "/health").await;
+    assert_eq!(h["memory_mb"]["used"], 0, "{h}");
+    agent.shutdown().await;
+
+    let fetched = hub.seen().len();
+    let agent = start(make()).await;
+    let (_, d) = get(&agent, "/discovery").await;
+    assert_eq!(
+        d["catalogue"][0]["memory_mb"], need,
+        "known from the cache: {d}"
+    );
+    let (s, e) = load(&agent, "smol").await;
+    assert_eq!(s, 507, "{e}");
+    assert_eq!(
+        hub.seen().len(),
+        fetched,
+        "refused before any request to the hub"
+    );
+    agent.shutdown().await;
+}

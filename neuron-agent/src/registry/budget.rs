@@ -10,6 +10,23 @@ use super::{LifecycleError, Phase, Registry, Slot};
 use helexa_protocol::MemoryBudget;
 
 impl Registry {
+    pub(crate) fn estimate_of(&self, i: usize) -> crate::memory::Estimate {
+        *self.inner.estimates[i].lock().expect("estimate lock")
+    }
+
+    /// A `repo` model's files arrived: its estimate from them, then the
+    /// budget check a local model had before its load began (the load
+    /// fails with `insufficient_memory` when they do not fit).
+    pub(crate) fn check_fetched(
+        &self,
+        i: usize,
+        estimate: crate::memory::Estimate,
+    ) -> Result<(), LifecycleError> {
+        let _admit = self.inner.admit.lock().expect("admit lock");
+        *self.inner.estimates[i].lock().expect("estimate lock") = estimate;
+        self.check_fits(i)
+    }
+
     /// What `slot` takes now, MiB (0 when unloaded, or unknown).
     fn taken_mb(&self, i: usize, slot: &Slot) -> u64 {
         let st = slot.lock();
@@ -22,7 +39,7 @@ impl Registry {
                     .map(|e| e.info.weights_bytes)
                     .or(st.last_info.as_ref().map(|i| i.weights_bytes))
                     .unwrap_or(0);
-                self.inner.estimates[i].loaded_mb(engine)
+                self.estimate_of(i).loaded_mb(engine)
             }
         }
     }
@@ -46,7 +63,7 @@ impl Registry {
             return 0;
         };
         match self.taken_mb(i, &self.inner.slots[i]) {
-            0 => self.inner.estimates[i].total_mb(),
+            0 => self.estimate_of(i).total_mb(),
             n => n,
         }
     }
@@ -55,7 +72,7 @@ impl Registry {
     /// the other models take. Called with `Inner::admit` held, so that two
     /// loads cannot both take the last free memory.
     pub(super) fn check_fits(&self, i: usize) -> Result<(), LifecycleError> {
-        let need = self.inner.estimates[i].total_mb();
+        let need = self.estimate_of(i).total_mb();
         if need == 0 {
             // Unknown (files not fetched yet): nothing to check against.
             return Ok(());

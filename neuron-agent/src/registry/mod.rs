@@ -141,7 +141,9 @@ pub(crate) struct Inner {
     pub(crate) tasks: TaskTracker,
     pub(crate) activation: Mutex<Activation>,
     /// Per slot: what its files say it needs (`memory::estimate`).
-    pub(crate) estimates: Vec<crate::memory::Estimate>,
+    /// Per slot: from the file, and for a `repo` model once it is in the
+    /// hub cache (at start-up, or after its download).
+    pub(crate) estimates: Vec<Mutex<crate::memory::Estimate>>,
     /// MiB this node may give to models (`memory_budget_mb`, else what the
     /// machine had free at start-up).
     pub(crate) budget_mb: u64,
@@ -215,7 +217,11 @@ impl Registry {
             pending: preload,
             ..Activation::default()
         };
-        let estimates = config.models.iter().map(crate::memory::estimate).collect();
+        let estimates = config
+            .models
+            .iter()
+            .map(|spec| Mutex::new(crate::memory::estimate_cached(&config, spec)))
+            .collect();
         let budget_mb = config.memory_budget_mb.unwrap_or_else(|| {
             crate::memory::default_budget_mb(
                 &crate::discovery::devices(),

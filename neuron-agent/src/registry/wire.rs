@@ -94,7 +94,7 @@ impl Registry {
                 .unwrap_or_default();
             // The figure `/health` `memory_mb.used` sums (weights + KV
             // cache) when the model has an estimate; else what is known.
-            let estimate = self.inner.estimates[i];
+            let estimate = self.estimate_of(i);
             let memory_mb = if estimate.total_mb() > 0 {
                 estimate.loaded_mb(info.weights_bytes)
             } else if info.weights_bytes > 0 {

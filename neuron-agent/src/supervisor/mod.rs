@@ -42,6 +42,18 @@ impl Registry {
                 return self.load_failed(&slot, &tx, e, "model could not be fetched");
             }
         };
+        if slot.spec.repo.is_some() {
+            // Now that its files are here, the budget check a local model
+            // had before its load began.
+            let estimate = crate::memory::estimate(&crate::memory::local(&spec, spec.path.clone()));
+            if let Err(e) = self.check_fetched(self.inner.by_id[&id], estimate) {
+                tracing::error!(model = %id, error = %e, "fetched model does not fit the memory budget");
+                let result = Err(e);
+                self.finish_failed_load(&slot, &result);
+                let _ = tx.send(Some(result));
+                return;
+            }
+        }
         let first = EngineProcess::start(&config, &spec, &self.inner.client, &stop).await;
         if first.is_ok() {
             self.inner.metrics.loaded_in(&id, began.elapsed());
