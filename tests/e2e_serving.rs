@@ -114,6 +114,8 @@ async fn stop_max_tokens_and_determinism() {
     let (_, s) = c.post(&api, url, &body).await;
     let stopped = s["choices"][0]["message"]["content"].as_str().unwrap();
     assert_eq!(s["choices"][0]["finish_reason"], "stop");
+    // The engine names the stop string that matched (vLLM's `stop_reason`).
+    assert_eq!(s["choices"][0]["stop_reason"], "fox", "{s}");
     assert!(!stopped.contains("fox"));
     assert_eq!(stopped, &greedy[..greedy.find("fox").unwrap()]);
 
@@ -121,6 +123,16 @@ async fn stop_max_tokens_and_determinism() {
     body["stream"] = json!(true);
     let st = stream(&c.http, &format!("{api}{url}"), &body).await;
     assert_eq!(st.content(), stopped);
+
+    // Through the Anthropic translation the match is a stop_sequence.
+    let msg = json!({"model": MODEL_ID, "max_tokens": 20, "temperature": 0,
+                     "stop_sequences": ["dog", "fox"],
+                     "messages": [{"role": "user", "content": prompt}]});
+    let (st, m) = c.post(&api, "/v1/messages", &msg).await;
+    assert_eq!(st, 200, "{m}");
+    assert_eq!(m["stop_reason"], "stop_sequence", "{m}");
+    assert_eq!(m["stop_sequence"], "fox", "{m}");
+    assert_eq!(m["content"][0]["text"], stopped, "{m}");
 
     // Seeded sampling reproduces itself.
     let seeded = json!({"model": MODEL_ID, "messages": [{"role": "user", "content": "Write a short poem about the sea."}],

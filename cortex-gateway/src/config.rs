@@ -18,6 +18,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub prevalidation: PrevalidationConfig,
     pub loading: LoadingConfig,
+    pub translate: TranslateConfig,
     pub auth: AuthConfig,
     /// Client-facing model names mapped to fleet model ids.
     pub aliases: BTreeMap<String, String>,
@@ -41,6 +42,7 @@ impl Default for Config {
             upstream: UpstreamConfig::default(),
             prevalidation: PrevalidationConfig::default(),
             loading: LoadingConfig::default(),
+            translate: TranslateConfig::default(),
             auth: AuthConfig::default(),
             aliases: BTreeMap::new(),
             keys: Vec::new(),
@@ -245,6 +247,26 @@ impl Default for ModelPolicy {
     }
 }
 
+/// The `/v1/responses` and `/v1/messages` translations (docs/protocol.md §4).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TranslateConfig {
+    /// Largest single SSE event of an engine's chat stream that a
+    /// translation reads. One event holds one piece of text or one tool
+    /// call's arguments, far below this with any sane output limit; a
+    /// bigger one ends the translated stream with an error (cortex must hold
+    /// an event whole to translate it, so this bounds its memory per stream).
+    pub max_event_bytes: usize,
+}
+
+impl Default for TranslateConfig {
+    fn default() -> Self {
+        TranslateConfig {
+            max_event_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
 impl ModelPolicy {
     /// Whether it may be loaded on the node called `node`.
     pub fn allows_node(&self, node: &str) -> bool {
@@ -354,6 +376,12 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        if self.translate.max_event_bytes < 1024 {
+            return Err((
+                "translate.max_event_bytes".into(),
+                "must be at least 1024".into(),
+            ));
+        }
         if self.poll.interval_ms == 0 {
             return Err(("poll.interval_ms".into(), "must be above 0".into()));
         }
@@ -441,6 +469,27 @@ mod tests {
         assert_eq!(c.neurons[0].name, "local");
         assert_eq!(c.neurons[0].endpoint, "http://127.0.0.1:13131");
         assert_eq!(c.gateway.max_body_bytes, 33_554_432);
+        assert_eq!(c.translate.max_event_bytes, 16 << 20);
+    }
+
+    #[test]
+    fn translate_event_limit_is_read_and_checked() {
+        let c = Config::from_toml(
+            "[translate]
+max_event_bytes = 4096
+",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.translate.max_event_bytes, 4096);
+        let e = Config::from_toml(
+            "[translate]
+max_event_bytes = 10
+",
+            "x",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("translate.max_event_bytes"), "{e}");
     }
 
     #[test]

@@ -309,8 +309,9 @@ pub async fn serve(
     // translated back.
     let mut plan = None;
     let limit = gw.config.upstream.max_refusal_body_bytes;
+    let event_limit = gw.config.translate.max_event_bytes;
     let answer = serve_plain(gw, route, fields, body, &mut plan).await;
-    translate::finish(api, plan, answer, limit).await
+    translate::finish(api, plan, answer, limit, event_limit).await
 }
 
 /// [`serve`] up to the chat answer; `plan` receives a translated request's

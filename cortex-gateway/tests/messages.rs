@@ -468,3 +468,80 @@ async fn a_stream_held_for_a_load_keeps_alive_then_is_translated() {
     assert!(text.contains("\"text\":\"Hello\""), "{text}");
     assert_eq!(a.recorded().loads, vec!["m".to_string()]);
 }
+
+#[tokio::test]
+async fn a_matched_stop_string_is_the_stop_sequence() {
+    let (a, h) = one_neuron(|_| {}).await;
+    // The engine reports which stop string ended the answer (vLLM's
+    // `stop_reason`), whole and on the stream's finishing chunk.
+    a.set(|b| b.stop_reason = Some("END".into()));
+    let mut body = ask("count");
+    body["stop_sequences"] = json!(["STOP", "END"]);
+    let r = h.post("/v1/messages", &body).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["stop_reason"], "stop_sequence", "{v}");
+    assert_eq!(v["stop_sequence"], "END", "{v}");
+
+    body["stream"] = json!(true);
+    let evs = named_events(h.post("/v1/messages", &body).await).await;
+    let (name, delta) = &evs[evs.len() - 2];
+    assert_eq!(name, "message_delta");
+    assert_eq!(delta["delta"]["stop_reason"], "stop_sequence", "{delta}");
+    assert_eq!(delta["delta"]["stop_sequence"], "END", "{delta}");
+
+    // Without a matched stop string it is an ordinary end of turn.
+    a.set(|b| b.stop_reason = None);
+    body["stream"] = json!(false);
+    let v: Value = h.post("/v1/messages", &body).await.json().await.unwrap();
+    assert_eq!(v["stop_reason"], "end_turn", "{v}");
+    assert_eq!(v["stop_sequence"], Value::Null, "{v}");
+}
+
+#[tokio::test]
+async fn reasoning_is_a_thinking_block_whole_and_streamed() {
+    let (a, h) = one_neuron(|_| {}).await;
+    a.set(|b| {
+        b.reasoning = vec!["Hmm, ".into(), "a greeting.".into()];
+        b.chunks = vec!["Hi".into()];
+    });
+    let mut body = ask("hi");
+    body["max_tokens"] = json!(4096);
+    body["thinking"] = json!({"type": "enabled", "budget_tokens": 2048});
+    let r = h.post("/v1/messages", &body).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["content"],
+        json!([{"type": "thinking", "thinking": "Hmm, a greeting.", "signature": ""},
+               {"type": "text", "text": "Hi"}])
+    );
+    let sent = a.recorded().requests[0].json();
+    assert_eq!(
+        sent["chat_template_kwargs"],
+        json!({"enable_thinking": true})
+    );
+
+    // Thinking not asked for, but the model reasoned: passed on.
+    let mut body = ask("hi");
+    body["stream"] = json!(true);
+    let evs = named_events(h.post("/v1/messages", &body).await).await;
+    assert_eq!(
+        evs[2].1["content_block"],
+        json!({"type": "thinking", "thinking": "", "signature": ""})
+    );
+    let thought: String = evs
+        .iter()
+        .filter(|(_, d)| d["delta"]["type"] == "thinking_delta")
+        .map(|(_, d)| d["delta"]["thinking"].as_str().unwrap())
+        .collect();
+    assert_eq!(thought, "Hmm, a greeting.");
+    assert!(a.recorded().requests[1].json()["chat_template_kwargs"].is_null());
+
+    body["thinking"] = json!({"type": "disabled"});
+    h.post("/v1/messages", &body).await;
+    assert_eq!(
+        a.recorded().requests[2].json()["chat_template_kwargs"],
+        json!({"enable_thinking": false})
+    );
+}

@@ -383,3 +383,59 @@ async fn a_request_held_for_a_load_is_translated() {
     assert_eq!(v["output"][0]["content"][0]["text"], "Hello, world!");
     assert_eq!(a.recorded().loads, vec!["m".to_string()]);
 }
+
+#[tokio::test]
+async fn reasoning_is_a_reasoning_item_whole_and_streamed() {
+    let (a, h) = one_neuron(|_| {}).await;
+    a.set(|b| {
+        b.reasoning = vec!["Hmm, ".into(), "a greeting.".into()];
+        b.chunks = vec!["Hi".into(), "!".into()];
+    });
+    let body = json!({"model": "m", "input": "hi", "reasoning": {"effort": "high"}});
+    let r = h.post("/v1/responses", &body).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let out = &v["output"];
+    assert_eq!(out[0]["type"], "reasoning", "{v}");
+    assert!(out[0]["id"].as_str().unwrap().starts_with("rs_"), "{v}");
+    assert_eq!(
+        out[0]["content"],
+        json!([{"type": "reasoning_text", "text": "Hmm, a greeting."}])
+    );
+    assert_eq!(out[0]["summary"], json!([]));
+    assert_eq!(out[1]["content"][0]["text"], "Hi!");
+    assert_eq!(v["usage"]["output_tokens_details"]["reasoning_tokens"], 2);
+    assert_eq!(v["usage"]["output_tokens"], 4);
+    assert_eq!(v["reasoning"], json!({"effort": "high"}));
+    let sent = a.recorded().requests[0].json();
+    assert_eq!(
+        sent["chat_template_kwargs"],
+        json!({"enable_thinking": true})
+    );
+
+    let mut body = json!({"model": "m", "input": "hi", "stream": true,
+                          "reasoning": {"effort": "none"}});
+    let evs = named_events(h.post("/v1/responses", &body).await).await;
+    let deltas: Vec<&str> = evs
+        .iter()
+        .filter(|(n, _)| n == "response.reasoning_text.delta")
+        .map(|(_, d)| d["delta"].as_str().unwrap())
+        .collect();
+    // The model reasoned although asked not to: passed on, never dropped.
+    assert_eq!(deltas, ["Hmm, ", "a greeting."]);
+    let done = &evs.last().unwrap().1["response"];
+    assert_eq!(done["output"][0]["type"], "reasoning");
+    assert_eq!(
+        done["usage"]["output_tokens_details"]["reasoning_tokens"],
+        2
+    );
+    let sent = a.recorded().requests[1].json();
+    assert_eq!(
+        sent["chat_template_kwargs"],
+        json!({"enable_thinking": false})
+    );
+    body["reasoning"] = json!({"effort": "low", "summary": "concise"});
+    let r = h.post("/v1/responses", &body).await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(envelope(r).await["param"], "reasoning.summary");
+}

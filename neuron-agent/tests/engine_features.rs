@@ -482,3 +482,61 @@ async fn logprobs_n_logit_bias_and_content_parts() {
     assert_eq!(st, 400, "{v}");
     assert_eq!(v["error"]["param"], "logit_bias");
 }
+
+/// A stop string taken from the middle of `text` (whatever the model says,
+/// so the test does not depend on the model's wording).
+fn stop_from(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() >= 12, "answer too short to cut: {text:?}");
+    chars[chars.len() / 2..chars.len() / 2 + 4].iter().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_reason_names_the_matched_stop_string() {
+    let s = Server::start().await;
+    let decoy = "\u{1}never generated";
+
+    // Chat, whole and streamed.
+    let body = chat("Name three colours.", 24);
+    let (st, full) = s.post("/v1/chat/completions", &body).await;
+    assert_eq!(st, 200, "{full}");
+    assert_eq!(full["choices"][0]["stop_reason"], Value::Null, "{full}");
+    let text = full["choices"][0]["message"]["content"].as_str().unwrap();
+    let stop = stop_from(text);
+    let mut body = chat("Name three colours.", 24);
+    body["stop"] = json!([decoy, stop]);
+    let (st, v) = s.post("/v1/chat/completions", &body).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    assert_eq!(v["choices"][0]["stop_reason"], stop.as_str(), "{v}");
+    let cut = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(cut, &text[..text.find(&stop).unwrap()]);
+    body["stream"] = json!(true);
+    let events = s.stream("/v1/chat/completions", &body).await;
+    let last = events.last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "stop", "{last}");
+    assert_eq!(last["choices"][0]["stop_reason"], stop.as_str(), "{last}");
+    for e in &events[..events.len() - 1] {
+        assert_eq!(e["choices"][0]["stop_reason"], Value::Null, "{e}");
+    }
+
+    // Completions, whole and streamed.
+    let prompt = "The colours of the rainbow are";
+    let body = json!({"model": "smollm2", "prompt": prompt, "max_tokens": 24, "temperature": 0});
+    let (st, full) = s.post("/v1/completions", &body).await;
+    assert_eq!(st, 200, "{full}");
+    assert_eq!(full["choices"][0]["stop_reason"], Value::Null, "{full}");
+    let text = full["choices"][0]["text"].as_str().unwrap();
+    let stop = stop_from(text);
+    let body = json!({"model": "smollm2", "prompt": prompt, "max_tokens": 24,
+                      "temperature": 0, "stop": [stop, decoy]});
+    let (st, v) = s.post("/v1/completions", &body).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+    assert_eq!(v["choices"][0]["stop_reason"], stop.as_str(), "{v}");
+    let mut body = body;
+    body["stream"] = json!(true);
+    let events = s.stream("/v1/completions", &body).await;
+    let last = events.last().unwrap();
+    assert_eq!(last["choices"][0]["stop_reason"], stop.as_str(), "{last}");
+}

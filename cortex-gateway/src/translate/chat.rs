@@ -7,10 +7,11 @@
 use helexa_api::error::{ApiError, ErrorCode};
 use serde_json::Value;
 
-/// Largest single SSE event read from the upstream chat stream. One event
-/// holds at most one chunk of text or one tool call's arguments, which an
-/// engine's output limit keeps far below this; a bigger one ends the
-/// translated stream with an error rather than being dropped unseen.
+/// Default largest single SSE event read from the upstream chat stream
+/// (`translate.max_event_bytes`). One event holds at most one chunk of text
+/// or one tool call's arguments, which an engine's output limit keeps far
+/// below this; a bigger one ends the translated stream with an error rather
+/// than being dropped unseen.
 pub const EVENT_LIMIT: usize = 16 << 20;
 
 /// Token counts of a chat answer.
@@ -20,6 +21,9 @@ pub struct Usage {
     pub output: u64,
     /// `prompt_tokens_details.cached_tokens`, when the engine reports it.
     pub cached: u64,
+    /// Of `output`, `completion_tokens_details.reasoning_tokens`, when the
+    /// engine reports it.
+    pub reasoning: u64,
 }
 
 /// An error the upstream stream (or cortex's relay) reported in-band.
@@ -61,6 +65,9 @@ pub enum ChatEvent {
     Start {
         model: String,
     },
+    /// A reasoning model's reasoning (`reasoning_content`), split from the
+    /// answer by the engine; it comes before the answer's text.
+    Reasoning(String),
     /// Assistant text.
     Text(String),
     /// A tool call begins (chat's `index` of the call, its id and name).
@@ -192,6 +199,12 @@ impl ChatReader {
         }
         if let Some(choice) = first_choice(&v) {
             let delta = &choice["delta"];
+            if let Some(text) = delta["reasoning_content"]
+                .as_str()
+                .filter(|t| !t.is_empty())
+            {
+                out.push(ChatEvent::Reasoning(text.to_string()));
+            }
             if let Some(text) = delta["content"].as_str().filter(|t| !t.is_empty()) {
                 out.push(ChatEvent::Text(text.to_string()));
             }
@@ -252,6 +265,9 @@ fn usage(u: &Value) -> Usage {
         cached: u["prompt_tokens_details"]["cached_tokens"]
             .as_u64()
             .unwrap_or(0),
+        reasoning: u["completion_tokens_details"]["reasoning_tokens"]
+            .as_u64()
+            .unwrap_or(0),
     }
 }
 
@@ -267,6 +283,9 @@ pub fn whole_events(body: &[u8]) -> Result<Vec<ChatEvent>, ApiError> {
     let mut out = vec![ChatEvent::Start {
         model: v["model"].as_str().unwrap_or_default().to_string(),
     }];
+    if let Some(text) = msg["reasoning_content"].as_str().filter(|t| !t.is_empty()) {
+        out.push(ChatEvent::Reasoning(text.to_string()));
+    }
     if let Some(text) = msg["content"].as_str().filter(|t| !t.is_empty()) {
         out.push(ChatEvent::Text(text.to_string()));
     }
@@ -314,17 +333,19 @@ mod tests {
 
     const STREAM: &str = concat!(
         "data: {\"id\":\"c\",\"model\":\"m1\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\n",
+        "data: {\"id\":\"c\",\"model\":\"m1\",\"choices\":[{\"index\":0,\"delta\":{\"reasoning_content\":\"Think\"},\"finish_reason\":null}]}\n\n",
         "data: {\"id\":\"c\",\"model\":\"m1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":null}]}\n\n",
         "data: {\"id\":\"c\",\"model\":\"m1\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"call_1\",\"type\":\"function\",\"function\":{\"name\":\"f\",\"arguments\":\"\"}}]},\"finish_reason\":null}]}\n\n",
         "data: {\"id\":\"c\",\"model\":\"m1\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{\\\"a\\\":1}\"}}]},\"finish_reason\":null}]}\n\n",
         "data: {\"id\":\"c\",\"model\":\"m1\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"tool_calls\"}]}\n\n",
-        "data: {\"id\":\"c\",\"model\":\"m1\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":3,\"total_tokens\":8}}\n\n",
+        "data: {\"id\":\"c\",\"model\":\"m1\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":3,\"total_tokens\":8,\"completion_tokens_details\":{\"reasoning_tokens\":1}}}\n\n",
         "data: [DONE]\n\n",
     );
 
     fn expected() -> Vec<ChatEvent> {
         vec![
             ChatEvent::Start { model: "m1".into() },
+            ChatEvent::Reasoning("Think".into()),
             ChatEvent::Text("Hi".into()),
             ChatEvent::ToolStart {
                 index: 0,
@@ -343,6 +364,7 @@ mod tests {
                 input: 5,
                 output: 3,
                 cached: 0,
+                reasoning: 1,
             }),
             ChatEvent::Done,
         ]
@@ -364,10 +386,12 @@ mod tests {
     #[test]
     fn a_whole_answer_gives_the_stream_events() {
         let body = serde_json::json!({"id": "c", "model": "m1", "choices": [{"index": 0,
-            "message": {"role": "assistant", "content": "Hi", "tool_calls": [{"id": "call_1",
+            "message": {"role": "assistant", "content": "Hi", "reasoning_content": "Think",
+            "tool_calls": [{"id": "call_1",
             "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]},
             "finish_reason": "tool_calls"}],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}});
+            "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+                      "completion_tokens_details": {"reasoning_tokens": 1}}});
         let events = whole_events(body.to_string().as_bytes()).unwrap();
         assert_eq!(events, expected());
         assert!(whole_events(b"{\"choices\":[]}").is_err());

@@ -8,12 +8,14 @@ use super::{translate, Api};
 use serde_json::{json, Value};
 
 const TEXT: Answer<'static> = Answer {
+    reasoning: &[],
     text: &["Hel", "lo", " wörld"],
     calls: &[],
     finish: "stop",
     usage: (7, 3),
 };
 const TOOLS: Answer<'static> = Answer {
+    reasoning: &[],
     text: &["Calling."],
     calls: &[
         ("get_weather", &["{\"city\":", "\"Paris\"}"]),
@@ -23,10 +25,18 @@ const TOOLS: Answer<'static> = Answer {
     usage: (20, 9),
 };
 const LENGTH: Answer<'static> = Answer {
+    reasoning: &[],
     text: &["Hel"],
     calls: &[],
     finish: "length",
     usage: (1, 1),
+};
+const REASONING: Answer<'static> = Answer {
+    reasoning: &["Let me ", "think."],
+    text: &["Hel", "lo"],
+    calls: &[("get_time", &["{}"])],
+    finish: "tool_calls",
+    usage: (7, 6),
 };
 const BROKEN: &str =
     "data: {\"model\":\"m1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n\
@@ -94,7 +104,12 @@ fn translations_match_the_recorded_fixtures() {
     .1;
     let pretty = |v: Value| serde_json::to_string_pretty(&normal(&v)).unwrap() + "\n";
     for (plan, api) in [(&responses, "responses"), (&messages, "messages")] {
-        for (answer, case) in [(&TEXT, "text"), (&TOOLS, "tools"), (&LENGTH, "length")] {
+        for (answer, case) in [
+            (&TEXT, "text"),
+            (&TOOLS, "tools"),
+            (&LENGTH, "length"),
+            (&REASONING, "reasoning"),
+        ] {
             check(
                 &format!("{api}_{case}.json"),
                 pretty(whole(plan, &answer.whole()).unwrap()),

@@ -41,16 +41,6 @@ pub struct Plan {
 pub fn translate(req: Map<String, Value>) -> Result<(Value, Plan), ApiError> {
     let model = check::model(&req)?;
     known_keys(&req, KNOWN, "")?;
-    if let Some(t) = get(&req, "thinking") {
-        // Disabled thinking is what the translation does anyway.
-        let off = t.get("type").and_then(Value::as_str) == Some("disabled");
-        if !off {
-            return Err(bad(
-                "thinking",
-                "is not supported: the chat completions engines behind this server return no thinking blocks",
-            ));
-        }
-    }
     let max_tokens =
         check::count(&req, "max_tokens", "")?.ok_or_else(|| bad("max_tokens", "is required"))?;
     let mut messages = Vec::new();
@@ -94,6 +84,9 @@ pub fn translate(req: Map<String, Value>) -> Result<(Value, Plan), ApiError> {
     let stream = check::boolean(&req, "stream", "")?.unwrap_or(false);
     let mut chat = json!({"model": model, "messages": messages, "stream": stream,
         "max_tokens": max_tokens});
+    if let Some(on) = thinking(&req, max_tokens)? {
+        chat["chat_template_kwargs"] = json!({"enable_thinking": on});
+    }
     if stream {
         // Usage ends every answer (and settles a key's `tpm`).
         chat["stream_options"] = json!({"include_usage": true});
@@ -175,6 +168,56 @@ pub fn translate(req: Map<String, Value>) -> Result<(Value, Plan), ApiError> {
     Ok((chat, plan))
 }
 
+/// `thinking` as the chat template's `enable_thinking` (`None`: the
+/// model's default). The engine has no separate reasoning budget: reasoning
+/// and answer share `max_tokens`, which Anthropic requires to exceed
+/// `budget_tokens`, so the total stays within what the client allowed.
+fn thinking(req: &Map<String, Value>, max_tokens: u64) -> Result<Option<bool>, ApiError> {
+    let Some(t) = get(req, "thinking") else {
+        return Ok(None);
+    };
+    let o = check::object(t, "thinking")?;
+    match check::string(o, "type", "thinking")?.as_deref() {
+        Some("enabled") => {
+            known_keys(o, &["type", "budget_tokens", "display"], "thinking")?;
+            let budget = check::count(o, "budget_tokens", "thinking")?
+                .ok_or_else(|| bad("thinking.budget_tokens", "is required"))?;
+            if budget < 1024 || budget >= max_tokens {
+                return Err(bad(
+                    "thinking.budget_tokens",
+                    "must be at least 1024 and less than `max_tokens`",
+                ));
+            }
+            display(o)?;
+            Ok(Some(true))
+        }
+        Some("adaptive") => {
+            known_keys(o, &["type", "display"], "thinking")?;
+            display(o)?;
+            Ok(None)
+        }
+        Some("disabled") => {
+            known_keys(o, &["type"], "thinking")?;
+            Ok(Some(false))
+        }
+        _ => Err(bad(
+            "thinking.type",
+            "must be \"enabled\", \"adaptive\" or \"disabled\"",
+        )),
+    }
+}
+
+/// `thinking.display`: the reasoning is always returned as it is.
+fn display(o: &Map<String, Value>) -> Result<(), ApiError> {
+    match check::string(o, "display", "thinking")?.as_deref() {
+        None | Some("summarized") => Ok(()),
+        Some(_) => Err(bad(
+            "thinking.display",
+            "must be \"summarized\": the engine's reasoning is returned as it is, never omitted",
+        )),
+    }
+}
+
 fn required_string(obj: &Map<String, Value>, key: &str, at: &str) -> Result<String, ApiError> {
     check::string(obj, key, at)?.ok_or_else(|| bad(&check::join(at, key), "is required"))
 }
@@ -219,6 +262,14 @@ fn message(m: &Value, at: &str, out: &mut Vec<Value>) -> Result<(), ApiError> {
             (_, Some("text")) => {
                 known_keys(bo, &["type", "text", "cache_control", "citations"], &bat)?;
                 parts.push(json!({"type": "text", "text": required_string(bo, "text", &bat)?}));
+            }
+            // An earlier answer's reasoning, which clients send back with
+            // thinking on. Not passed on: reasoning models' chat templates
+            // (Qwen3's, DeepSeek's) leave earlier turns' reasoning out of
+            // the prompt, and the engine signs nothing to verify.
+            ("assistant", Some("thinking")) => {
+                known_keys(bo, &["type", "thinking", "signature"], &bat)?;
+                required_string(bo, "thinking", &bat)?;
             }
             ("user", Some("image")) => {
                 known_keys(bo, &["type", "source", "cache_control"], &bat)?;
@@ -372,6 +423,8 @@ fn tool(t: &Value, at: &str) -> Result<Value, ApiError> {
 /// One content block as it builds up.
 #[derive(Debug, Clone)]
 enum Block {
+    /// A reasoning model's reasoning, as Anthropic's extended thinking.
+    Thinking(String),
     Text(String),
     Tool {
         /// chat's index of the call.
@@ -435,6 +488,10 @@ impl Machine {
         self.close(out);
         let index = self.blocks.len();
         let start = match &block {
+            // The engine signs nothing: the SDKs' models require the field,
+            // and an empty one is what they accumulate to without a
+            // `signature_delta`.
+            Block::Thinking(_) => json!({"type": "thinking", "thinking": "", "signature": ""}),
             Block::Text(_) => json!({"type": "text", "text": ""}),
             Block::Tool { id, name, .. } => {
                 json!({"type": "tool_use", "id": id, "name": name, "input": {}})
@@ -480,6 +537,7 @@ impl Machine {
 
     fn block_json(b: &Block) -> Result<Value, ApiError> {
         Ok(match b {
+            Block::Thinking(t) => json!({"type": "thinking", "thinking": t, "signature": ""}),
             Block::Text(t) => json!({"type": "text", "text": t}),
             Block::Tool { id, name, json, .. } => {
                 let input: Value = if json.trim().is_empty() {
@@ -513,6 +571,22 @@ impl super::Machine for Machine {
             ChatEvent::Start { model } => {
                 self.model = model;
                 self.start(out);
+            }
+            ChatEvent::Reasoning(t) => {
+                self.start(out);
+                let index = match self.open {
+                    Some(i) if matches!(self.blocks[i], Block::Thinking(_)) => i,
+                    _ => self.open(Block::Thinking(String::new()), out),
+                };
+                if let Block::Thinking(text) = &mut self.blocks[index] {
+                    text.push_str(&t);
+                }
+                put_event(
+                    out,
+                    "content_block_delta",
+                    &json!({"type": "content_block_delta", "index": index,
+                        "delta": {"type": "thinking_delta", "thinking": t}}),
+                );
             }
             ChatEvent::Text(t) => {
                 self.start(out);

@@ -131,8 +131,15 @@ pub fn error_response(api: Api, e: ApiError) -> Response {
 /// translated request: a relayed answer, a held stream, or an error) as
 /// `api`'s answer. `plan` is `None` when the request was refused before it
 /// could be translated; `error_limit` bounds an error body read to reshape
-/// it (`upstream.max_refusal_body_bytes`).
-pub async fn finish(api: Api, plan: Option<Plan>, answer: Answer, error_limit: usize) -> Answer {
+/// it (`upstream.max_refusal_body_bytes`); `event_limit` bounds one event
+/// of a chat stream (`translate.max_event_bytes`).
+pub async fn finish(
+    api: Api,
+    plan: Option<Plan>,
+    answer: Answer,
+    error_limit: usize,
+    event_limit: usize,
+) -> Answer {
     let resp = match answer {
         Answer::Other(r) => r,
         relayed => relayed.into_response(),
@@ -152,7 +159,7 @@ pub async fn finish(api: Api, plan: Option<Plan>, answer: Answer, error_limit: u
         .and_then(|v| v.to_str().ok())
         .is_some_and(|t| t.starts_with("text/event-stream"));
     if sse {
-        let stream = translate_stream(body.into_data_stream(), plan.machine());
+        let stream = translate_stream(body.into_data_stream(), plan.machine(), event_limit);
         return Answer::Other(Response::from_parts(parts, Body::from_stream(stream)));
     }
     // A whole answer is one JSON object: it has to be read to be rewritten.
@@ -202,10 +209,12 @@ fn with_fields(mut resp: Response, from: &http::HeaderMap) -> Response {
     resp
 }
 
-/// The chat SSE stream `upstream` translated by `machine`, piece by piece.
+/// The chat SSE stream `upstream` translated by `machine`, piece by piece;
+/// an event over `event_limit` bytes ends it with an error.
 pub fn translate_stream<S, E>(
     upstream: S,
     machine: Box<dyn Machine>,
+    event_limit: usize,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send
 where
     S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
@@ -219,7 +228,7 @@ where
     }
     let state = State {
         up: upstream,
-        reader: ChatReader::default(),
+        reader: ChatReader::with_limit(event_limit),
         machine,
         ended: false,
     };

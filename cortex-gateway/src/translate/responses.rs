@@ -34,6 +34,7 @@ const KNOWN: &[&str] = &[
     "include",
     "previous_response_id",
     "conversation",
+    "reasoning",
 ];
 
 /// `metadata` limits, as OpenAI documents them.
@@ -54,6 +55,7 @@ pub struct Plan {
     pub tool_choice: Value,
     pub tools: Value,
     pub user: Value,
+    pub reasoning: Value,
 }
 
 /// Translates a Responses request into a chat completions request.
@@ -167,7 +169,14 @@ pub fn translate(req: Map<String, Value>) -> Result<(Value, Plan), ApiError> {
     if let Some(u) = &user {
         chat["user"] = json!(u);
     }
+    let reasoning = get(&req, "reasoning").cloned();
+    if let Some(r) = &reasoning {
+        if let Some(on) = thinking(r)? {
+            chat["chat_template_kwargs"] = json!({"enable_thinking": on});
+        }
+    }
     let plan = Plan {
+        reasoning: reasoning.unwrap_or(Value::Null),
         instructions: instructions.map_or(Value::Null, Value::String),
         max_output_tokens: max_output_tokens.map_or(Value::Null, |n| json!(n)),
         metadata: metadata.unwrap_or_else(|| json!({})),
@@ -180,6 +189,37 @@ pub fn translate(req: Map<String, Value>) -> Result<(Value, Plan), ApiError> {
         user: user.map_or(Value::Null, Value::String),
     };
     Ok((chat, plan))
+}
+
+/// `reasoning` as the chat template's `enable_thinking` (`None`: the
+/// model's default). The engine has one effort level, the model's own: any
+/// effort above `minimal` turns thinking on, `none` and `minimal` turn it
+/// off. Reasoning is returned whole as `reasoning_text`, never summarised,
+/// so only `summary: "auto"` (which promises no particular summary) is
+/// accepted.
+fn thinking(r: &Value) -> Result<Option<bool>, ApiError> {
+    let o = check::object(r, "reasoning")?;
+    known_keys(o, &["effort", "summary", "generate_summary"], "reasoning")?;
+    for key in ["summary", "generate_summary"] {
+        match check::string(o, key, "reasoning")?.as_deref() {
+            None | Some("auto") => {}
+            Some(_) => {
+                return Err(bad(
+                    &format!("reasoning.{key}"),
+                    "must be \"auto\" or absent: this server returns the model's reasoning whole, not a summary",
+                ))
+            }
+        }
+    }
+    match check::string(o, "effort", "reasoning")?.as_deref() {
+        None => Ok(None),
+        Some("none" | "minimal") => Ok(Some(false)),
+        Some("low" | "medium" | "high" | "xhigh") => Ok(Some(true)),
+        Some(_) => Err(bad(
+            "reasoning.effort",
+            "must be \"none\", \"minimal\", \"low\", \"medium\", \"high\" or \"xhigh\"",
+        )),
+    }
 }
 
 /// One `input` item onto the chat messages.
@@ -257,6 +297,23 @@ fn input_item(item: &Value, at: &str, messages: &mut Vec<Value>) -> Result<(), A
                 }
             };
             messages.push(json!({"role": "tool", "tool_call_id": call_id, "content": output}));
+        }
+        // An earlier answer's reasoning, which clients send back. Not passed
+        // on: reasoning models' chat templates (Qwen3's, DeepSeek's) leave
+        // earlier turns' reasoning out of the prompt.
+        Some("reasoning") => {
+            known_keys(
+                obj,
+                &[
+                    "type",
+                    "id",
+                    "summary",
+                    "content",
+                    "encrypted_content",
+                    "status",
+                ],
+                at,
+            )?;
         }
         Some(_) => return Err(unsupported(&format!("{at}.type"))),
     }
@@ -449,6 +506,12 @@ fn check_metadata(m: &Value) -> Result<(), ApiError> {
 /// One output item as it builds up.
 #[derive(Debug, Clone)]
 enum Item {
+    /// A reasoning model's reasoning, as a `reasoning` item with its text
+    /// (`reasoning_text`) and no summary.
+    Reasoning {
+        id: String,
+        text: String,
+    },
     Message {
         id: String,
         text: String,
@@ -544,6 +607,8 @@ impl Machine {
 
     fn item_json(&self, item: &Item, status: &str) -> Value {
         match item {
+            Item::Reasoning { id, text } => json!({"id": id, "type": "reasoning",
+                "status": status, "summary": [], "content": [reasoning_text(text)]}),
             Item::Message { id, text } => json!({"id": id, "type": "message", "status": status,
                 "role": "assistant", "content": [output_text(text)]}),
             Item::Call {
@@ -594,7 +659,7 @@ impl Machine {
             "output": output,
             "parallel_tool_calls": p.parallel_tool_calls,
             "previous_response_id": null,
-            "reasoning": null,
+            "reasoning": p.reasoning,
             "store": false,
             "temperature": p.temperature,
             "text": p.text,
@@ -632,7 +697,7 @@ impl Machine {
         let added = self.item_json(&item, "in_progress");
         let added = match &item {
             // The message is announced empty; its text comes as deltas.
-            Item::Message { .. } => {
+            Item::Message { .. } | Item::Reasoning { .. } => {
                 let mut a = added;
                 a["content"] = json!([]);
                 a
@@ -651,13 +716,17 @@ impl Machine {
             "response.output_item.added",
             json!({"output_index": index, "item": added}),
         );
-        if let Item::Message { id, .. } = &self.items[index] {
-            let id = id.clone();
+        let part = match &self.items[index] {
+            Item::Message { id, .. } => Some((id.clone(), output_text(""))),
+            Item::Reasoning { id, .. } => Some((id.clone(), reasoning_text(""))),
+            Item::Call { .. } => None,
+        };
+        if let Some((id, part)) = part {
             self.emit(
                 out,
                 "response.content_part.added",
                 json!({"item_id": id, "output_index": index, "content_index": 0,
-                    "part": output_text("")}),
+                    "part": part}),
             );
         }
         index
@@ -675,6 +744,20 @@ impl Machine {
         self.statuses[index] = status;
         let item = self.items[index].clone();
         match &item {
+            Item::Reasoning { id, text } => {
+                self.emit(
+                    out,
+                    "response.reasoning_text.done",
+                    json!({"item_id": id, "output_index": index, "content_index": 0,
+                        "text": text}),
+                );
+                self.emit(
+                    out,
+                    "response.content_part.done",
+                    json!({"item_id": id, "output_index": index, "content_index": 0,
+                        "part": reasoning_text(text)}),
+                );
+            }
             Item::Message { id, text } => {
                 self.emit(
                     out,
@@ -724,12 +807,16 @@ fn output_text(text: &str) -> Value {
     json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
 }
 
+fn reasoning_text(text: &str) -> Value {
+    json!({"type": "reasoning_text", "text": text})
+}
+
 fn usage_json(u: Usage) -> Value {
     json!({
         "input_tokens": u.input,
         "input_tokens_details": {"cached_tokens": u.cached, "cache_write_tokens": 0},
         "output_tokens": u.output,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": u.reasoning},
         "total_tokens": u.input + u.output,
     })
 }
@@ -745,6 +832,29 @@ impl super::Machine for Machine {
         self.start(out);
         match ev {
             ChatEvent::Start { .. } => {}
+            ChatEvent::Reasoning(t) => {
+                let index = match self.open {
+                    Some(i) if matches!(self.items[i], Item::Reasoning { .. }) => i,
+                    _ => self.open(
+                        Item::Reasoning {
+                            id: new_id("rs_"),
+                            text: String::new(),
+                        },
+                        out,
+                    ),
+                };
+                let Item::Reasoning { id, text } = &mut self.items[index] else {
+                    unreachable!("a reasoning item is open");
+                };
+                text.push_str(&t);
+                let id = id.clone();
+                self.emit(
+                    out,
+                    "response.reasoning_text.delta",
+                    json!({"item_id": id, "output_index": index, "content_index": 0,
+                        "delta": t}),
+                );
+            }
             ChatEvent::Text(t) => {
                 let index = match self.open {
                     Some(i) if matches!(self.items[i], Item::Message { .. }) => i,

@@ -6,9 +6,11 @@ use super::chat::ChatReader;
 use super::{Machine, Plan};
 use serde_json::{json, Value};
 
-/// A chat answer: text pieces, tool calls `(name, arguments pieces)`, the
-/// finish reason and the usage.
+/// A chat answer: reasoning pieces (`reasoning_content`, before the text),
+/// text pieces, tool calls `(name, arguments pieces)`, the finish reason and
+/// the usage (reasoning pieces count as one reasoning token each).
 pub struct Answer<'a> {
+    pub reasoning: &'a [&'a str],
     pub text: &'a [&'a str],
     pub calls: &'a [(&'a str, &'a [&'a str])],
     pub finish: &'a str,
@@ -26,6 +28,9 @@ impl Answer<'_> {
             )
         };
         let mut s = chunk(json!({"role": "assistant", "content": ""}), Value::Null);
+        for t in self.reasoning {
+            s += &chunk(json!({"reasoning_content": t}), Value::Null);
+        }
         for t in self.text {
             s += &chunk(json!({"content": t}), Value::Null);
         }
@@ -46,8 +51,7 @@ impl Answer<'_> {
         s += &format!(
             "data: {}\n\n",
             json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m1",
-                "choices": [], "usage": {"prompt_tokens": self.usage.0,
-                "completion_tokens": self.usage.1, "total_tokens": self.usage.0 + self.usage.1}})
+                "choices": [], "usage": self.usage_json()})
         );
         s + "data: [DONE]\n\n"
     }
@@ -65,15 +69,26 @@ impl Answer<'_> {
             })
             .collect();
         let mut message = json!({"role": "assistant", "content": text});
+        if !self.reasoning.is_empty() {
+            message["reasoning_content"] = json!(self.reasoning.concat());
+        }
         if !calls.is_empty() {
             message["tool_calls"] = Value::Array(calls);
         }
         json!({"id": "c1", "object": "chat.completion", "created": 1, "model": "m1",
             "choices": [{"index": 0, "message": message, "finish_reason": self.finish}],
-            "usage": {"prompt_tokens": self.usage.0, "completion_tokens": self.usage.1,
-                "total_tokens": self.usage.0 + self.usage.1}})
+            "usage": self.usage_json()})
         .to_string()
         .into_bytes()
+    }
+
+    fn usage_json(&self) -> Value {
+        let mut u = json!({"prompt_tokens": self.usage.0, "completion_tokens": self.usage.1,
+            "total_tokens": self.usage.0 + self.usage.1});
+        if !self.reasoning.is_empty() {
+            u["completion_tokens_details"] = json!({"reasoning_tokens": self.reasoning.len()});
+        }
+        u
     }
 }
 
@@ -133,7 +148,7 @@ pub fn events(text: &str) -> Vec<(String, Value)> {
     out
 }
 
-/// `v` with generated ids (`resp_…`, `msg_…`, `fc_…`) and clocks made
+/// `v` with generated ids (`resp_…`, `msg_…`, `fc_…`, `rs_…`) and clocks made
 /// fixed, so two runs compare equal.
 pub fn normal(v: &Value) -> Value {
     match v {
@@ -150,7 +165,7 @@ pub fn normal(v: &Value) -> Value {
         ),
         Value::Array(a) => Value::Array(a.iter().map(normal).collect()),
         Value::String(s) => {
-            for prefix in ["resp_", "msg_", "fc_"] {
+            for prefix in ["resp_", "msg_", "fc_", "rs_"] {
                 if let Some(rest) = s.strip_prefix(prefix) {
                     if rest.len() == 32 && rest.bytes().all(|b| b.is_ascii_hexdigit()) {
                         return json!(format!("{prefix}X"));

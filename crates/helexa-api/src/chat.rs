@@ -221,6 +221,10 @@ pub struct ChatChoice {
     pub index: u32,
     pub message: ResponseMessage,
     pub finish_reason: Option<String>,
+    /// The stop string that ended the choice (vLLM's field); `null` when
+    /// none did. Absent in answers of servers that do not report it.
+    #[serde(default)]
+    pub stop_reason: Option<String>,
     #[serde(default)]
     pub logprobs: Option<Value>,
 }
@@ -254,6 +258,9 @@ pub struct ChunkChoice {
     pub index: u32,
     pub delta: Delta,
     pub finish_reason: Option<String>,
+    /// On the finish chunk: the stop string that ended the choice.
+    #[serde(default)]
+    pub stop_reason: Option<String>,
     #[serde(default)]
     pub logprobs: Option<Value>,
 }
@@ -296,6 +303,29 @@ mod tests {
         assert_eq!(r.sampling.temperature, Some(0.0));
         assert_eq!(r.requested_output(), Some(5));
         assert!(r.extra.contains_key("metadata"));
+    }
+
+    #[test]
+    fn stop_reason_is_optional_and_round_trips() {
+        // Answers of servers that do not report it still parse.
+        let c: ChatChoice = serde_json::from_str(
+            r#"{"index":0,"message":{"role":"assistant","content":"a"},"finish_reason":"stop"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.stop_reason, None);
+        let c: ChunkChoice = serde_json::from_str(
+            r#"{"index":0,"delta":{},"finish_reason":"stop","stop_reason":"END"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.stop_reason.as_deref(), Some("END"));
+        // vLLM sends `null` when no stop string matched; so does helexa.
+        let v = serde_json::to_value(ChunkChoice {
+            stop_reason: None,
+            ..c
+        })
+        .unwrap();
+        assert_eq!(v["stop_reason"], serde_json::Value::Null);
+        assert!(v.as_object().unwrap().contains_key("stop_reason"));
     }
 
     #[test]

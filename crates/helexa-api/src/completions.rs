@@ -73,6 +73,10 @@ pub struct CompletionChoice {
     pub text: String,
     pub index: u32,
     pub finish_reason: Option<String>,
+    /// The stop string that ended the choice (vLLM's field); `null` when
+    /// none did. Absent in answers of servers that do not report it.
+    #[serde(default)]
+    pub stop_reason: Option<String>,
     #[serde(default)]
     pub logprobs: Option<Value>,
 }

@@ -176,6 +176,9 @@ pub enum GenEvent {
         completion_tokens: usize,
         /// Prompt tokens whose KV came from the prefix cache.
         cached_tokens: usize,
+        /// The stop string that ended the sequence (`reason` is then `Stop`);
+        /// `None` for EOS, a finished grammar, or length.
+        stop_string: Option<String>,
     },
     /// The sequence failed; no more events follow.
     Failed { message: String },

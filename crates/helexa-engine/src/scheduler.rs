@@ -552,6 +552,7 @@ impl Worker {
                         prompt_tokens: seq.prompt_len,
                         completion_tokens: generated,
                         cached_tokens: seq.reused,
+                        stop_string: seq.stop.matched().map(str::to_string),
                     });
                     self.vacate(slot, &seq, true);
                 }

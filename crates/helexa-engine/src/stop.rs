@@ -20,6 +20,8 @@ pub struct StopMatcher {
     stops: Vec<String>,
     held: String,
     stopped: bool,
+    /// The stop string that ended generation (vLLM reports it as `stop_reason`).
+    matched: Option<String>,
 }
 
 impl StopMatcher {
@@ -32,7 +34,13 @@ impl StopMatcher {
             stops,
             held: String::new(),
             stopped: false,
+            matched: None,
         }
+    }
+
+    /// The stop string that ended generation, once one has.
+    pub fn matched(&self) -> Option<&str> {
+        self.matched.as_deref()
     }
 
     /// Whether a stop string has been matched.
@@ -71,11 +79,13 @@ impl StopMatcher {
         let first = self
             .stops
             .iter()
-            .filter_map(|s| self.held.find(s.as_str()).map(|p| (p + s.len(), p)))
+            .enumerate()
+            .filter_map(|(i, s)| self.held.find(s.as_str()).map(|p| (p + s.len(), p, i)))
             .min();
-        if let Some((_, pos)) = first {
+        if let Some((_, pos, i)) = first {
             self.held.truncate(pos);
             self.stopped = true;
+            self.matched = Some(self.stops[i].clone());
             return StopStep {
                 emit: std::mem::take(&mut self.held),
                 stopped: true,
@@ -126,17 +136,34 @@ mod tests {
     use proptest::prelude::*;
 
     fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
+        let (out, matched) = run_matched(stops, pieces);
+        (out, matched.is_some())
+    }
+
+    /// The emitted text and the stop string `matched` reports.
+    fn run_matched(stops: &[&str], pieces: &[&str]) -> (String, Option<String>) {
         let mut m = StopMatcher::new(stops.iter().map(|s| s.to_string()).collect());
         let mut out = String::new();
         for p in pieces {
             let step = m.push(p);
             out.push_str(&step.emit);
             if step.stopped {
-                return (out, true);
+                assert!(m.matched().is_some(), "stopped without a matched string");
+                return (out, m.matched().map(str::to_string));
             }
+            assert_eq!(m.matched(), None);
         }
         out.push_str(&m.finish());
-        (out, false)
+        (out, m.matched().map(str::to_string))
+    }
+
+    #[test]
+    fn reports_the_stop_string_that_matched() {
+        let got = run_matched(&["zz", "b"], &["az", "zb"]);
+        assert_eq!(got, ("a".into(), Some("zz".into())));
+        let got = run_matched(&["😀éb", "é"], &["😀é", "baa"]);
+        assert_eq!(got, ("😀".into(), Some("é".into())));
+        assert_eq!(run_matched(&["x"], &["abc"]), ("abc".into(), None));
     }
 
     #[test]
@@ -189,15 +216,15 @@ mod tests {
         assert_eq!(m.finish(), "");
     }
 
-    fn expected(text: &str, stops: &[String]) -> (String, bool) {
+    fn expected(text: &str, stops: &[String]) -> (String, Option<String>) {
         match stops
             .iter()
             .filter(|s| !s.is_empty())
-            .filter_map(|s| text.find(s.as_str()).map(|p| (p + s.len(), p)))
+            .filter_map(|s| text.find(s.as_str()).map(|p| (p + s.len(), p, s)))
             .min()
         {
-            Some((_, p)) => (text[..p].to_string(), true),
-            None => (text.to_string(), false),
+            Some((_, p, s)) => (text[..p].to_string(), Some(s.clone())),
+            None => (text.to_string(), None),
         }
     }
 
@@ -236,7 +263,7 @@ mod tests {
             points.dedup();
             let pieces: Vec<&str> = points.windows(2).map(|w| &text[w[0]..w[1]]).collect();
             let stop_refs: Vec<&str> = stops.iter().map(|s| s.as_str()).collect();
-            prop_assert_eq!(run(&stop_refs, &pieces), expected(&text, &stops));
+            prop_assert_eq!(run_matched(&stop_refs, &pieces), expected(&text, &stops));
         }
     }
 }

@@ -56,6 +56,7 @@ struct Run {
     prefilled: Option<usize>,
     finish: Option<(FinishReason, usize, usize)>,
     cached: usize,
+    stop_string: Option<String>,
     failed: Option<String>,
 }
 
@@ -78,9 +79,11 @@ fn collect(mut s: GenerationStream) -> Run {
                 prompt_tokens,
                 completion_tokens,
                 cached_tokens,
+                stop_string,
             } => {
                 r.finish = Some((reason, prompt_tokens, completion_tokens));
                 r.cached = cached_tokens;
+                r.stop_string = stop_string;
                 break;
             }
             GenEvent::Failed { message } => {
@@ -216,14 +219,17 @@ fn stop_string_ends_with_stop_and_is_not_emitted() {
     let e = engine();
     let full = generate(e, &chatml("What is the capital of France?"), 24, vec![]);
     assert!(full.text.contains("Paris"));
+    assert_eq!(full.stop_string, None);
     let r = generate(
         e,
         &chatml("What is the capital of France?"),
         24,
-        vec!["Paris".into()],
+        vec!["Paris".into(), "never said 42".into()],
     );
     let (reason, ..) = r.finish.unwrap();
     assert_eq!(reason, FinishReason::Stop);
+    // The finish names the stop string that matched, not just any stop.
+    assert_eq!(r.stop_string.as_deref(), Some("Paris"));
     assert!(!r.text.contains("Paris"), "{:?}", r.text);
     assert!(
         full.text.starts_with(&r.text),

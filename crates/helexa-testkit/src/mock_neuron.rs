@@ -136,6 +136,14 @@ pub struct Behaviour {
     /// A chat answer's `finish_reason`; `None`: `stop` (`tool_calls` with
     /// tool calls), and no finishing chunk in a stream.
     pub finish_reason: Option<String>,
+    /// A chat answer's vLLM-style `stop_reason` (the stop string that
+    /// ended it); sent on the finishing chunk, which a stream then has.
+    pub stop_reason: Option<String>,
+    /// Reasoning pieces a chat answer gives before its content, as a
+    /// reasoning model's engine does: `delta.reasoning_content` chunks when
+    /// streaming, `message.reasoning_content` otherwise; each counts as one
+    /// token in `usage.completion_tokens_details.reasoning_tokens`.
+    pub reasoning: Vec<String>,
 }
 
 impl Default for Behaviour {
@@ -157,6 +165,8 @@ impl Default for Behaviour {
             hang: false,
             tool_calls: Vec::new(),
             finish_reason: None,
+            stop_reason: None,
+            reasoning: Vec::new(),
         }
     }
 }
@@ -661,9 +671,13 @@ async fn serve(
         .as_bool()
         .unwrap_or(false);
     let prompt_tokens = (body.len() / 4) as u64;
-    let completion_tokens = behaviour.chunks.len() as u64;
-    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+    let reasoning_tokens = behaviour.reasoning.len() as u64;
+    let completion_tokens = behaviour.chunks.len() as u64 + reasoning_tokens;
+    let mut usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                        "total_tokens": prompt_tokens + completion_tokens});
+    if reasoning_tokens > 0 && kind == Kind::Chat {
+        usage["completion_tokens_details"] = json!({"reasoning_tokens": reasoning_tokens});
+    }
     let calls = &behaviour.tool_calls;
     let finish = match &behaviour.finish_reason {
         Some(r) if r != "stop" => r.clone(),
@@ -675,6 +689,9 @@ async fn serve(
         let v = match kind {
             Kind::Chat => {
                 let mut message = json!({"role": "assistant", "content": text});
+                if !behaviour.reasoning.is_empty() {
+                    message["reasoning_content"] = json!(behaviour.reasoning.concat());
+                }
                 if !calls.is_empty() {
                     if text.is_empty() {
                         message["content"] = Value::Null;
@@ -688,9 +705,13 @@ async fn serve(
                         })
                         .collect();
                 }
-                json!({"id": "chatcmpl-mock", "object": "chat.completion", "created": 1,
-                "model": model, "choices": [{"index": 0, "message": message,
-                "finish_reason": finish, "logprobs": null}], "usage": usage})
+                let mut v = json!({"id": "chatcmpl-mock", "object": "chat.completion",
+                "created": 1, "model": model, "choices": [{"index": 0, "message": message,
+                "finish_reason": finish, "logprobs": null}], "usage": usage});
+                if let Some(stop) = &behaviour.stop_reason {
+                    v["choices"][0]["stop_reason"] = json!(stop);
+                }
+                v
             }
             Kind::Completions => {
                 json!({"id": "cmpl-mock", "object": "text_completion", "created": 1,
@@ -713,6 +734,17 @@ async fn serve(
 
     // Streaming: one event per chunk, then usage (if asked), then the end.
     let mut events: Vec<Bytes> = Vec::with_capacity(behaviour.chunks.len() + 2);
+    if kind == Kind::Chat {
+        for (i, piece) in behaviour.reasoning.iter().enumerate() {
+            let mut delta = json!({"reasoning_content": piece});
+            if i == 0 {
+                delta["role"] = json!("assistant");
+            }
+            let v = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1,
+                "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": null}]});
+            events.push(frame(kind, &v, ""));
+        }
+    }
     for (i, piece) in behaviour.chunks.iter().enumerate() {
         let v = match kind {
             Kind::Chat => {
@@ -731,8 +763,12 @@ async fn serve(
     }
     if kind == Kind::Chat {
         let chunk = |delta: Value, finish: Option<&str>| {
-            let v = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1,
-                "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+            let mut v = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk",
+                "created": 1, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+            if let Some(stop) = finish.and(behaviour.stop_reason.as_deref()) {
+                v["choices"][0]["stop_reason"] = json!(stop);
+            }
             frame(kind, &v, "")
         };
         for (i, (name, args)) in calls.iter().enumerate() {
@@ -752,7 +788,8 @@ async fn serve(
                 ));
             }
         }
-        if behaviour.finish_reason.is_some() || !calls.is_empty() {
+        if behaviour.finish_reason.is_some() || behaviour.stop_reason.is_some() || !calls.is_empty()
+        {
             events.push(chunk(json!({}), Some(&finish)));
         }
     }

@@ -261,6 +261,8 @@ async fn handle(st: Arc<EngineState>, req: ChatCompletionRequest) -> Result<Resp
                     tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
                 },
                 finish_reason: Some(finish.into()),
+                // A parsed tool call, not the stop string, ended the answer.
+                stop_reason: c.stop_reason.filter(|_| finish != "tool_calls"),
                 logprobs: format
                     .logprobs
                     .then(|| logprobs::chat_object(logprobs::chat_entries(&engine, &c.logprobs))),
@@ -326,6 +328,17 @@ impl ChatFormat {
         finish: Option<&str>,
         lps: Option<Value>,
     ) -> Bytes {
+        self.chunk_with(choice, delta, finish, lps, None)
+    }
+
+    fn chunk_with(
+        &self,
+        choice: usize,
+        delta: Delta,
+        finish: Option<&str>,
+        lps: Option<Value>,
+        stop: Option<&str>,
+    ) -> Bytes {
         sse::data_event(&ChatCompletionChunk {
             id: self.id.clone(),
             object: CHAT_CHUNK_OBJECT.into(),
@@ -335,6 +348,7 @@ impl ChatFormat {
                 index: choice as u32,
                 delta,
                 finish_reason: finish.map(str::to_string),
+                stop_reason: stop.map(str::to_string),
                 logprobs: lps,
             }],
             usage: None,
@@ -469,7 +483,7 @@ impl ChunkFormat for ChatFormat {
         (!out.is_empty()).then(|| Bytes::from(out))
     }
 
-    fn finish(&mut self, choice: usize, reason: &str) -> Bytes {
+    fn finish(&mut self, choice: usize, reason: &str, stop: Option<&str>) -> Bytes {
         let mut out = Vec::new();
         if let Some(r) = self.reasoning.as_mut() {
             let pieces = r.parsers[choice].finish();
@@ -479,10 +493,10 @@ impl ChunkFormat for ChatFormat {
             let events = self.parsers[choice].finish();
             out.extend(self.events(choice, events));
         }
-        let reason = if self.calls[choice] > 0 && reason == "stop" {
-            "tool_calls"
+        let (reason, stop) = if self.calls[choice] > 0 && reason == "stop" {
+            ("tool_calls", None)
         } else {
-            reason
+            (reason, stop)
         };
         let lps = self
             .pending_logprobs
@@ -490,7 +504,7 @@ impl ChunkFormat for ChatFormat {
             .is_some_and(|p| !p.is_empty())
             .then(|| self.take_logprobs(choice))
             .flatten();
-        out.extend_from_slice(&self.chunk(choice, Delta::default(), Some(reason), lps));
+        out.extend_from_slice(&self.chunk_with(choice, Delta::default(), Some(reason), lps, stop));
         Bytes::from(out)
     }
 

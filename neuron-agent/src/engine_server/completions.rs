@@ -176,6 +176,7 @@ async fn handle(st: Arc<EngineState>, req: CompletionRequest) -> Result<Response
             },
             index: i as u32,
             finish_reason: Some(c.finish_reason.into()),
+            stop_reason: c.stop_reason,
             logprobs: format
                 .logprobs
                 .then(|| logprobs::completion_object(&engine, &c.logprobs, 0)),
@@ -205,12 +206,29 @@ struct CompletionFormat {
 
 impl CompletionFormat {
     fn chunk(&self, choice: usize, text: &str, finish: Option<&str>, lps: Value) -> Bytes {
+        self.chunk_with(choice, text, finish, lps, None)
+    }
+
+    fn chunk_with(
+        &self,
+        choice: usize,
+        text: &str,
+        finish: Option<&str>,
+        lps: Value,
+        stop: Option<&str>,
+    ) -> Bytes {
         sse::data_event(&json!({
             "id": self.id,
             "object": COMPLETION_OBJECT,
             "created": self.created,
             "model": self.model,
-            "choices": [{"text": text, "index": choice, "finish_reason": finish, "logprobs": lps}],
+            "choices": [{
+                "text": text,
+                "index": choice,
+                "finish_reason": finish,
+                "stop_reason": stop,
+                "logprobs": lps,
+            }],
         }))
     }
 }
@@ -232,8 +250,8 @@ impl ChunkFormat for CompletionFormat {
         Some(self.chunk(choice, text, None, lps))
     }
 
-    fn finish(&mut self, choice: usize, reason: &str) -> Bytes {
-        self.chunk(choice, "", Some(reason), Value::Null)
+    fn finish(&mut self, choice: usize, reason: &str, stop: Option<&str>) -> Bytes {
+        self.chunk_with(choice, "", Some(reason), Value::Null, stop)
     }
 
     fn usage(&self, usage: Usage) -> Bytes {

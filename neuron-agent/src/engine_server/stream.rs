@@ -17,6 +17,8 @@ use tokio::sync::mpsc;
 pub struct Choice {
     pub text: String,
     pub finish_reason: &'static str,
+    /// The stop string that ended the choice (vLLM's `stop_reason`).
+    pub stop_reason: Option<String>,
     pub logprobs: Vec<TokenLogprob>,
 }
 
@@ -56,10 +58,12 @@ async fn collect_one(mut gen: GenerationStream) -> Result<Done, ApiError> {
                 prompt_tokens,
                 completion_tokens,
                 cached_tokens,
+                stop_string,
             } => {
                 let choice = Choice {
                     text,
                     finish_reason: reason.as_str(),
+                    stop_reason: stop_string,
                     logprobs,
                 };
                 return Ok((choice, prompt_tokens, completion_tokens, cached_tokens));
@@ -99,8 +103,9 @@ pub trait ChunkFormat: Send + 'static {
     fn opening(&mut self, choice: usize) -> Option<Bytes>;
     /// New text of `choice` (possibly nothing to send yet).
     fn text(&mut self, choice: usize, text: &str, logprobs: &[TokenLogprob]) -> Option<Bytes>;
-    /// The end of `choice`: anything held back, then its finish chunk.
-    fn finish(&mut self, choice: usize, reason: &str) -> Bytes;
+    /// The end of `choice`: anything held back, then its finish chunk
+    /// (`stop`: the stop string that ended it, if one did).
+    fn finish(&mut self, choice: usize, reason: &str, stop: Option<&str>) -> Bytes;
     /// The final usage chunk (`choices: []`) of `stream_options.include_usage`.
     fn usage(&self, usage: Usage) -> Bytes;
 }
@@ -177,13 +182,15 @@ pub fn sse_body<F: ChunkFormat>(
                         prompt_tokens,
                         completion_tokens,
                         cached_tokens,
+                        stop_string,
                     }),
                 )) => {
                     finished += 1;
                     prompt = prompt.max(prompt_tokens);
                     completion += completion_tokens;
                     cached = cached.min(cached_tokens);
-                    let mut buf = Vec::from(&format.finish(i, reason.as_str())[..]);
+                    let mut buf =
+                        Vec::from(&format.finish(i, reason.as_str(), stop_string.as_deref())[..]);
                     if finished == n {
                         if include_usage {
                             buf.extend_from_slice(&format.usage(usage(prompt, completion, cached)));

@@ -43,6 +43,7 @@ fn a_full_request_maps_field_by_field() {
             "tools": [{"type": "function", "function": {"name": "f", "description": "does f",
                 "parameters": {"type": "object", "properties": {}}}}],
             "tool_choice": "required", "parallel_tool_calls": false,
+            "chat_template_kwargs": {"enable_thinking": false},
         })
     );
     let choice = |tc: Value| {
@@ -55,6 +56,37 @@ fn a_full_request_maps_field_by_field() {
     assert_eq!(
         choice(json!({"type": "tool", "name": "f"})),
         json!({"type": "function", "function": {"name": "f"}})
+    );
+}
+
+#[test]
+fn thinking_maps_to_the_templates_enable_thinking() {
+    let kwargs = |t: Value| {
+        chat_of(json!({"model": "m", "max_tokens": 4096, "thinking": t,
+            "messages": [{"role": "user", "content": "x"}]}))["chat_template_kwargs"]
+            .clone()
+    };
+    assert_eq!(
+        kwargs(json!({"type": "enabled", "budget_tokens": 2048, "display": "summarized"})),
+        json!({"enable_thinking": true})
+    );
+    assert_eq!(
+        kwargs(json!({"type": "disabled"})),
+        json!({"enable_thinking": false})
+    );
+    // Adaptive: the model decides, as its template does by default.
+    assert_eq!(kwargs(json!({"type": "adaptive"})), Value::Null);
+    assert_eq!(kwargs(Value::Null), Value::Null);
+    // An earlier answer's thinking block is accepted and left out.
+    let chat = chat_of(json!({"model": "m", "max_tokens": 10, "messages": [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "hm", "signature": ""},
+            {"type": "text", "text": "y"}]},
+        {"role": "user", "content": "z"}]}));
+    assert_eq!(
+        chat["messages"][1],
+        json!({"role": "assistant", "content": "y"})
     );
 }
 
@@ -112,7 +144,26 @@ fn what_is_not_honoured_is_refused_by_name() {
                 "thinking",
                 json!({"type": "enabled", "budget_tokens": 1024}),
             ),
-            "thinking",
+            "thinking.budget_tokens",
+        ),
+        (
+            with("thinking", json!({"type": "enabled", "budget_tokens": 10})),
+            "thinking.budget_tokens",
+        ),
+        (
+            with("thinking", json!({"type": "between_tools"})),
+            "thinking.type",
+        ),
+        (
+            with(
+                "thinking",
+                json!({"type": "adaptive", "display": "omitted"}),
+            ),
+            "thinking.display",
+        ),
+        (
+            with("thinking", json!({"type": "disabled", "budget_tokens": 1})),
+            "thinking.budget_tokens",
         ),
         (with("service_tier", json!("auto")), "service_tier"),
         (with("max_tokens", json!(0)), "max_tokens"),
@@ -152,7 +203,7 @@ fn what_is_not_honoured_is_refused_by_name() {
         (
             with(
                 "messages",
-                json!([{"role": "assistant", "content": [{"type": "thinking", "thinking": "hm"}]}]),
+                json!([{"role": "assistant", "content": [{"type": "redacted_thinking", "data": "x"}]}]),
             ),
             "messages[0].content[0].type",
         ),
@@ -211,6 +262,7 @@ fn plan() -> AnyPlan {
 
 fn text_answer() -> Answer<'static> {
     Answer {
+        reasoning: &[],
         text: &["Hel", "lo", " wörld"],
         calls: &[],
         finish: "stop",
@@ -220,6 +272,7 @@ fn text_answer() -> Answer<'static> {
 
 fn tool_answer() -> Answer<'static> {
     Answer {
+        reasoning: &[],
         text: &["Calling."],
         calls: &[
             ("get_weather", &["{\"city\":", "\"Paris\"}"]),
@@ -228,6 +281,61 @@ fn tool_answer() -> Answer<'static> {
         finish: "tool_calls",
         usage: (20, 9),
     }
+}
+
+fn reasoning_answer() -> Answer<'static> {
+    Answer {
+        reasoning: &["Let me ", "think."],
+        text: &["Hel", "lo"],
+        calls: &[("f", &["{}"])],
+        finish: "tool_calls",
+        usage: (7, 6),
+    }
+}
+
+#[test]
+fn reasoning_streams_as_a_thinking_block_first() {
+    let evs = events(&run(&plan(), &[reasoning_answer().stream().as_bytes()]));
+    let names: Vec<&str> = evs.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "message_start",
+            "ping",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop",
+        ]
+    );
+    assert_eq!(
+        evs[2].1,
+        json!({"type": "content_block_start", "index": 0,
+               "content_block": {"type": "thinking", "thinking": "", "signature": ""}})
+    );
+    assert_eq!(
+        evs[3].1,
+        json!({"type": "content_block_delta", "index": 0,
+               "delta": {"type": "thinking_delta", "thinking": "Let me "}})
+    );
+    assert_eq!(evs[6].1["content_block"]["type"], "text");
+    assert_eq!(evs[6].1["index"], 1);
+    let v = whole(&plan(), &reasoning_answer().whole()).unwrap();
+    assert_eq!(
+        v["content"][0],
+        json!({"type": "thinking", "thinking": "Let me think.", "signature": ""})
+    );
+    assert_eq!(v["content"][1], json!({"type": "text", "text": "Hello"}));
+    assert_eq!(v["content"][2]["type"], "tool_use");
 }
 
 #[test]
@@ -321,6 +429,11 @@ fn reassemble(evs: &[(String, Value)]) -> Value {
             "content_block_delta" => {
                 let i = d["index"].as_u64().unwrap() as usize;
                 match d["delta"]["type"].as_str().unwrap() {
+                    "thinking_delta" => {
+                        let t = msg["content"][i]["thinking"].as_str().unwrap().to_string();
+                        msg["content"][i]["thinking"] =
+                            json!(t + d["delta"]["thinking"].as_str().unwrap());
+                    }
                     "text_delta" => {
                         let t = msg["content"][i]["text"].as_str().unwrap().to_string();
                         msg["content"][i]["text"] = json!(t + d["delta"]["text"].as_str().unwrap());
@@ -348,7 +461,7 @@ fn reassemble(evs: &[(String, Value)]) -> Value {
 
 #[test]
 fn streams_cut_anywhere_reassemble_to_the_whole_answer() {
-    for answer in [text_answer(), tool_answer()] {
+    for answer in [text_answer(), tool_answer(), reasoning_answer()] {
         let plan = plan();
         let stream = answer.stream();
         let object = normal(&whole(&plan, &answer.whole()).unwrap());
@@ -370,6 +483,7 @@ fn stop_reasons_map() {
     let stop = |finish: &str, matched: Option<&str>| {
         let mut chat: Value = serde_json::from_slice(
             &Answer {
+                reasoning: &[],
                 text: &["x"],
                 calls: &[],
                 finish,
@@ -425,6 +539,7 @@ fn errors_become_error_events() {
     assert_eq!(evs.last().unwrap().0, "error");
     // Unparseable tool arguments in a whole answer: an upstream error.
     let bad = Answer {
+        reasoning: &[],
         text: &[],
         calls: &[("f", &["{not json"])],
         finish: "tool_calls",

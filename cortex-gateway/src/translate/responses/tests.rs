@@ -126,7 +126,18 @@ fn what_is_not_honoured_is_refused_by_name() {
             with("include", json!(["reasoning.encrypted_content"])),
             "include",
         ),
-        (with("reasoning", json!({"effort": "low"})), "reasoning"),
+        (
+            with("reasoning", json!({"effort": "extreme"})),
+            "reasoning.effort",
+        ),
+        (
+            with("reasoning", json!({"effort": "low", "summary": "detailed"})),
+            "reasoning.summary",
+        ),
+        (
+            with("reasoning", json!({"effort": "low", "budget": 5})),
+            "reasoning.budget",
+        ),
         (with("frobnicate", json!(1)), "frobnicate"),
         (
             with("tools", json!([{"type": "web_search"}])),
@@ -150,7 +161,14 @@ fn what_is_not_honoured_is_refused_by_name() {
         ),
         (with("text", json!({"verbosity": "low"})), "text.verbosity"),
         (
-            with("input", json!([{"type": "reasoning", "summary": []}])),
+            with(
+                "input",
+                json!([{"type": "reasoning", "summary": [], "extra": 1}]),
+            ),
+            "input[0].extra",
+        ),
+        (
+            with("input", json!([{"type": "item_reference", "id": "x"}])),
             "input[0].type",
         ),
         (
@@ -193,6 +211,7 @@ fn what_is_not_honoured_is_refused_by_name() {
 
 fn text_answer() -> Answer<'static> {
     Answer {
+        reasoning: &[],
         text: &["Hel", "lo", " wörld"],
         calls: &[],
         finish: "stop",
@@ -202,6 +221,7 @@ fn text_answer() -> Answer<'static> {
 
 fn tool_answer() -> Answer<'static> {
     Answer {
+        reasoning: &[],
         text: &["Calling."],
         calls: &[
             ("get_weather", &["{\"city\":", "\"Paris\"}"]),
@@ -217,6 +237,95 @@ fn plan() -> AnyPlan {
         json!({"model": "m", "input": "x", "metadata": {"k": "v"}, "user": "u",
         "tools": [{"type": "function", "name": "get_weather"}], "temperature": 0.2}),
     )
+}
+
+#[test]
+fn reasoning_maps_to_the_templates_enable_thinking() {
+    let of = |r: Value| {
+        let req = json!({"model": "m", "input": "x", "reasoning": r});
+        (
+            chat_of(req.clone())["chat_template_kwargs"].clone(),
+            whole(&plan_of(req), &text_answer().whole()).unwrap()["reasoning"].clone(),
+        )
+    };
+    let off = json!({"enable_thinking": false});
+    let on = json!({"enable_thinking": true});
+    assert_eq!(of(json!({"effort": "none"})).0, off);
+    assert_eq!(of(json!({"effort": "minimal"})).0, off);
+    for effort in ["low", "medium", "high", "xhigh"] {
+        assert_eq!(of(json!({"effort": effort, "summary": "auto"})).0, on);
+    }
+    // The response echoes the request's `reasoning`.
+    assert_eq!(of(json!({"effort": "high"})).1, json!({"effort": "high"}));
+    assert_eq!(of(json!({"summary": "auto"})).0, Value::Null);
+    // An earlier answer's reasoning item is accepted and left out.
+    let chat = chat_of(json!({"model": "m", "input": [
+        {"role": "user", "content": "x"},
+        {"type": "reasoning", "id": "rs_1", "summary": [],
+         "content": [{"type": "reasoning_text", "text": "hm"}]},
+        {"role": "assistant", "content": "y"},
+        {"role": "user", "content": "z"}]}));
+    assert_eq!(chat["messages"].as_array().unwrap().len(), 3, "{chat}");
+}
+
+fn reasoning_answer() -> Answer<'static> {
+    Answer {
+        reasoning: &["Let me ", "think."],
+        text: &["Hel", "lo"],
+        calls: &[("get_time", &["{}"])],
+        finish: "tool_calls",
+        usage: (7, 6),
+    }
+}
+
+#[test]
+fn reasoning_streams_as_a_reasoning_item_first() {
+    let evs = events(&run(&plan(), &[reasoning_answer().stream().as_bytes()]));
+    let names: Vec<&str> = evs.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names[..10],
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.reasoning_text.delta",
+            "response.reasoning_text.delta",
+            "response.reasoning_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.output_item.added",
+        ]
+    );
+    let added = &evs[2].1["item"];
+    assert!(added["id"].as_str().unwrap().starts_with("rs_"), "{added}");
+    assert_eq!(
+        normal(added),
+        json!({"id": "rs_X", "type": "reasoning", "status": "in_progress", "summary": [],
+               "content": []})
+    );
+    assert_eq!(
+        evs[3].1["part"],
+        json!({"type": "reasoning_text", "text": ""})
+    );
+    assert_eq!(evs[4].1["delta"], "Let me ");
+    assert_eq!(evs[4].1["item_id"], added["id"]);
+    assert_eq!(evs[4].1["content_index"], 0);
+    assert_eq!(evs[6].1["text"], "Let me think.");
+    assert_eq!(
+        normal(&evs[8].1["item"]),
+        json!({"id": "rs_X", "type": "reasoning", "status": "completed", "summary": [],
+               "content": [{"type": "reasoning_text", "text": "Let me think."}]})
+    );
+    assert_eq!(evs[9].1["item"]["type"], "message");
+    assert_eq!(evs[9].1["output_index"], 1);
+    let done = &evs.last().unwrap().1["response"];
+    assert_eq!(done["output"][0]["type"], "reasoning");
+    assert_eq!(done["output"][2]["type"], "function_call");
+    assert_eq!(
+        done["usage"]["output_tokens_details"]["reasoning_tokens"],
+        2
+    );
 }
 
 #[test]
@@ -313,13 +422,15 @@ fn reassemble(evs: &[(String, Value)]) -> Vec<Value> {
                 items.push(d["item"].clone());
                 acc.push(String::new());
             }
-            "response.output_text.delta" | "response.function_call_arguments.delta" => {
+            "response.output_text.delta"
+            | "response.reasoning_text.delta"
+            | "response.function_call_arguments.delta" => {
                 acc[i].push_str(d["delta"].as_str().unwrap())
             }
             "response.output_item.done" => {
                 let mut item = d["item"].clone();
                 match item["type"].as_str().unwrap() {
-                    "message" => item["content"][0]["text"] = json!(acc[i]),
+                    "message" | "reasoning" => item["content"][0]["text"] = json!(acc[i]),
                     _ => item["arguments"] = json!(acc[i]),
                 }
                 items[i] = item;
@@ -332,7 +443,7 @@ fn reassemble(evs: &[(String, Value)]) -> Vec<Value> {
 
 #[test]
 fn streams_cut_anywhere_reassemble_to_the_whole_answer() {
-    for answer in [text_answer(), tool_answer()] {
+    for answer in [text_answer(), tool_answer(), reasoning_answer()] {
         let plan = plan();
         let stream = answer.stream();
         let reference = normal(&Value::Array(
@@ -357,6 +468,7 @@ fn streams_cut_anywhere_reassemble_to_the_whole_answer() {
 #[test]
 fn a_length_stop_is_incomplete() {
     let answer = Answer {
+        reasoning: &[],
         text: &["Hel"],
         calls: &[],
         finish: "length",
