@@ -23,6 +23,8 @@ struct Merged {
     replicas: u32,
     loading: bool,
     capabilities: BTreeSet<String>,
+    /// The first replica's (replicas of one model share its files).
+    generation_defaults: Option<serde_json::Value>,
 }
 
 fn min_nonzero(cur: Option<u32>, v: u32) -> Option<u32> {
@@ -61,6 +63,9 @@ pub async fn list_models(
                 m.loading = true;
             }
             m.capabilities.extend(info.capabilities.iter().cloned());
+            if m.generation_defaults.is_none() {
+                m.generation_defaults = info.generation_defaults.clone();
+            }
         }
         if let Some(d) = &view.discovery {
             for c in &d.catalogue {
@@ -88,6 +93,7 @@ pub async fn list_models(
         ),
         replicas: Some(m.replicas),
         capabilities: Some(m.capabilities.iter().cloned().collect()),
+        generation_defaults: m.generation_defaults.clone(),
     };
     let mut data: Vec<ModelObject> = merged.iter().map(|(id, m)| object(id, m)).collect();
     let policy = gw.policy();

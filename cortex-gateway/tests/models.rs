@@ -16,6 +16,7 @@ async fn list_is_merged_with_helexa_fields() {
     .await;
     let b = MockNeuron::start("b", vec![MockModel::loaded("m", 4096)]).await;
     a.set_model("m", |m| m.output = 2048);
+    a.set(|bh| bh.generation_defaults = Some(serde_json::json!({"temperature": 0.6, "top_k": 20})));
     let mut cfg = config(&[("node-a", &a), ("node-b", &b)]);
     cfg.aliases.insert("gpt-4o".into(), "m".into());
     let h = start(cfg).await;
@@ -34,6 +35,11 @@ async fn list_is_merged_with_helexa_fields() {
     assert_eq!(m["max_output_tokens"], 2048);
     assert_eq!(m["status"], "loaded");
     assert_eq!(m["replicas"], 2);
+    // The model's own sampling defaults, as its neuron reports them.
+    assert_eq!(
+        m["generation_defaults"],
+        serde_json::json!({"temperature": 0.6, "top_k": 20})
+    );
     assert!(m["capabilities"]
         .as_array()
         .unwrap()

@@ -94,6 +94,17 @@ impl Server {
         events
     }
 
+    async fn info(&self) -> Value {
+        self.http
+            .get(format!("{}/info", self.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     async fn models(&self) -> Value {
         self.http
             .get(format!("{}/v1/models", self.base))
@@ -126,6 +137,7 @@ fn deltas(events: &[Value], field: &str) -> String {
 #[tokio::test]
 async fn a_prompt_that_opens_the_block_makes_the_output_reasoning() {
     let s = Server::start(reasoning_model(None)).await;
+    assert_eq!(s.info().await["reasoning"], true);
     let (status, r) = s.post(&ask(6)).await;
     assert_eq!(status, 200, "{r}");
     let msg = &r["choices"][0]["message"];
@@ -181,6 +193,7 @@ async fn chat_template_kwargs_reach_the_template() {
 #[tokio::test]
 async fn a_model_without_markers_has_no_reasoning() {
     let s = Server::start(TinyLlama::default()).await;
+    assert_eq!(s.info().await["reasoning"], false);
     let (status, r) = s.post(&ask(4)).await;
     assert_eq!(status, 200, "{r}");
     assert!(r["choices"][0]["message"]

@@ -37,4 +37,7 @@ pub struct ModelObject {
     pub replicas: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capabilities: Option<Vec<String>>,
+    /// The model's own sampling defaults, for fields a request omits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation_defaults: Option<serde_json::Value>,
 }

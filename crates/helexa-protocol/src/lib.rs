@@ -199,7 +199,12 @@ pub struct ModelInfo {
     pub limit: ModelLimit,
     pub capabilities: Vec<String>,
     pub tool_call: bool,
+    /// A reasoning model (its answers may carry `reasoning_content`).
     pub reasoning: bool,
+    /// The model's own sampling defaults (`generation_config.json`, GGUF
+    /// metadata), applied to fields a request omits; absent when none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation_defaults: Option<serde_json::Value>,
     /// Where the tokenizer lives on the node (informational); cortex fetches
     /// it through `GET /models/{id}/tokenizer`.
     pub tokenizer: Option<String>,

@@ -144,6 +144,8 @@ pub struct Behaviour {
     /// streaming, `message.reasoning_content` otherwise; each counts as one
     /// token in `usage.completion_tokens_details.reasoning_tokens`.
     pub reasoning: Vec<String>,
+    /// `generation_defaults` every model reports in `/models`.
+    pub generation_defaults: Option<Value>,
 }
 
 impl Default for Behaviour {
@@ -167,6 +169,7 @@ impl Default for Behaviour {
             finish_reason: None,
             stop_reason: None,
             reasoning: Vec::new(),
+            generation_defaults: None,
         }
     }
 }
@@ -471,6 +474,7 @@ async fn models(State(s): St, headers: HeaderMap) -> Response {
                 .behaviour
                 .serve_tokenizer
                 .then(|| format!("/models/{}/tokenizer", m.id)),
+            generation_defaults: g.behaviour.generation_defaults.clone(),
             ..Default::default()
         })
         .collect();

@@ -156,6 +156,7 @@ pub async fn openai_models(State(state): State<AppState>) -> Json<ModelList> {
                 ),
                 replicas: Some(u32::from(m.status == helexa_protocol::ModelStatus::Loaded)),
                 capabilities: Some(m.capabilities),
+                generation_defaults: m.generation_defaults,
             }
         })
         .collect();

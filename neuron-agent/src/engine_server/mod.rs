@@ -378,6 +378,7 @@ async fn info(State(st): State<Arc<EngineState>>) -> Response {
         "capabilities": GENERATE_CAPABILITIES,
         "has_chat_template": meta.has_chat_template,
         "generation_defaults": meta.generation_defaults.to_json(),
+        "reasoning": engine.reasoning_markers().is_some(),
         "tokenizer": st.tokenizer_path.as_ref().map(|p| p.display().to_string()),
     }))
     .into_response()

@@ -122,7 +122,11 @@ impl Registry {
                 },
                 tool_call: capabilities.iter().any(|c| c == "tools"),
                 capabilities,
-                reasoning: false,
+                reasoning: info.reasoning,
+                generation_defaults: info
+                    .generation_defaults
+                    .clone()
+                    .filter(|v| v.as_object().is_some_and(|o| !o.is_empty())),
                 tokenizer: Some(format!("/models/{}/tokenizer", slot.spec.id)),
             });
         }

@@ -42,6 +42,8 @@ pub struct EngineInfo {
     pub weights_bytes: u64,
     pub capabilities: Vec<String>,
     pub tokenizer: Option<String>,
+    pub reasoning: bool,
+    pub generation_defaults: Option<serde_json::Value>,
 }
 
 /// `GET /health` of a ready engine.
