@@ -96,11 +96,18 @@ async fn requests_need_a_known_key_in_either_header() {
     let events = sse_data(r).await;
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
 
-    let m = h.metrics().await;
-    assert!(
-        m.contains(r#"cortex_requests_total{key="team",model="m",node="node-a",status="200"} 2"#),
-        "{m}"
-    );
+    // A request is counted when its relay ends, which for a stream can be
+    // just after the client has read `[DONE]`.
+    let want = r#"cortex_requests_total{key="team",model="m",node="node-a",status="200"} 2"#;
+    let mut m = h.metrics().await;
+    for _ in 0..100 {
+        if m.contains(want) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        m = h.metrics().await;
+    }
+    assert!(m.contains(want), "{m}");
     assert!(
         m.contains(r#"cortex_key_rejections_total{key="-",reason="unauthenticated"} 3"#),
         "{m}"
