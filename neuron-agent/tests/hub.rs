@@ -304,6 +304,18 @@ async fn load(agent: &neuron_agent::Agent, id: &str) -> (u16, Value) {
     post_json(agent, "/models/load", json!({"model": id})).await
 }
 
+/// The bytes of the default model (`scripts/fetch-model`).
+fn default_gguf() -> Vec<u8> {
+    let path = std::env::var_os("HELEXA_MODEL_DIR")
+        .map(|d| PathBuf::from(d).join("SmolLM2-135M-Instruct.Q4_1.gguf"))
+        .unwrap_or_else(|| {
+            neuron_agent::config::expand_tilde(Path::new(
+                "~/.cache/helexa/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+            ))
+        });
+    std::fs::read(&path).expect("the default model (scripts/fetch-model)")
+}
+
 /// Checks the hub cache layout of one file; returns its snapshot path.
 fn assert_cached(cache: &Path, repo: &str, file: &str, bytes: &[u8], lfs: bool) -> PathBuf {
     let dir = cache.join(format!("models--{}", repo.replace('/', "--")));
@@ -337,13 +349,7 @@ fn assert_cached(cache: &Path, repo: &str, file: &str, bytes: &[u8], lfs: bool) 
 /// engine serves it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repo_with_quant_is_fetched_verified_cached_and_served_by_the_real_engine() {
-    let gguf_path = neuron_agent::config::expand_tilde(Path::new(
-        "~/.cache/helexa/models/SmolLM2-135M-Instruct.Q4_1.gguf",
-    ));
-    let gguf_path = std::env::var_os("HELEXA_MODEL_DIR")
-        .map(|d| PathBuf::from(d).join("SmolLM2-135M-Instruct.Q4_1.gguf"))
-        .unwrap_or(gguf_path);
-    let gguf = std::fs::read(&gguf_path).expect("the default model (scripts/fetch-model)");
+    let gguf = default_gguf();
     let hub = Hub::start().await;
     let repo = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF";
     hub.add(
@@ -808,14 +814,7 @@ async fn files_fetched_by_other_tools_are_reused() {
 /// at the next start, so the refusal then comes before anything is fetched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetched_repo_model_is_checked_against_the_memory_budget() {
-    let gguf_path = std::env::var_os("HELEXA_MODEL_DIR")
-        .map(|d| PathBuf::from(d).join("SmolLM2-135M-Instruct.Q4_1.gguf"))
-        .unwrap_or_else(|| {
-            neuron_agent::config::expand_tilde(Path::new(
-                "~/.cache/helexa/models/SmolLM2-135M-Instruct.Q4_1.gguf",
-            ))
-        });
-    let gguf = std::fs::read(&gguf_path).expect("the default model (scripts/fetch-model)");
+    let gguf = default_gguf();
     let hub = Hub::start().await;
     let repo = "org/budget-GGUF";
     hub.add(repo, vec![("model.Q4_1.gguf", gguf.clone())]);

@@ -439,8 +439,14 @@ fn a_tokenizer_json_beside_the_gguf_is_used_only_when_it_matches() {
 /// An engine of its own, so that other tests' sequences do not take over
 /// the slots whose caches these tests count on.
 fn private_engine(slots: usize) -> Engine {
+    cached_engine(slots, EngineConfig::new(model_path()).prefix_cache_bytes)
+}
+
+/// `private_engine` with a prefix cache budget of `bytes`.
+fn cached_engine(slots: usize, bytes: u64) -> Engine {
     let mut cfg = EngineConfig::new(model_path());
     cfg.max_batch = slots;
+    cfg.prefix_cache_bytes = bytes;
     Engine::load(cfg).expect("model loads")
 }
 
@@ -546,15 +552,10 @@ fn the_prefix_cache_stays_within_its_byte_budget() {
     let p = long_system("Which screwdriver fits a Torx screw?");
     // Shares only `<|im_start|>` with `p`: it goes to the other slot.
     let q = chatml("Which saw cuts tiles?");
-    let mut cfg = EngineConfig::new(model_path());
-    cfg.max_batch = 2;
-    let e = Engine::load(cfg).expect("model loads");
+    let e = private_engine(2);
     let len = e.tokenize(&p, true).unwrap().len();
     // Room for one finished sequence's prefix (prompt + what it generated).
-    let mut cfg = EngineConfig::new(model_path());
-    cfg.max_batch = 2;
-    cfg.prefix_cache_bytes = ((len + 8) * per_position) as u64;
-    let small = Engine::load(cfg).expect("model loads");
+    let small = cached_engine(2, ((len + 8) * per_position) as u64);
     collect(submit(&small, &p, 4));
     assert!(small.stats().prefix_cache_bytes > 0);
     collect(submit(&small, &q, 4));
@@ -565,9 +566,7 @@ fn the_prefix_cache_stays_within_its_byte_budget() {
     let again = collect(submit(&small, &p, 4));
     assert_eq!(again.cached, 0);
     // Budget 0: nothing is kept across requests.
-    let mut cfg = EngineConfig::new(model_path());
-    cfg.prefix_cache_bytes = 0;
-    let none = Engine::load(cfg).expect("model loads");
+    let none = cached_engine(EngineConfig::new(model_path()).max_batch, 0);
     collect(submit(&none, &p, 4));
     assert_eq!(collect(submit(&none, &p, 4)).cached, 0);
     assert_eq!(none.stats().prefix_cache_bytes, 0);
