@@ -126,6 +126,15 @@ impl Harness {
     }
 }
 
+/// Whether a tpm bucket read `spent` tokens lower than at `since`, after
+/// an answer that used `used`: the bucket refills at tpm/60 a second, so
+/// the allowance grows with the time since (plus one for flooring).
+#[allow(dead_code)]
+pub fn charged(spent: i64, used: i64, tpm: u64, since: Instant) -> bool {
+    let refilled = (since.elapsed().as_secs_f64() * tpm as f64 / 60.0).ceil() as i64;
+    spent <= used + 1 && spent >= used - refilled - 1
+}
+
 pub fn chat_body(model: &str, stream: bool) -> Value {
     json!({"model": model, "stream": stream,
            "messages": [{"role": "user", "content": "hello world"}]})
