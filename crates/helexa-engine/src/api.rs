@@ -32,6 +32,33 @@ pub struct EngineConfig {
     /// reuse across requests (the choices of one `n` > 1 request still
     /// share their prompt).
     pub prefix_cache_bytes: u64,
+    /// Which forward pass runs a GGUF on the CPU (CUDA always runs the
+    /// device-generic one).
+    pub kernels: Kernels,
+}
+
+/// The forward pass of a GGUF model on the CPU.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Kernels {
+    /// Our own CPU kernels (`kernels/`): the fastest on a CPU.
+    #[default]
+    Native,
+    /// The device-generic decoder over candle's tensors: what CUDA runs,
+    /// here on candle's CPU device (to test or compare it).
+    Candle,
+}
+
+impl std::str::FromStr for Kernels {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "native" => Ok(Kernels::Native),
+            "candle" => Ok(Kernels::Candle),
+            other => Err(format!(
+                "kernels must be \"native\" or \"candle\", got {other:?}"
+            )),
+        }
+    }
 }
 
 /// Default prefix cache budget: 1 GiB.
@@ -48,6 +75,7 @@ impl EngineConfig {
             max_batch: 8,
             threads: None,
             prefix_cache_bytes: DEFAULT_PREFIX_CACHE_BYTES,
+            kernels: Kernels::Native,
         }
     }
 }

@@ -127,32 +127,53 @@ impl Engine {
         if path.is_dir() {
             return Engine::load_dir(&cfg);
         }
-        if let DeviceSpec::Cuda(i) = cfg.device {
-            // GGUF runs on our CPU kernels; CUDA needs the dense path.
-            return Err(load_err(
-                &path,
-                format!("CUDA device {i} requested, but GGUF models run on the CPU only; use DeviceSpec::Cpu"),
-            ));
-        }
         if !path.exists() {
             return Err(load_err(&path, "no such file (run scripts/fetch-model?)"));
+        }
+        let slots = cfg.max_batch.max(1);
+        if matches!(cfg.device, DeviceSpec::Cuda(_)) || cfg.kernels == Kernels::Candle {
+            let loaded = gguf::load_on_device(&path, cfg.device, cfg.max_context, slots)
+                .map_err(|m| load_err(&path, m))?;
+            let parts = Engine::gguf_parts(&cfg, &loaded, 0)?;
+            let tokenizer = Engine::gguf_tokenizer(&cfg, &loaded.metadata)?;
+            return Engine::start(&cfg, tokenizer, parts, Box::new(loaded.model));
         }
         let threads = cfg
             .threads
             .filter(|&t| t > 0)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        let slots = cfg.max_batch.max(1);
         let loaded =
             gguf::load(&path, cfg.max_context, slots, threads).map_err(|m| load_err(&path, m))?;
+        let parts = Engine::gguf_parts(&cfg, &loaded, threads)?;
+        let tokenizer = Engine::gguf_tokenizer(&cfg, &loaded.metadata)?;
+        Engine::start(&cfg, tokenizer, parts, Box::new(loaded.model))
+    }
+
+    fn gguf_tokenizer(
+        cfg: &EngineConfig,
+        md: &HashMap<String, Value>,
+    ) -> Result<Tokenizer, EngineError> {
+        let path = &cfg.model_path;
+        match &cfg.tokenizer_path {
+            Some(p) => crate::tokenizer::tokenizer_from_file(p),
+            None => match beside(path, "tokenizer.json") {
+                Some(p) => sidecar_tokenizer(&p, md),
+                None => crate::tokenizer::tokenizer_from_gguf(md),
+            },
+        }
+    }
+
+    /// What a GGUF's metadata says about the model, whichever decoder runs it.
+    fn gguf_parts<M: Model>(
+        cfg: &EngineConfig,
+        loaded: &gguf::GgufLoaded<M>,
+        threads: usize,
+    ) -> Result<Parts, EngineError> {
+        let path = cfg.model_path.clone();
+        let slots = cfg.max_batch.max(1);
         let md = &loaded.metadata;
 
-        let tokenizer = match &cfg.tokenizer_path {
-            Some(p) => crate::tokenizer::tokenizer_from_file(p)?,
-            None => match beside(&path, "tokenizer.json") {
-                Some(p) => sidecar_tokenizer(&p, md)?,
-                None => crate::tokenizer::tokenizer_from_gguf(md)?,
-            },
-        };
+        let tokenizer = Engine::gguf_tokenizer(cfg, md)?;
         let bos_id = md_u32(md, "tokenizer.ggml.bos_token_id");
         let add_bos = md
             .get("tokenizer.ggml.add_bos_token")
@@ -160,12 +181,12 @@ impl Engine {
             .unwrap_or(false)
             .then_some(bos_id)
             .flatten();
-        let parts = Parts {
+        Ok(Parts {
             name: loaded.name.clone().unwrap_or_else(|| stem(&path)),
             architecture: loaded.architecture.clone(),
             context_length: loaded.model.context_length(),
             trained_context: loaded.trained_context,
-            vocab_size: loaded.model.config().vocab_size,
+            vocab_size: loaded.vocab_size,
             bos_token: bos_id.and_then(|i| tokenizer.id_to_token(i)),
             eos_ids: md_u32(md, "tokenizer.ggml.eos_token_id")
                 .into_iter()
@@ -188,8 +209,7 @@ impl Engine {
                     .flatten()
                     .unwrap_or_default(),
             ),
-        };
-        Engine::start(&cfg, tokenizer, parts, Box::new(loaded.model))
+        })
     }
 
     /// A safetensors + `config.json` directory.
@@ -229,7 +249,7 @@ impl Engine {
         }
         let parts = Parts {
             name: loaded.name.clone().unwrap_or_else(|| stem(path)),
-            architecture: "llama".to_string(),
+            architecture: loaded.architecture.clone(),
             context_length: loaded.model.context_length(),
             trained_context: loaded.trained_context,
             vocab_size: loaded.vocab_size,

@@ -17,7 +17,7 @@
 
 use helexa_api::chat::ChatMessage;
 use helexa_engine::{
-    Engine, EngineConfig, FinishReason, GenEvent, GenerationRequest, SamplingParams,
+    Engine, EngineConfig, FinishReason, GenEvent, GenerationRequest, Kernels, SamplingParams,
 };
 use serde_json::Value;
 use std::path::PathBuf;
@@ -43,8 +43,14 @@ fn model_path() -> PathBuf {
 }
 
 fn load_engine() -> Engine {
+    load_engine_with(Kernels::Native)
+}
+
+fn load_engine_with(kernels: Kernels) -> Engine {
     let path = model_path();
-    match Engine::load(EngineConfig::new(&path)) {
+    let mut cfg = EngineConfig::new(&path);
+    cfg.kernels = kernels;
+    match Engine::load(cfg) {
         Ok(e) => e,
         Err(e) => panic!("Engine::load({}) failed: {e}", path.display()),
     }
@@ -222,6 +228,16 @@ fn generate_greedy(
 
 #[test]
 fn greedy_generation_matches_llama_cpp() {
+    greedy_parity(Kernels::Native);
+}
+
+/// The device-generic decoder (what CUDA runs), here on candle's CPU device.
+#[test]
+fn greedy_generation_on_the_candle_decoder_matches_llama_cpp() {
+    greedy_parity(Kernels::Candle);
+}
+
+fn greedy_parity(kernels: Kernels) {
     let fx = fixture("greedy.json");
     let max_new_tokens = fx["max_new_tokens"].as_u64().unwrap() as usize;
     let eog = ids(&fx["eog_token_ids"]);
@@ -236,7 +252,7 @@ fn greedy_generation_matches_llama_cpp() {
         "greedy.json: fewer than 3 cases with an agreed prefix of 16+ tokens"
     );
 
-    let engine = load_engine();
+    let engine = load_engine_with(kernels);
     let mut failures = Vec::new();
     for case in cases(&fx) {
         let name = case["name"].as_str().unwrap();

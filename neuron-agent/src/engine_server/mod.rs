@@ -76,6 +76,11 @@ pub struct EngineArgs {
     /// prefix, MiB (0: no reuse across requests).
     #[arg(long, default_value_t = 1024)]
     pub prefix_cache_mb: u64,
+    /// The forward pass of a GGUF on the CPU: `native` (our kernels, the
+    /// fastest) or `candle` (the device-generic decoder CUDA runs, on
+    /// candle's CPU device). CUDA devices always run the latter.
+    #[arg(long, default_value = "native")]
+    pub kernels: helexa_engine::Kernels,
     /// Seconds between SSE keep-alive comments while a prompt prefills.
     #[arg(long, default_value_t = 1)]
     pub keep_alive_secs: u64,
@@ -517,6 +522,7 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
             max_batch: args.max_batch.max(1),
             threads: args.threads,
             prefix_cache_bytes: args.prefix_cache_mb.saturating_mul(1 << 20),
+            kernels: args.kernels,
         };
         tokio::task::spawn_blocking(move || Engine::load(cfg).map(Loaded::Generator))
     };

@@ -2,6 +2,7 @@
 //! memory-mapped in place (the file's pages are shared with the page cache;
 //! only norms and biases are copied out as f32).
 
+use super::device::{gguf_weights, inv_freq, DeviceLlama};
 use super::llama::{Layer, LlamaConfig, LlamaModel, RopeStyle, Weights};
 use crate::kernels::matmul::{Mapped, QMatrix};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -10,8 +11,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// What loading a GGUF yields besides the model.
-pub struct GgufLoaded {
-    pub model: LlamaModel,
+pub struct GgufLoaded<M = LlamaModel> {
+    pub model: M,
+    pub vocab_size: usize,
     pub metadata: HashMap<String, Value>,
     pub architecture: String,
     pub name: Option<String>,
@@ -98,21 +100,12 @@ fn md_f(md: &HashMap<String, Value>, key: &str) -> Option<f32> {
     })
 }
 
-/// Loads `path`. `max_context` caps the served context; `slots` is the number
-/// of sequences cached at once.
-pub fn load(
-    path: &Path,
+/// The architecture, hyper-parameters (`vocab_size` 0: it comes from the
+/// tensors) and trained context in a llama-family GGUF's metadata.
+pub(crate) fn hyper(
+    md: &HashMap<String, Value>,
     max_context: Option<usize>,
-    slots: usize,
-    threads: usize,
-) -> Result<GgufLoaded, String> {
-    let mut file = std::fs::File::open(path).map_err(|e| format!("open: {e}"))?;
-    let ct = Content::read(&mut file).map_err(|e| format!("not a readable GGUF file: {e}"))?;
-    // SAFETY: the file is opened read-only and not modified while mapped (model
-    // files are immutable once fetched; truncation would be an operator error).
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| format!("mmap: {e}"))?;
-    let map = Arc::new(map);
-    let md = &ct.metadata;
+) -> Result<(String, LlamaConfig, usize), String> {
     let arch = md
         .get("general.architecture")
         .and_then(|v| v.to_string().ok())
@@ -154,6 +147,49 @@ pub fn load(
             "inconsistent attention shape: {n_head} heads, {n_kv_head} kv heads, head dim {head_dim}, rope dim {rope_dim}"
         ));
     }
+
+    let cfg = LlamaConfig {
+        n_layer,
+        n_embd,
+        n_ff,
+        n_head,
+        n_kv_head,
+        head_dim,
+        rope_dim,
+        rope_theta,
+        rope_style,
+        rms_eps,
+        vocab_size: 0,
+        context,
+    };
+    Ok((arch, cfg, trained_context))
+}
+
+/// Loads `path`. `max_context` caps the served context; `slots` is the number
+/// of sequences cached at once.
+pub fn load(
+    path: &Path,
+    max_context: Option<usize>,
+    slots: usize,
+    threads: usize,
+) -> Result<GgufLoaded, String> {
+    let mut file = std::fs::File::open(path).map_err(|e| format!("open: {e}"))?;
+    let ct = Content::read(&mut file).map_err(|e| format!("not a readable GGUF file: {e}"))?;
+    // SAFETY: the file is opened read-only and not modified while mapped (model
+    // files are immutable once fetched; truncation would be an operator error).
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| format!("mmap: {e}"))?;
+    let map = Arc::new(map);
+    let (arch, mut cfg, trained_context) = hyper(&ct.metadata, max_context)?;
+    let md = &ct.metadata;
+    let LlamaConfig {
+        n_layer,
+        n_embd,
+        n_ff,
+        n_head,
+        n_kv_head,
+        head_dim,
+        ..
+    } = cfg.clone();
 
     let rd = Reader {
         ct: &ct,
@@ -212,20 +248,7 @@ pub fn load(
         return Err("embedding shapes do not match the metadata".into());
     }
     let weights_bytes = map.len() as u64;
-    let cfg = LlamaConfig {
-        n_layer,
-        n_embd,
-        n_ff,
-        n_head,
-        n_kv_head,
-        head_dim,
-        rope_dim,
-        rope_theta,
-        rope_style,
-        rms_eps,
-        vocab_size,
-        context,
-    };
+    cfg.vocab_size = vocab_size;
     let w = Weights {
         tok_embd,
         output,
@@ -241,6 +264,51 @@ pub fn load(
     drop(rd);
     Ok(GgufLoaded {
         model,
+        vocab_size,
+        metadata: ct.metadata,
+        architecture: arch,
+        name,
+        trained_context,
+        weights_bytes,
+    })
+}
+
+/// Loads `path` onto a candle device for the device-generic decoder
+/// ([`DeviceLlama`]): CUDA, or candle's CPU device (`--kernels candle`).
+/// Quantized matrices stay quantized (candle's `QMatMul` kernels).
+pub fn load_on_device(
+    path: &Path,
+    spec: crate::api::DeviceSpec,
+    max_context: Option<usize>,
+    slots: usize,
+) -> Result<GgufLoaded<DeviceLlama>, String> {
+    let mut file = std::fs::File::open(path).map_err(|e| format!("open: {e}"))?;
+    let ct = Content::read(&mut file).map_err(|e| format!("not a readable GGUF file: {e}"))?;
+    let (arch, mut cfg, trained_context) = hyper(&ct.metadata, max_context)?;
+    let rows = |name: &str| {
+        ct.tensor_infos
+            .get(name)
+            .and_then(|i| i.shape.dims().first().copied())
+    };
+    cfg.vocab_size = rows("output.weight")
+        .or_else(|| rows("token_embd.weight"))
+        .ok_or("tensor token_embd.weight is missing")?;
+    let (device, _) = super::safetensors::device(spec)?;
+    // candle's quantized kernels take f32 activations.
+    let dtype = candle_core::DType::F32;
+    let (weights, rope_freqs) = gguf_weights(&ct, &mut file, &cfg, &device, dtype)?;
+    let inv = inv_freq(&cfg, rope_freqs.as_deref());
+    let weights_bytes = file.metadata().map_or(0, |m| m.len());
+    let vocab_size = cfg.vocab_size;
+    let model = DeviceLlama::new(cfg, weights, &inv, slots, device, dtype)?;
+    let name = ct
+        .metadata
+        .get("general.name")
+        .and_then(|v| v.to_string().ok())
+        .cloned();
+    Ok(GgufLoaded {
+        model,
+        vocab_size,
         metadata: ct.metadata,
         architecture: arch,
         name,

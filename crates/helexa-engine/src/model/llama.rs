@@ -122,6 +122,7 @@ impl LlamaModel {
         })
     }
 
+    #[cfg(test)]
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
     }

@@ -2,6 +2,7 @@
 //! chunks of several sequences, each at its own position in its own KV-cache
 //! slot, and get the next-token logits of each chunk.
 
+pub mod device;
 pub mod gguf;
 pub mod llama;
 pub mod safetensors;
@@ -49,6 +50,8 @@ pub trait Model: Send {
     }
 }
 
+#[cfg(test)]
+mod device_tests;
 #[cfg(test)]
 mod synthetic_tests;
 #[cfg(test)]
