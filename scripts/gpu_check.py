@@ -206,7 +206,7 @@ def stage_decode(args, report):
     d = os.path.join(args.work, "llama3-8b-shape")
     t0 = time.time()
     model = make_model(d, dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                               num_hidden_layers=32, num_attention_heads=32,
+                               num_hidden_layers=args.decode_layers, num_attention_heads=32,
                                num_key_value_heads=8, max_position_embeddings=8192,
                                rope_theta=500000.0, rms_norm_eps=1e-5,
                                tie_word_embeddings=False), torch.bfloat16)
@@ -218,7 +218,7 @@ def stage_decode(args, report):
     bw = args.bandwidth_gbs * 1e9
     roofline = bw / per_step
     eng = Engine(args.neuron, d, max_batch=16, max_context=4096)
-    n_tokens = 128
+    n_tokens = args.decode_tokens
     body = lambda seed: {"model": "m", "prompt": [3 + seed, 17, 99, 1000 + seed] * 8,
                          "max_tokens": n_tokens, "temperature": 0,
                          "logit_bias": {"2": -100}}
@@ -247,7 +247,7 @@ def stage_decode(args, report):
     finally:
         eng.stop()
     report["decode"] = log(
-        "decode", weights_gb=round(total / 1e9, 2), bytes_per_step_gb=round(per_step / 1e9, 2),
+        "decode", layers=args.decode_layers, weights_gb=round(total / 1e9, 2), bytes_per_step_gb=round(per_step / 1e9, 2),
         bandwidth_gbs=args.bandwidth_gbs, roofline_tok_s_batch1=round(roofline, 1),
         batch1_tok_s=round(res["batch1_tok_s"], 1),
         batch1_of_roofline=round(res["batch1_tok_s"] / roofline, 3),
@@ -265,6 +265,9 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--stages", default="parity,decode")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run")
+    ap.add_argument("--decode-layers", type=int, default=32,
+                    help="layers of the Llama-3-8B-shaped model (fewer for a dry run)")
+    ap.add_argument("--decode-tokens", type=int, default=128, help="tokens per stream")
     ap.add_argument("--bandwidth-gbs", type=float, default=4800.0,
                     help="HBM bandwidth, GB/s (H200: 4800; H100 SXM: 3350)")
     args = ap.parse_args()
