@@ -69,8 +69,8 @@ def make_model(directory, cfg_kwargs, dtype, seed=0):
 
 
 class Engine:
-    def __init__(self, neuron, model_dir, max_batch, max_context):
-        self.log = open(os.path.join(model_dir, "engine.log"), "w")
+    def __init__(self, neuron, model_dir, max_batch, max_context, log_path):
+        self.log = open(log_path, "w")
         self.proc = subprocess.Popen(
             [neuron, "engine", "--model", model_dir, "--id", "m",
              "--device", "cpu" if DEVICE == "cpu" else "cuda:0",
@@ -148,7 +148,8 @@ def stage_parity(args, report):
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (5, 37, 300)]
 
-    eng = Engine(args.neuron, d, max_batch=4, max_context=2048)
+    eng = Engine(args.neuron, d, max_batch=4, max_context=2048,
+                 log_path=os.path.join(os.path.dirname(args.out), "parity-engine.log"))
     worst_lp, first_ok, agreed = 0.0, 0, []
     try:
         for p in prompts:
@@ -211,13 +212,26 @@ def stage_decode(args, report):
                                rope_theta=500000.0, rms_norm_eps=1e-5,
                                tie_word_embeddings=False), torch.bfloat16)
     total, per_step = weight_bytes(model)
+    # transformers' own eager decode of the same checkpoint, for context.
+    hf_tok_s = None
+    if DEVICE == "cuda":
+        with torch.no_grad():
+            ids = torch.tensor([[3, 17, 99, 1000] * 8], device=DEVICE)
+            model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+            torch.cuda.synchronize()
+            t1 = time.time()
+            out = model.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                                 pad_token_id=0)
+            torch.cuda.synchronize()
+            hf_tok_s = (out.shape[1] - ids.shape[1]) / (time.time() - t1)
     del model
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
     make_s = time.time() - t0
     bw = args.bandwidth_gbs * 1e9
     roofline = bw / per_step
-    eng = Engine(args.neuron, d, max_batch=16, max_context=4096)
+    eng = Engine(args.neuron, d, max_batch=16, max_context=4096,
+                 log_path=os.path.join(os.path.dirname(args.out), "decode-engine.log"))
     n_tokens = args.decode_tokens
     body = lambda seed: {"model": "m", "prompt": [3 + seed, 17, 99, 1000 + seed] * 8,
                          "max_tokens": n_tokens, "temperature": 0,
@@ -254,6 +268,7 @@ def stage_decode(args, report):
         batch16_aggregate_tok_s=round(res["batch16_aggregate_tok_s"], 1),
         batch16_of_roofline=round(res["batch16_aggregate_tok_s"] / (16 * roofline), 3),
         batch16_over_batch1=round(res["batch16_aggregate_tok_s"] / res["batch1_tok_s"], 2),
+        transformers_batch1_tok_s=hf_tok_s and round(hf_tok_s, 1),
         make_checkpoint_s=round(make_s, 1), engine_load_s=round(eng.load_s, 1))
     return True
 
