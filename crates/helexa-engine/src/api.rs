@@ -35,6 +35,35 @@ pub struct EngineConfig {
     /// Which forward pass runs a GGUF on the CPU (CUDA always runs the
     /// device-generic one).
     pub kernels: Kernels,
+    /// Weights, activations and KV cache of a safetensors model.
+    pub dtype: Dtype,
+}
+
+/// `--dtype`: what a safetensors model computes in. GGUF models always run
+/// with f32 activations (candle's quantized kernels take f32).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Dtype {
+    /// f32 on the CPU; on CUDA the checkpoint's f16, else bf16.
+    #[default]
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+impl std::str::FromStr for Dtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Dtype::Auto),
+            "f32" | "float32" => Ok(Dtype::F32),
+            "f16" | "float16" => Ok(Dtype::F16),
+            "bf16" | "bfloat16" => Ok(Dtype::Bf16),
+            other => Err(format!(
+                "dtype must be auto, f32, f16 or bf16, got {other:?}"
+            )),
+        }
+    }
 }
 
 /// The forward pass of a GGUF model on the CPU.
@@ -76,6 +105,7 @@ impl EngineConfig {
             threads: None,
             prefix_cache_bytes: DEFAULT_PREFIX_CACHE_BYTES,
             kernels: Kernels::Native,
+            dtype: Dtype::Auto,
         }
     }
 }

@@ -131,6 +131,15 @@ impl Engine {
             return Err(load_err(&path, "no such file (run scripts/fetch-model?)"));
         }
         let slots = cfg.max_batch.max(1);
+        if !matches!(cfg.dtype, Dtype::Auto | Dtype::F32) {
+            return Err(load_err(
+                &path,
+                format!(
+                    "dtype {:?} is for safetensors models; a GGUF runs with f32 activations",
+                    cfg.dtype
+                ),
+            ));
+        }
         if matches!(cfg.device, DeviceSpec::Cuda(_)) || cfg.kernels == Kernels::Candle {
             let loaded = gguf::load_on_device(&path, cfg.device, cfg.max_context, slots)
                 .map_err(|m| load_err(&path, m))?;
@@ -229,7 +238,7 @@ impl Engine {
             ));
         }
         let slots = cfg.max_batch.max(1);
-        let loaded = safetensors::load(path, cfg.device, cfg.max_context, slots)
+        let loaded = safetensors::load(path, cfg.device, cfg.dtype, cfg.max_context, slots)
             .map_err(|m| load_err(path, m))?;
         let tokenizer = crate::tokenizer::tokenizer_from_file(&tok_path)?;
         let bos_id = loaded.bos_token_id.or_else(|| {

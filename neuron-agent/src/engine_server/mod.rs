@@ -81,6 +81,10 @@ pub struct EngineArgs {
     /// candle's CPU device). CUDA devices always run the latter.
     #[arg(long, default_value = "native")]
     pub kernels: helexa_engine::Kernels,
+    /// What a safetensors model computes in: `auto` (f32 on the CPU; on
+    /// CUDA the checkpoint's f16, else bf16), `f32`, `f16` or `bf16`.
+    #[arg(long, default_value = "auto")]
+    pub dtype: helexa_engine::Dtype,
     /// Seconds between SSE keep-alive comments while a prompt prefills.
     #[arg(long, default_value_t = 1)]
     pub keep_alive_secs: u64,
@@ -523,6 +527,7 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
             threads: args.threads,
             prefix_cache_bytes: args.prefix_cache_mb.saturating_mul(1 << 20),
             kernels: args.kernels,
+            dtype: args.dtype,
         };
         tokio::task::spawn_blocking(move || Engine::load(cfg).map(Loaded::Generator))
     };

@@ -97,6 +97,10 @@ pub struct DeviceLlama {
     /// `[context, rope_dim / 2]`, in `dtype`.
     cos: Tensor,
     sin: Tensor,
+    /// The same times 1/sqrt(head_dim), for queries: RoPE is linear, so
+    /// this applies attention's scale for free (when RoPE covers the head).
+    cos_q: Tensor,
+    sin_q: Tensor,
     slots: usize,
     /// Positions each slot's cache holds now (all layers, all slots).
     cap: usize,
@@ -136,11 +140,24 @@ impl DeviceLlama {
                 sin[p * half + i] = a.sin() as f32;
             }
         }
-        let table = |v: Vec<f32>| -> CResult<Tensor> {
+        let scale = if cfg.rope_dim == cfg.head_dim {
+            1.0 / (cfg.head_dim as f32).sqrt()
+        } else {
+            1.0
+        };
+        let table = |v: &[f32], k: f32| -> CResult<Tensor> {
+            let v: Vec<f32> = v.iter().map(|x| x * k).collect();
             Tensor::from_vec(v, (cfg.context, half), &device)?.to_dtype(dtype)
         };
-        let cos = table(cos).map_err(|e| e.to_string())?;
-        let sin = table(sin).map_err(|e| e.to_string())?;
+        let tables = (|| -> CResult<_> {
+            Ok((
+                table(&cos, 1.0)?,
+                table(&sin, 1.0)?,
+                table(&cos, scale)?,
+                table(&sin, scale)?,
+            ))
+        })();
+        let (cos, sin, cos_q, sin_q) = tables.map_err(|e| e.to_string())?;
         Ok(DeviceLlama {
             cfg,
             device,
@@ -148,6 +165,8 @@ impl DeviceLlama {
             w,
             cos,
             sin,
+            cos_q,
+            sin_q,
             slots: slots.max(1),
             cap: 0,
             cache: Vec::new(),
@@ -248,8 +267,9 @@ impl DeviceLlama {
         let ids_t = Tensor::from_vec(ids, m, dev)?;
         let pos_t = Tensor::from_vec(pos, m, dev)?;
         let half = c.rope_dim / 2;
-        let cos = self.cos.index_select(&pos_t, 0)?.reshape((m, 1, half))?;
-        let sin = self.sin.index_select(&pos_t, 0)?.reshape((m, 1, half))?;
+        let rows_of = |t: &Tensor| t.index_select(&pos_t, 0)?.reshape((m, 1, half));
+        let (cos, sin) = (rows_of(&self.cos)?, rows_of(&self.sin)?);
+        let (cos_q, sin_q) = (rows_of(&self.cos_q)?, rows_of(&self.sin_q)?);
 
         // The batched decode rows: their slots (a view of the cache when
         // consecutive), lengths and padding mask.
@@ -267,14 +287,15 @@ impl DeviceLlama {
         } else {
             None
         };
-        let single_mask = if b > 0 {
+        let uniform = singles.iter().all(|&i| chunks[i].pos + 1 == maxlen);
+        let single_mask = if b > 0 && !uniform {
             let mut v = vec![0f32; b * maxlen];
             for (r, &i) in singles.iter().enumerate() {
                 for x in &mut v[r * maxlen + chunks[i].pos + 1..(r + 1) * maxlen] {
                     *x = f32::NEG_INFINITY;
                 }
             }
-            Some(Tensor::from_vec(v, (b, 1, 1, maxlen), dev)?)
+            Some(Tensor::from_vec(v, (b, 1, 1, maxlen), dev)?.to_dtype(self.dtype)?)
         } else {
             None
         };
@@ -290,10 +311,15 @@ impl DeviceLlama {
                         *x = f32::NEG_INFINITY;
                     }
                 }
-                Tensor::from_vec(v, (l, total), dev)
+                Tensor::from_vec(v, (l, total), dev)?.to_dtype(self.dtype)
             })
             .collect::<CResult<Vec<_>>>()?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        // Folded into `cos_q`/`sin_q` unless RoPE is partial.
+        let scale = if c.rope_dim == hd {
+            None
+        } else {
+            Some(1.0 / (hd as f64).sqrt())
+        };
 
         let mut x = self.w.embed.forward(&ids_t)?.to_dtype(self.dtype)?;
         for (li, layer) in self.w.layers.iter().enumerate() {
@@ -307,7 +333,11 @@ impl DeviceLlama {
             if let Some(n) = &layer.k_norm {
                 k = candle_nn::ops::rms_norm(&k, n, c.rms_eps)?;
             }
-            let q = (self.rope(&q, &cos, &sin)? * scale)?;
+            let q = self.rope(&q, &cos_q, &sin_q)?;
+            let q = match scale {
+                Some(s) => (q * s)?,
+                None => q,
+            };
             let k = self.rope(&k, &cos, &sin)?;
             let lc = &self.cache[li];
             let flat = (self.slots * nkv * cap, hd);
@@ -332,9 +362,13 @@ impl DeviceLlama {
                     ),
                 };
                 let qd = q.narrow(0, 0, b)?.reshape((b, nkv, group, hd))?;
-                let att = qd.matmul(&kb.t()?)?.to_dtype(DType::F32)?;
-                let att = att.broadcast_add(single_mask.as_ref().expect("mask"))?;
-                let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(self.dtype)?;
+                // Scores in the activation dtype: candle's softmax
+                // accumulates in f32 for bf16/f16.
+                let mut att = qd.matmul(&kb.t()?)?;
+                if let Some(mask) = &single_mask {
+                    att = att.broadcast_add(mask)?;
+                }
+                let att = candle_nn::ops::softmax_last_dim(&att)?;
                 let out = att.matmul(&vb)?; // [b, nkv, group, hd]
                 parts.push(out.reshape((b, nh * hd))?);
             }
@@ -358,12 +392,10 @@ impl DeviceLlama {
                         .narrow(1, 0, total)?;
                 let att = qc
                     .matmul(&kc.t()?)?
-                    .to_dtype(DType::F32)?
                     .reshape((nkv, group, l, total))?
                     .broadcast_add(&long_masks[n])?;
-                let att = candle_nn::ops::softmax_last_dim(&att)?
-                    .to_dtype(self.dtype)?
-                    .reshape((nkv, group * l, total))?;
+                let att =
+                    candle_nn::ops::softmax_last_dim(&att)?.reshape((nkv, group * l, total))?;
                 let out = att
                     .matmul(&vc)?
                     .reshape((nh, l, hd))?

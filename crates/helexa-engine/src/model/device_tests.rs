@@ -159,9 +159,15 @@ fn safetensors_logits_match_candle_transformers_llama() {
     use candle_transformers::models::llama::{Cache, Llama, LlamaConfig};
     let dir = tempfile::tempdir().unwrap();
     TinyLlama::default().write(dir.path()).unwrap();
-    let mut ours = safetensors::load(dir.path(), DeviceSpec::Cpu, None, 2)
-        .unwrap()
-        .model;
+    let mut ours = safetensors::load(
+        dir.path(),
+        DeviceSpec::Cpu,
+        crate::api::Dtype::Auto,
+        None,
+        2,
+    )
+    .unwrap()
+    .model;
 
     let raw = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
     let cfg: LlamaConfig = serde_json::from_str(&raw).unwrap();

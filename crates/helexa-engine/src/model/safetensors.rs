@@ -5,7 +5,7 @@
 
 use super::device::{DeviceLayer, DeviceLlama, DeviceWeights, Embedding, Lin};
 use super::llama::{LlamaConfig, RopeStyle};
-use crate::api::DeviceSpec;
+use crate::api::{DeviceSpec, Dtype};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde_json::Value;
@@ -134,6 +134,7 @@ fn rope_frequencies(raw: &Value, theta: f64, dim: usize) -> Result<Vec<f64>, Str
 pub fn load(
     dir: &Path,
     spec: DeviceSpec,
+    want: Dtype,
     max_context: Option<usize>,
     slots: usize,
 ) -> Result<DenseLoaded, String> {
@@ -213,12 +214,18 @@ pub fn load(
         .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
         .sum();
 
-    let (device, mut dtype) = device(spec)?;
+    let (device, auto) = device(spec)?;
     // `torch_dtype` (transformers 4), `dtype` (transformers 5).
     let stored = raw.get("dtype").or_else(|| raw.get("torch_dtype"));
-    if !device.is_cpu() && stored.and_then(Value::as_str) == Some("float16") {
-        dtype = DType::F16;
-    }
+    let dtype = match want {
+        Dtype::Auto if !device.is_cpu() && stored.and_then(Value::as_str) == Some("float16") => {
+            DType::F16
+        }
+        Dtype::Auto => auto,
+        Dtype::F32 => DType::F32,
+        Dtype::F16 => DType::F16,
+        Dtype::Bf16 => DType::BF16,
+    };
     // SAFETY: the files are mapped read-only; like every mmap loader we rely on
     // them not being modified while the model is loaded.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, &device) }
