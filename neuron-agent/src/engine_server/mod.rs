@@ -58,6 +58,12 @@ pub struct EngineArgs {
     /// A file holding a Jinja chat template that overrides the model's.
     #[arg(long)]
     pub chat_template: Option<PathBuf>,
+    /// A `tokenizer_config.json` whose `chat_template` (a string, or a
+    /// list of `{name, template}`: the `default` one) overrides the
+    /// model's; `--chat-template` wins over it. The agent passes the base
+    /// repo's for a GGUF repo without a template (docs/neuron.md).
+    #[arg(long)]
+    pub tokenizer_config: Option<PathBuf>,
     /// `cpu` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -436,6 +442,33 @@ enum Bound {
     Unix(tokio::net::UnixListener),
 }
 
+/// The `chat_template` of a `tokenizer_config.json`: a string, or the
+/// `default` entry (else the first) of a list of `{name, template}`.
+fn template_of_tokenizer_config(p: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(p)
+        .map_err(|e| anyhow::anyhow!("cannot read tokenizer config {}: {e}", p.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("tokenizer config {}: {e}", p.display()))?;
+    chat_template_value(&v["chat_template"])
+        .ok_or_else(|| anyhow::anyhow!("tokenizer config {}: no chat_template", p.display()))
+}
+
+/// A `chat_template` value of a `tokenizer_config.json` (see above).
+pub fn chat_template_value(v: &serde_json::Value) -> Option<String> {
+    if let Some(s) = v.as_str() {
+        return Some(s.to_string());
+    }
+    let list = v.as_array()?;
+    let named = |n: &str| {
+        list.iter()
+            .find(|e| e["name"] == n)
+            .and_then(|e| e["template"].as_str())
+    };
+    named("default")
+        .or_else(|| list.first().and_then(|e| e["template"].as_str()))
+        .map(str::to_string)
+}
+
 /// Runs the engine server until SIGTERM/SIGINT: binds, announces the address,
 /// loads the model (`/health` says `loading` meanwhile), serves, and on a
 /// signal stops admitting and lets running answers finish up to the drain
@@ -448,12 +481,13 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| "model".into())
     });
     let device = parse_device(&args.device)?;
-    let chat_template = match &args.chat_template {
-        Some(p) => Some(
+    let chat_template = match (&args.chat_template, &args.tokenizer_config) {
+        (Some(p), _) => Some(
             std::fs::read_to_string(p)
                 .map_err(|e| anyhow::anyhow!("cannot read chat template {}: {e}", p.display()))?,
         ),
-        None => None,
+        (None, Some(p)) => Some(template_of_tokenizer_config(p)?),
+        (None, None) => None,
     };
     let embedding = helexa_engine::is_embedding_model(&args.model);
     let state = Arc::new(EngineState {
