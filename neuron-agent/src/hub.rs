@@ -45,9 +45,11 @@
 //! Split GGUFs (`-00001-of-0000N`) are one choice for `quant` and are
 //! refused with their parts named: the engine loads one file.
 //!
-//! Not done yet: two processes sharing a cache are not kept from writing
-//! the same `blobs/{etag}.incomplete` at once (one process is, by
-//! `blob_lock`); a moved branch is not noticed while its ref is cached.
+//! One blob is written by one download at a time: in a process by
+//! `blob_lock`, across processes sharing the cache by an advisory `flock` on
+//! huggingface_hub's lock file, `{cache}/.locks/models--…/{etag}.lock`.
+//!
+//! Not done yet: a moved branch is not noticed while its ref is cached.
 
 use crate::config::{Config, ModelSpec, SourceConfig};
 use futures_util::StreamExt;
@@ -763,7 +765,7 @@ impl Hub {
         let blob = dir.join("blobs").join(&w.etag);
         let part = dir.join("blobs").join(format!("{}.incomplete", w.etag));
         // Two loads needing the same blob (two ids, one repo): one fetches,
-        // the other then finds it done. (Other processes are not locked out.)
+        // the other then finds it done.
         let lock = blob_lock(&blob);
         let _held = lock.lock().await;
         if file_len(&blob) == Some(w.size) {
@@ -775,6 +777,13 @@ impl Hub {
             source_name: source.name.clone(),
             message,
         };
+        // Likewise other processes sharing the cache (another neuron,
+        // huggingface_hub): the lock file they take.
+        let _file_lock = lock_blob_file(model, dir, &w.etag).await.map_err(ferr)?;
+        if file_len(&blob) == Some(w.size) {
+            tracing::info!(%model, %repo, file = %w.name, "another process fetched the file");
+            return Ok(());
+        }
         let report = |have: u64| {
             progress(DownloadProgress {
                 model: model.to_string(),
@@ -1011,6 +1020,49 @@ fn gguf_base_model(
         get("general.base_model.0.name")?.replace(' ', "-")
     );
     valid_repo(&repo).then_some(repo)
+}
+
+/// An advisory `flock` on `{cache}/.locks/{repo folder}/{etag}.lock`, the
+/// lock file huggingface_hub's `filelock` takes before it writes the blob,
+/// so that processes sharing a cache do not write one blob at once; waited
+/// for (polling, so that a cancelled load stops waiting) while another
+/// process holds it. Released when the file is dropped. A file system
+/// without `flock` goes on unlocked, with a warning.
+async fn lock_blob_file(model: &str, dir: &Path, etag: &str) -> Result<std::fs::File, String> {
+    use std::os::fd::AsRawFd;
+    let locks = dir
+        .parent()
+        .unwrap_or(dir)
+        .join(".locks")
+        .join(dir.file_name().unwrap_or_default());
+    let path = locks.join(format!("{etag}.lock"));
+    let f = std::fs::create_dir_all(&locks)
+        .and_then(|()| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+        })
+        .map_err(|e| format!("cannot open the lock file {}: {e}", path.display()))?;
+    let began = Instant::now();
+    let mut said = None::<Instant>;
+    loop {
+        // SAFETY: `f` is an open file; flock only reads its descriptor.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(f);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            tracing::warn!(%model, lock = %path.display(), error = %e, "cannot lock the blob; fetching it unlocked");
+            return Ok(f);
+        }
+        if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+            said = Some(Instant::now());
+            tracing::info!(%model, lock = %path.display(), waited_secs = began.elapsed().as_secs(), "another process is fetching this file; waiting");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// The in-process lock of one blob path.

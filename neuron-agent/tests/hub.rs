@@ -1288,3 +1288,149 @@ async fn a_split_gguf_is_refused_naming_its_parts() {
     );
     agent.shutdown().await;
 }
+
+/// Another process sharing the cache (another neuron, huggingface_hub)
+/// holding the blob's lock file (`.locks/models--…/{etag}.lock`, `flock`):
+/// the load waits without downloading, and once that process has written
+/// the blob and let go, uses it without fetching it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_another_process_is_fetching_is_waited_for_not_fetched_again() {
+    use std::os::fd::AsRawFd;
+    let hub = Hub::start().await;
+    let bytes = blob(70, 200_000);
+    hub.add("org/locked-GGUF", vec![("locked.Q4_0.gguf", bytes.clone())]);
+    let cache = tempfile::tempdir().unwrap();
+    let locks = cache.path().join(".locks/models--org--locked-GGUF");
+    std::fs::create_dir_all(&locks).unwrap();
+    let lock = std::fs::File::create(locks.join(format!("{}.lock", sha256(&bytes)))).unwrap();
+    // SAFETY: an open file's descriptor.
+    assert_eq!(
+        unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+        0
+    );
+    let agent = start(hub_config(
+        cache.path(),
+        vec![hub.source("hub")],
+        vec![repo_model("locked", "org/locked-GGUF", None)],
+    ))
+    .await;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let gets = |hub: &Hub| {
+        hub.seen()
+            .iter()
+            .filter(|s| s.method == "GET" && s.path.contains("/resolve/"))
+            .count()
+    };
+    let ((s, v), ()) = tokio::join!(
+        async {
+            let r = load(&agent, "locked").await;
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            r
+        },
+        async {
+            eventually(10, "the file's metadata is read", || async {
+                hub.seen().iter().any(|s| s.method == "HEAD")
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            assert!(
+                !done.load(std::sync::atomic::Ordering::SeqCst),
+                "the load waits for the lock"
+            );
+            assert_eq!(gets(&hub), 0, "nothing downloaded while locked");
+            // The other process finishes the blob, then lets go.
+            let blobs = cache.path().join("models--org--locked-GGUF/blobs");
+            std::fs::create_dir_all(&blobs).unwrap();
+            std::fs::write(blobs.join(sha256(&bytes)), &bytes).unwrap();
+            drop(lock);
+        }
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_cached(
+        cache.path(),
+        "org/locked-GGUF",
+        "locked.Q4_0.gguf",
+        &bytes,
+        true,
+    );
+    assert_eq!(gets(&hub), 0, "the other process's blob is used");
+    agent.shutdown().await;
+}
+
+/// Two agent processes sharing one cache load the same repo at once: the
+/// blob is downloaded once (the other waits on its lock file, then uses it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agent_processes_sharing_a_cache_download_a_blob_once() {
+    let hub = Hub::start().await;
+    let bytes = blob(71, 2 * 1024 * 1024);
+    hub.add("org/twice-GGUF", vec![("twice.Q4_0.gguf", bytes.clone())]);
+    hub.faults().slow_ms = 50; // ~1.6 s for the file: the loads overlap
+    let cache = tempfile::tempdir().unwrap();
+    let mut agents = Vec::new();
+    let mut urls = Vec::new();
+    for i in 0..2 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut c = hub_config(
+            cache.path(),
+            vec![hub.source("hub")],
+            vec![repo_model("twice", "org/twice-GGUF", None)],
+        );
+        c.listen = format!("127.0.0.1:{port}");
+        let file = cache.path().join(format!("neuron-{i}.toml"));
+        std::fs::write(&file, toml::to_string(&c).unwrap()).unwrap();
+        agents.push(
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_neuron"))
+                .arg("--config")
+                .arg(&file)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap(),
+        );
+        urls.push(format!("http://127.0.0.1:{port}"));
+    }
+    let http = client();
+    for url in &urls {
+        eventually(20, "the agent answers", || async {
+            http.get(format!("{url}/health")).send().await.is_ok()
+        })
+        .await;
+    }
+    let load_at = |url: &String| {
+        let http = http.clone();
+        let url = url.clone();
+        async move {
+            let r = http
+                .post(format!("{url}/models/load"))
+                .json(&json!({"model": "twice"}))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let (a, b) = tokio::join!(load_at(&urls[0]), load_at(&urls[1]));
+    assert_eq!(a.0, 200, "{}", a.1);
+    assert_eq!(b.0, 200, "{}", b.1);
+    assert_cached(
+        cache.path(),
+        "org/twice-GGUF",
+        "twice.Q4_0.gguf",
+        &bytes,
+        true,
+    );
+    let gets = hub
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == "GET" && s.path.contains("/resolve/"))
+        .count();
+    assert_eq!(gets, 1, "one download for both processes: {:?}", hub.seen());
+    for mut a in agents {
+        let _ = a.kill().await;
+    }
+}
