@@ -36,7 +36,7 @@ impl Registry {
         let id = slot.spec.id.clone();
         let began = Instant::now();
         // A `repo` model: its file from the hub cache, fetched if need be.
-        let spec = match self.resolve_spec(&slot, &slot.spec, &stop).await {
+        let spec = match self.resolve_spec(&slot, &stop).await {
             Ok(spec) => spec,
             Err(e) => {
                 return self.load_failed(&slot, &tx, e, "model could not be fetched");
@@ -212,9 +212,10 @@ impl Registry {
     async fn resolve_spec(
         &self,
         slot: &Slot,
-        spec: &ModelSpec,
         stop: &CancellationToken,
     ) -> Result<ModelSpec, StartError> {
+        let spec = &slot.spec;
+        slot.lock().warning = None;
         if spec.repo.is_none() {
             return Ok(spec.clone());
         }
