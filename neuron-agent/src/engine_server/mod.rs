@@ -594,3 +594,29 @@ fn announce(addr: &str) {
     let _ = writeln!(out, "{LISTEN_LINE_PREFIX}{addr}");
     let _ = out.flush();
 }
+
+#[cfg(test)]
+mod tokenizer_config_tests {
+    use super::*;
+
+    #[test]
+    fn chat_template_of_a_tokenizer_config_string_or_named_list() {
+        assert_eq!(
+            chat_template_value(&json!("{{ x }}")).as_deref(),
+            Some("{{ x }}")
+        );
+        let list =
+            json!([{"name": "tool_use", "template": "t"}, {"name": "default", "template": "d"}]);
+        assert_eq!(chat_template_value(&list).as_deref(), Some("d"));
+        let list = json!([{"name": "rag", "template": "r"}]);
+        assert_eq!(chat_template_value(&list).as_deref(), Some("r"));
+        assert_eq!(chat_template_value(&json!(null)), None);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tokenizer_config.json");
+        std::fs::write(&p, r#"{"chat_template": "T", "bos_token": "<s>"}"#).unwrap();
+        assert_eq!(template_of_tokenizer_config(&p).unwrap(), "T");
+        std::fs::write(&p, r#"{"bos_token": "<s>"}"#).unwrap();
+        let e = template_of_tokenizer_config(&p).unwrap_err().to_string();
+        assert!(e.contains("no chat_template"), "{e}");
+    }
+}
