@@ -174,6 +174,11 @@ pub struct ModelSpec {
     /// Only this source (a `[[sources]]` name); default: each in order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// The repo (`org/name`) a GGUF `repo` lacking `tokenizer.json` /
+    /// `tokenizer_config.json` takes them from; default: the base model its
+    /// model card or its GGUF metadata names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_repo: Option<String>,
     /// Load at start-up.
     #[serde(default)]
     pub preload: bool,
@@ -207,6 +212,11 @@ pub struct ModelSpec {
     pub tokenizer: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chat_template: Option<PathBuf>,
+    /// Not a key: a `tokenizer_config.json` whose `chat_template` the
+    /// engine takes (`--tokenizer-config`), set when a `repo` model's
+    /// template comes from its base repo.
+    #[serde(skip)]
+    pub tokenizer_config: Option<PathBuf>,
     /// `cpu` or `cuda:N` (engine default: cpu).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<String>,
@@ -239,6 +249,7 @@ impl ModelSpec {
             revision: None,
             quant: None,
             source: None,
+            base_repo: None,
             preload: false,
             max_in_flight: default_max_in_flight(),
             max_queue_depth: default_max_queue_depth(),
@@ -252,6 +263,7 @@ impl ModelSpec {
             max_inputs: None,
             tokenizer: None,
             chat_template: None,
+            tokenizer_config: None,
             device: None,
             extra_args: Vec::new(),
         }
@@ -492,6 +504,16 @@ impl Config {
                             m.id
                         ));
                     }
+                    if let Some(b) = &m.base_repo {
+                        if b.split('/').count() != 2
+                            || b.split('/').any(|p| p.is_empty() || p == "." || p == "..")
+                        {
+                            return Err(format!(
+                                "models[{i}] ({}): base_repo must look like \"org/name\", got {b:?}",
+                                m.id
+                            ));
+                        }
+                    }
                     if let Some(src) = &m.source {
                         if !names.contains(src) {
                             return Err(format!(
@@ -502,9 +524,13 @@ impl Config {
                     }
                 }
                 (None, false) => {
-                    if m.revision.is_some() || m.quant.is_some() || m.source.is_some() {
+                    if m.revision.is_some()
+                        || m.quant.is_some()
+                        || m.source.is_some()
+                        || m.base_repo.is_some()
+                    {
                         return Err(format!(
-                            "models[{i}] ({}): revision, quant and source need a repo",
+                            "models[{i}] ({}): revision, quant, source and base_repo need a repo",
                             m.id
                         ));
                     }
@@ -773,6 +799,7 @@ id = "a"
 repo = "org/a-GGUF"
 quant = "Q4_1"
 source = "mirror"
+base_repo = "org/a"
 "#,
         );
         let c = Config::load_with_env(Some(f.path()), env(&[])).unwrap();
@@ -781,6 +808,7 @@ source = "mirror"
         assert_eq!(c.sources[1].token_env, None);
         let m = &c.models[0];
         assert_eq!(m.repo.as_deref(), Some("org/a-GGUF"));
+        assert_eq!(m.base_repo.as_deref(), Some("org/a"));
         assert_eq!(m.revision(), "main");
         assert_eq!(m.path, PathBuf::new());
         if let Some(home) = std::env::var_os("HOME") {
@@ -801,6 +829,14 @@ source = "mirror"
                 "not in [[sources]]",
             ),
             ("[[models]]\nid = \"a\"\nrepo = \"o/a/b\"\n", "org/name"),
+            (
+                "[[models]]\nid = \"a\"\nrepo = \"o/a\"\nbase_repo = \"b\"\n",
+                "base_repo must look like",
+            ),
+            (
+                "[[models]]\nid = \"a\"\npath = \"/a\"\nbase_repo = \"o/b\"\n",
+                "need a repo",
+            ),
             (
                 "[[models]]\nid = \"a\"\npath = \"/a\"\nquant = \"Q4\"\n",
                 "need a repo",

@@ -30,8 +30,26 @@
 //! stack and TLS setup. The protocol is small, so it is spoken here with the
 //! reqwest the agent already uses.
 //!
-//! Not done yet: a GGUF repo without `tokenizer.json` uses the GGUF's own
-//! tokenizer (the engine's fallback); nothing is fetched from another repo.
+//! A GGUF repo without the tokenizer files the engine would use (no
+//! `tokenizer.json`; no chat template in the GGUF nor a
+//! `tokenizer_config.json`) takes them from its base repo: the `base_repo`
+//! key, else the model card's `base_model` (`cardData`), else the GGUF's
+//! `general.base_model.0` metadata. Its `tokenizer.json`,
+//! `tokenizer_config.json` and `chat_template.jinja` are fetched with the
+//! same machinery into the base repo's own cache folder; the engine gets
+//! the tokenizer (`--tokenizer`, only if it matches the GGUF's vocabulary)
+//! and the template (`--chat-template` / `--tokenizer-config`). Whatever
+//! fails leaves the GGUF's own tokenizer/template in use, with a warning in
+//! `/health` (`Resolved::warning`).
+//!
+//! Split GGUFs (`-00001-of-0000N`) are one choice for `quant` and are
+//! refused with their parts named: the engine loads one file.
+//!
+//! One blob is written by one download at a time: in a process by
+//! `blob_lock`, across processes sharing the cache by an advisory `flock` on
+//! huggingface_hub's lock file, `{cache}/.locks/models--…/{etag}.lock`.
+//!
+//! Not done yet: a moved branch is not noticed while its ref is cached.
 
 use crate::config::{Config, ModelSpec, SourceConfig};
 use futures_util::StreamExt;
@@ -45,6 +63,37 @@ use tokio::io::AsyncWriteExt;
 /// Files of a GGUF repo fetched beside the chosen `.gguf` when present (the
 /// engine uses them when they match the GGUF).
 const GGUF_COMPANIONS: &[&str] = &["tokenizer.json", "tokenizer_config.json"];
+
+/// Files fetched from the base repo of a GGUF repo without tokenizer files
+/// (those it has; the first two make its snapshot usable from the cache).
+const BASE_COMPANIONS: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+];
+
+/// In a GGUF repo's cache folder: the base repo its model card named, for
+/// starts from the cache, which do not read the card. (Hub tools look only
+/// at `blobs`, `refs` and `snapshots`.)
+const BASE_RECORD: &str = ".helexa-base-model";
+
+/// What a `repo` model resolved to.
+#[derive(Debug, Clone, Default)]
+pub struct Resolved {
+    /// The snapshot's `.gguf` file, or a safetensors snapshot folder.
+    pub path: PathBuf,
+    /// The base repo's `tokenizer.json`, checked against the GGUF's
+    /// vocabulary (`--tokenizer`).
+    pub tokenizer: Option<PathBuf>,
+    /// The base repo's `chat_template.jinja` (`--chat-template`).
+    pub chat_template: Option<PathBuf>,
+    /// The base repo's `tokenizer_config.json`, for its `chat_template`
+    /// (`--tokenizer-config`).
+    pub tokenizer_config: Option<PathBuf>,
+    /// What the load falls back on (the GGUF's own tokenizer or template),
+    /// and why; shown in `/health`.
+    pub warning: Option<String>,
+}
 
 /// Why a repo could not be resolved. Every message names the repo and, where
 /// there is one, the file, the source and the HTTP status.
@@ -99,6 +148,9 @@ struct RepoInfo {
     sha: String,
     #[serde(default)]
     siblings: Vec<Sibling>,
+    /// The model card's front matter (`base_model`: a repo or a list).
+    #[serde(default, rename = "cardData")]
+    card_data: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -179,25 +231,74 @@ impl Hub {
         cache.join(format!("models--{}", repo.replace('/', "--")))
     }
 
-    /// The local path of `spec`'s model: a snapshot's `.gguf` file or, for a
-    /// safetensors repo, the snapshot folder. Uses the cache alone when it
-    /// already holds the files; otherwise fetches them.
+    /// The local path of `spec`'s model (a snapshot's `.gguf` file or, for a
+    /// safetensors repo, the snapshot folder) and, for a GGUF repo without
+    /// tokenizer files, what its base repo gives. Uses the cache alone when
+    /// it already holds the files; otherwise fetches them.
     pub async fn resolve(
         &self,
         spec: &ModelSpec,
         progress: ProgressFn<'_>,
-    ) -> Result<PathBuf, HubError> {
+    ) -> Result<Resolved, HubError> {
         let repo = spec.repo.clone().unwrap_or_default();
         let revision = spec.revision().to_string();
         let dir = Self::repo_dir(&self.cache, &repo);
-        if let Some(path) = cached(&dir, &repo, &revision, spec.quant.as_deref())? {
-            tracing::info!(model = %spec.id, %repo, %revision, path = %path.display(), "model found in the hub cache; no download");
-            return Ok(path);
+        let quant = spec.quant.as_deref();
+        // `Some(card's base_model)` when the repo's metadata was fetched.
+        let (path, card) = match cached(&dir, &repo, &revision, quant)? {
+            Some(path) => {
+                tracing::info!(model = %spec.id, %repo, %revision, path = %path.display(), "model found in the hub cache; no download");
+                (path, None)
+            }
+            None => {
+                let (source, info) = self
+                    .info_any(
+                        &spec.id,
+                        &repo,
+                        &revision,
+                        spec.source.as_deref(),
+                        self.retry,
+                    )
+                    .await?;
+                let (files, model_file) = select(&repo, &safe_names(&info), quant)?;
+                let snapshot = self
+                    .fetch(
+                        &spec.id, source, &repo, &revision, &dir, &info, &files, progress,
+                    )
+                    .await?;
+                let path = match model_file {
+                    Some(f) => snapshot.join(f),
+                    None => snapshot,
+                };
+                (path, Some(card_base_model(&info)))
+            }
+        };
+        let mut out = Resolved {
+            path,
+            ..Resolved::default()
+        };
+        if out.path.is_file() {
+            self.companions(spec, &repo, &dir, card, &mut out, progress)
+                .await;
         }
+        Ok(out)
+    }
+
+    /// The repo's metadata from the first source that has it (or only
+    /// `only`), retrying rounds with back-off for up to `retry` while a
+    /// failure was transient.
+    async fn info_any(
+        &self,
+        model: &str,
+        repo: &str,
+        revision: &str,
+        only: Option<&str>,
+        retry: Duration,
+    ) -> Result<(&SourceConfig, RepoInfo), HubError> {
         let sources: Vec<&SourceConfig> = self
             .sources
             .iter()
-            .filter(|s| spec.source.as_ref().is_none_or(|n| &s.name == n))
+            .filter(|s| only.is_none_or(|n| s.name == n))
             .collect();
         let began = Instant::now();
         let mut delay = Duration::from_secs(1);
@@ -205,14 +306,10 @@ impl Hub {
             let mut tried = Vec::new();
             let mut transient = false;
             for source in &sources {
-                match self.info(source, &repo, &revision).await {
-                    Ok(info) => {
-                        return self
-                            .fetch(spec, source, &repo, &revision, &dir, info, progress)
-                            .await;
-                    }
+                match self.info(source, repo, revision).await {
+                    Ok(info) => return Ok((source, info)),
                     Err(a) => {
-                        tracing::warn!(model = %spec.id, %repo, source = %source.name, error = %a.message, "source failed");
+                        tracing::warn!(%model, %repo, source = %source.name, error = %a.message, "source failed");
                         transient |= a.transient;
                         tried.push(format!("source {}: {}", source.name, a.message));
                     }
@@ -220,22 +317,226 @@ impl Hub {
             }
             if !transient {
                 return Err(HubError::NotFound {
-                    repo,
-                    revision,
+                    repo: repo.to_string(),
+                    revision: revision.to_string(),
                     tried,
                 });
             }
-            if began.elapsed() + delay > self.retry {
+            if began.elapsed() + delay > retry {
                 return Err(HubError::Unreachable {
-                    repo,
+                    repo: repo.to_string(),
                     secs: began.elapsed().as_secs(),
                     tried,
                 });
             }
-            tracing::warn!(model = %spec.id, %repo, retry_in_ms = delay.as_millis() as u64, "sources unreachable; retrying");
+            tracing::warn!(%model, %repo, retry_in_ms = delay.as_millis() as u64, "sources unreachable; retrying");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(30));
         }
+    }
+
+    /// A GGUF whose repo lacks `tokenizer.json` or a chat template: both
+    /// from the base repo (the `base_repo` key, else the model card's
+    /// `base_model`, else the GGUF's `general.base_model.0`), fetched into
+    /// that repo's own cache folder and checked like the GGUF repo's own
+    /// would be. Anything missing leaves the GGUF's own tokenizer/template
+    /// in use and says so in `out.warning`. `card`: the model card's base
+    /// model when the repo's metadata was fetched (online); `None` when the
+    /// model came from the cache, in which case the base repo is tried once,
+    /// without back-off.
+    async fn companions(
+        &self,
+        spec: &ModelSpec,
+        repo: &str,
+        dir: &Path,
+        card: Option<Option<String>>,
+        out: &mut Resolved,
+        progress: ProgressFn<'_>,
+    ) {
+        let gguf = out.path.clone();
+        let md = match tokio::task::spawn_blocking(move || gguf_metadata(&gguf)).await {
+            Ok(Ok(md)) => std::sync::Arc::new(md),
+            Ok(Err(e)) => {
+                tracing::warn!(model = %spec.id, %repo, error = %e, "cannot read the GGUF's metadata; the engine will say more");
+                return;
+            }
+            Err(_) => return,
+        };
+        // What the engine finds beside the file (docs/neuron.md).
+        let beside = |name: &str| {
+            let folder = out.path.parent().unwrap_or(Path::new("."));
+            let stem = out.path.file_stem().unwrap_or_default().to_string_lossy();
+            folder.join(format!("{stem}.{name}")).is_file() || folder.join(name).is_file()
+        };
+        let own_template = md.contains_key("tokenizer.chat_template");
+        let want_tokenizer = spec.tokenizer.is_none() && !beside("tokenizer.json");
+        let want_template =
+            spec.chat_template.is_none() && !own_template && !beside("tokenizer_config.json");
+        if !want_tokenizer && !want_template {
+            return;
+        }
+        let fallback = match (want_tokenizer, want_template) {
+            (true, true) => "the GGUF's own tokenizer and the ChatML default template",
+            (true, false) => "the GGUF's own tokenizer",
+            _ => "the ChatML default template",
+        };
+        let missing = match (want_tokenizer, want_template) {
+            (true, true) => "no tokenizer.json and no chat template",
+            (true, false) => "no tokenizer.json",
+            _ => "no chat template",
+        };
+        let record = dir.join(BASE_RECORD);
+        if let Some(card) = &card {
+            // Remembered for offline starts, which cannot read the card.
+            match card {
+                Some(b) => {
+                    let _ = std::fs::write(&record, b);
+                }
+                None => {
+                    let _ = std::fs::remove_file(&record);
+                }
+            }
+        }
+        let remembered = || {
+            std::fs::read_to_string(&record)
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| valid_repo(s))
+        };
+        let found = spec
+            .base_repo
+            .clone()
+            .map(|b| (b, "the base_repo key"))
+            .or_else(|| match &card {
+                Some(c) => c.clone().map(|b| (b, "the model card's base_model")),
+                None => remembered().map(|b| (b, "the model card's base_model")),
+            })
+            .or_else(|| gguf_base_model(&md).map(|b| (b, "the GGUF's general.base_model.0")))
+            .filter(|(b, _)| b != repo);
+        let warn = |out: &mut Resolved, message: String| {
+            tracing::warn!(model = %spec.id, %repo, "{message}");
+            out.warning = Some(message);
+        };
+        let Some((base, how)) = found else {
+            return warn(
+                out,
+                format!(
+                    "repo {repo} has {missing} and no base repo was found (no base_repo key, \
+                     no base_model in its model card, no general.base_model.0 in the GGUF): \
+                     using {fallback}"
+                ),
+            );
+        };
+        let retry = if card.is_some() {
+            self.retry
+        } else {
+            Duration::ZERO
+        };
+        let snapshot = match self
+            .fetch_companions(&spec.id, &base, spec.source.as_deref(), retry, progress)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                return warn(
+                    out,
+                    format!(
+                        "repo {repo} has {missing}; its base repo {base} (from {how}) could \
+                         not be fetched: {e}: using {fallback}"
+                    ),
+                )
+            }
+        };
+        tracing::info!(model = %spec.id, %repo, %base, from = how, snapshot = %snapshot.display(), "tokenizer files from the base repo");
+        let mut notes = Vec::new();
+        if want_tokenizer {
+            let p = snapshot.join("tokenizer.json");
+            if p.is_file() {
+                let (path, md) = (p.clone(), md.clone());
+                let checked = tokio::task::spawn_blocking(move || {
+                    helexa_engine::tokenizer::tokenizer_from_file(&path)
+                        .map_err(|e| e.to_string())
+                        .and_then(|t| helexa_engine::tokenizer::check_matches_gguf(&t, &md))
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+                match checked {
+                    Ok(()) => out.tokenizer = Some(p),
+                    Err(why) => notes.push(format!(
+                        "the tokenizer.json of base repo {base} does not match the GGUF \
+                         ({why}): using the GGUF's own tokenizer"
+                    )),
+                }
+            } else {
+                notes.push(format!(
+                    "base repo {base} has no tokenizer.json: using the GGUF's own tokenizer"
+                ));
+            }
+        }
+        if want_template {
+            let jinja = snapshot.join("chat_template.jinja");
+            let config = snapshot.join("tokenizer_config.json");
+            let has = |p: &Path| {
+                std::fs::read_to_string(p)
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                    .and_then(|v| crate::engine_server::chat_template_value(&v["chat_template"]))
+                    .is_some()
+            };
+            if jinja.is_file() {
+                out.chat_template = Some(jinja);
+            } else if has(&config) {
+                out.tokenizer_config = Some(config);
+            } else {
+                notes.push(format!(
+                    "base repo {base} has no chat template: using the ChatML default template"
+                ));
+            }
+        }
+        if !notes.is_empty() {
+            warn(out, notes.join("; "));
+        }
+    }
+
+    /// The base repo's tokenizer files (`main`): from the cache when its
+    /// snapshot has them, else fetched. Returns the snapshot folder.
+    async fn fetch_companions(
+        &self,
+        model: &str,
+        base: &str,
+        only: Option<&str>,
+        retry: Duration,
+        progress: ProgressFn<'_>,
+    ) -> Result<PathBuf, HubError> {
+        let dir = Self::repo_dir(&self.cache, base);
+        if let Some(commit) = std::fs::read_to_string(dir.join("refs/main"))
+            .ok()
+            .map(|c| c.trim().to_string())
+            .filter(|c| !c.is_empty() && !c.contains('/'))
+        {
+            let snapshot = dir.join("snapshots").join(commit);
+            if BASE_COMPANIONS[..2]
+                .iter()
+                .any(|c| snapshot.join(c).is_file())
+            {
+                return Ok(snapshot);
+            }
+        }
+        let (source, info) = self.info_any(model, base, "main", only, retry).await?;
+        let names = safe_names(&info);
+        let files: Vec<String> = BASE_COMPANIONS
+            .iter()
+            .filter(|c| names.iter().any(|n| n == *c))
+            .map(|c| c.to_string())
+            .collect();
+        if files.is_empty() {
+            return Err(HubError::Select {
+                repo: base.to_string(),
+                message: format!("none of {} in the repo", BASE_COMPANIONS.join(", ")),
+            });
+        }
+        self.fetch(model, source, base, "main", &dir, &info, &files, progress)
+            .await
     }
 
     fn auth(&self, source: &SourceConfig, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -283,29 +584,20 @@ impl Hub {
         })
     }
 
+    /// Fetches `files` of `repo` at `info.sha` into the cache; returns the
+    /// snapshot folder.
     #[allow(clippy::too_many_arguments)]
     async fn fetch(
         &self,
-        spec: &ModelSpec,
+        model: &str,
         source: &SourceConfig,
         repo: &str,
         revision: &str,
         dir: &Path,
-        info: RepoInfo,
+        info: &RepoInfo,
+        files: &[String],
         progress: ProgressFn<'_>,
     ) -> Result<PathBuf, HubError> {
-        // A name that could leave the snapshot folder is never fetched.
-        let names: Vec<String> = info
-            .siblings
-            .iter()
-            .map(|s| s.rfilename.clone())
-            .filter(|n| {
-                !n.is_empty()
-                    && !n.starts_with('/')
-                    && n.split('/').all(|p| !p.is_empty() && p != "." && p != "..")
-            })
-            .collect();
-        let (files, model_file) = select(repo, &names, spec.quant.as_deref())?;
         let commit = info.sha.clone();
         let cache_err = |message: String| HubError::Cache {
             repo: repo.to_string(),
@@ -321,7 +613,7 @@ impl Hub {
             .map_err(|e| cache_err(format!("cannot create the snapshot folder: {e}")))?;
         // Metadata first: every file's blob name, size and checksum.
         let mut wanted = Vec::new();
-        for name in &files {
+        for name in files {
             let sib = info.siblings.iter().find(|s| &s.rfilename == name);
             let began = Instant::now();
             let mut delay = Duration::from_secs(1);
@@ -332,7 +624,7 @@ impl Hub {
                         break;
                     }
                     Err((true, e)) if began.elapsed() + delay <= self.retry => {
-                        tracing::warn!(model = %spec.id, error = %e, retry_in_ms = delay.as_millis() as u64, "file metadata unavailable; retrying");
+                        tracing::warn!(%model, error = %e, retry_in_ms = delay.as_millis() as u64, "file metadata unavailable; retrying");
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(Duration::from_secs(30));
                     }
@@ -370,12 +662,12 @@ impl Hub {
                 });
             }
         }
-        tracing::info!(model = %spec.id, %repo, source = %source.name, %commit, files = ?files, bytes_total = total, bytes_present = present, "fetching model from the hub");
+        tracing::info!(%model, %repo, source = %source.name, %commit, files = ?files, bytes_total = total, bytes_present = present, "fetching model from the hub");
         let mut done = present;
         for w in &wanted {
             let blob = dir.join("blobs").join(&w.etag);
             if file_len(&blob) != Some(w.size) {
-                self.download(spec, source, repo, dir, w, done, total, progress)
+                self.download(model, source, repo, dir, w, done, total, progress)
                     .await?;
             }
             done += w.size;
@@ -394,11 +686,8 @@ impl Hub {
             std::fs::write(&r, &commit)
                 .map_err(|e| cache_err(format!("cannot write refs/{revision}: {e}")))?;
         }
-        tracing::info!(model = %spec.id, %repo, source = %source.name, %commit, bytes_total = total, "model fetched and verified");
-        Ok(match model_file {
-            Some(f) => snapshot.join(f),
-            None => snapshot,
-        })
+        tracing::info!(%model, %repo, source = %source.name, %commit, bytes_total = total, "files fetched and verified");
+        Ok(snapshot)
     }
 
     /// `HEAD …/resolve/{commit}/{file}`: the blob name, size and checksum.
@@ -464,7 +753,7 @@ impl Hub {
     #[allow(clippy::too_many_arguments)]
     async fn download(
         &self,
-        spec: &ModelSpec,
+        model: &str,
         source: &SourceConfig,
         repo: &str,
         dir: &Path,
@@ -476,7 +765,7 @@ impl Hub {
         let blob = dir.join("blobs").join(&w.etag);
         let part = dir.join("blobs").join(format!("{}.incomplete", w.etag));
         // Two loads needing the same blob (two ids, one repo): one fetches,
-        // the other then finds it done. (Other processes are not locked out.)
+        // the other then finds it done.
         let lock = blob_lock(&blob);
         let _held = lock.lock().await;
         if file_len(&blob) == Some(w.size) {
@@ -488,9 +777,16 @@ impl Hub {
             source_name: source.name.clone(),
             message,
         };
+        // Likewise other processes sharing the cache (another neuron,
+        // huggingface_hub): the lock file they take.
+        let _file_lock = lock_blob_file(model, dir, &w.etag).await.map_err(ferr)?;
+        if file_len(&blob) == Some(w.size) {
+            tracing::info!(%model, %repo, file = %w.name, "another process fetched the file");
+            return Ok(());
+        }
         let report = |have: u64| {
             progress(DownloadProgress {
-                model: spec.id.clone(),
+                model: model.to_string(),
                 repo: repo.to_string(),
                 source: source.name.clone(),
                 file: w.name.clone(),
@@ -518,7 +814,7 @@ impl Hub {
                     if !a.transient || began.elapsed() + delay > self.retry {
                         return Err(ferr(a.message));
                     }
-                    tracing::warn!(model = %spec.id, %repo, file = %w.name, source = %source.name, error = %a.message, retry_in_ms = delay.as_millis() as u64, "download interrupted; resuming");
+                    tracing::warn!(%model, %repo, file = %w.name, source = %source.name, error = %a.message, retry_in_ms = delay.as_millis() as u64, "download interrupted; resuming");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(30));
                     continue;
@@ -527,7 +823,7 @@ impl Hub {
             let len = file_len(&part).unwrap_or(0);
             if len != w.size {
                 // Short (or long) answer: resume what is there, drop the rest.
-                tracing::warn!(model = %spec.id, %repo, file = %w.name, source = %source.name, got = len, expected = w.size, "size mismatch; resuming");
+                tracing::warn!(%model, %repo, file = %w.name, source = %source.name, got = len, expected = w.size, "size mismatch; resuming");
                 if len > w.size {
                     let _ = std::fs::remove_file(&part);
                 }
@@ -549,7 +845,7 @@ impl Hub {
                 if &got != expected {
                     let _ = std::fs::remove_file(&part);
                     corrupt += 1;
-                    tracing::warn!(model = %spec.id, %repo, file = %w.name, source = %source.name, %got, %expected, "sha256 mismatch; fetching the file again");
+                    tracing::warn!(%model, %repo, file = %w.name, source = %source.name, %got, %expected, "sha256 mismatch; fetching the file again");
                     if corrupt > 3 {
                         return Err(ferr(format!(
                             "sha256 {got}, expected {expected} (gave up after {corrupt} tries)"
@@ -560,7 +856,7 @@ impl Hub {
             }
             std::fs::rename(&part, &blob)
                 .map_err(|e| ferr(format!("cannot move it to {}: {e}", blob.display())))?;
-            tracing::info!(model = %spec.id, %repo, file = %w.name, source = %source.name, bytes = w.size, "file verified");
+            tracing::info!(%model, %repo, file = %w.name, source = %source.name, bytes = w.size, "file verified");
             return Ok(());
         }
     }
@@ -648,6 +944,124 @@ impl Hub {
         })?;
         report(got);
         Ok(())
+    }
+}
+
+/// The repo's file names, less any that could leave the snapshot folder.
+fn safe_names(info: &RepoInfo) -> Vec<String> {
+    info.siblings
+        .iter()
+        .map(|s| s.rfilename.clone())
+        .filter(|n| {
+            !n.is_empty()
+                && !n.starts_with('/')
+                && n.split('/').all(|p| !p.is_empty() && p != "." && p != "..")
+        })
+        .collect()
+}
+
+/// `org/name`: two non-empty parts, neither `.` nor `..`.
+fn valid_repo(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && *p != "."
+                && *p != ".."
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        })
+}
+
+/// The model card's `base_model` (a repo, or a list: the first).
+fn card_base_model(info: &RepoInfo) -> Option<String> {
+    let v = &info.card_data.as_ref()?["base_model"];
+    let s = v.as_str().or_else(|| v.as_array()?.first()?.as_str())?;
+    let s = s.trim();
+    valid_repo(s).then(|| s.to_string())
+}
+
+/// The GGUF header's metadata (the tensors are not read).
+fn gguf_metadata(
+    path: &Path,
+) -> Result<std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>, String> {
+    let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    candle_core::quantized::gguf_file::Content::read(&mut f)
+        .map(|c| c.metadata)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The base model llama.cpp's converter records in a GGUF:
+/// `general.base_model.0.repo_url` (`https://huggingface.co/org/name`), else
+/// `general.base_model.0.organization` + `.name` (titles, so spaces become
+/// `-`: a best guess).
+fn gguf_base_model(
+    md: &std::collections::HashMap<String, candle_core::quantized::gguf_file::Value>,
+) -> Option<String> {
+    let get = |k: &str| {
+        md.get(k)
+            .and_then(|v| v.to_string().ok())
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    if let Some(url) = get("general.base_model.0.repo_url") {
+        let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+        let parts: Vec<&str> = rest.split('/').skip(1).filter(|p| !p.is_empty()).collect();
+        if parts.len() >= 2 {
+            let repo = format!("{}/{}", parts[0], parts[1]);
+            if valid_repo(&repo) {
+                return Some(repo);
+            }
+        }
+    }
+    let repo = format!(
+        "{}/{}",
+        get("general.base_model.0.organization")?.replace(' ', "-"),
+        get("general.base_model.0.name")?.replace(' ', "-")
+    );
+    valid_repo(&repo).then_some(repo)
+}
+
+/// An advisory `flock` on `{cache}/.locks/{repo folder}/{etag}.lock`, the
+/// lock file huggingface_hub's `filelock` takes before it writes the blob,
+/// so that processes sharing a cache do not write one blob at once; waited
+/// for (polling, so that a cancelled load stops waiting) while another
+/// process holds it. Released when the file is dropped. A file system
+/// without `flock` goes on unlocked, with a warning.
+async fn lock_blob_file(model: &str, dir: &Path, etag: &str) -> Result<std::fs::File, String> {
+    use std::os::fd::AsRawFd;
+    let locks = dir
+        .parent()
+        .unwrap_or(dir)
+        .join(".locks")
+        .join(dir.file_name().unwrap_or_default());
+    let path = locks.join(format!("{etag}.lock"));
+    let f = std::fs::create_dir_all(&locks)
+        .and_then(|()| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+        })
+        .map_err(|e| format!("cannot open the lock file {}: {e}", path.display()))?;
+    let began = Instant::now();
+    let mut said = None::<Instant>;
+    loop {
+        // SAFETY: `f` is an open file; flock only reads its descriptor.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(f);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            tracing::warn!(%model, lock = %path.display(), error = %e, "cannot lock the blob; fetching it unlocked");
+            return Ok(f);
+        }
+        if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+            said = Some(Instant::now());
+            tracing::info!(%model, lock = %path.display(), waited_secs = began.elapsed().as_secs(), "another process is fetching this file; waiting");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -828,37 +1242,137 @@ fn select(
     Ok((files, None))
 }
 
-/// The GGUF file `quant` picks: the only one whose name contains it
-/// (case-insensitive); without `quant`, the only GGUF of the repo. Split
-/// GGUFs (`-00001-of-0000N`) are not supported yet.
+/// `name-00001-of-00003.gguf` → (`name`, 1, 3): a part of a split GGUF.
+fn split_part(n: &str) -> Option<(&str, u32, u32)> {
+    let stem = n
+        .strip_suffix(".gguf")
+        .or_else(|| n.strip_suffix(".GGUF"))?;
+    let (rest, total) = stem.rsplit_once("-of-")?;
+    let (prefix, index) = rest.rsplit_once('-')?;
+    let digits = |s: &str| s.len() == 5 && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(index) || !digits(total) {
+        return None;
+    }
+    Some((prefix, index.parse().ok()?, total.parse().ok()?))
+}
+
+/// One choice among a repo's GGUFs: a file, or every part of a split one.
+struct GgufChoice {
+    /// The file, or the split's first part (`…-00001-of-0000N.gguf`).
+    name: String,
+    /// A split GGUF: the parts of `total` present, in order.
+    parts: Vec<String>,
+    total: u32,
+}
+
+impl GgufChoice {
+    fn label(&self) -> String {
+        if self.parts.is_empty() {
+            self.name.clone()
+        } else {
+            format!(
+                "{} ({} of {} parts)",
+                self.name,
+                self.parts.len(),
+                self.total
+            )
+        }
+    }
+}
+
+/// The repo's GGUFs as choices: the parts of one split GGUF are one.
+fn gguf_choices(ggufs: &[&String]) -> Vec<GgufChoice> {
+    let mut out: Vec<GgufChoice> = Vec::new();
+    for n in ggufs {
+        match split_part(n) {
+            Some((prefix, _, total)) => {
+                let first = format!("{prefix}-00001-of-{total:05}.gguf");
+                match out.iter_mut().find(|c| c.total == total && c.name == first) {
+                    Some(c) => c.parts.push(n.to_string()),
+                    None => out.push(GgufChoice {
+                        name: first,
+                        parts: vec![n.to_string()],
+                        total,
+                    }),
+                }
+            }
+            None => out.push(GgufChoice {
+                name: n.to_string(),
+                parts: Vec::new(),
+                total: 0,
+            }),
+        }
+    }
+    for c in &mut out {
+        c.parts.sort();
+    }
+    out
+}
+
+/// The GGUF file `quant` picks: the only choice whose name contains it
+/// (case-insensitive); without `quant`, the only GGUF of the repo. The parts
+/// of a split GGUF (`-00001-of-0000N`) are one choice, which is refused:
+/// the engine loads one file.
 fn pick_gguf(ggufs: &[&String], quant: Option<&str>) -> Result<String, String> {
-    let list = |v: &[&String]| v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");
-    let matching: Vec<&String> = match quant {
+    let choices = gguf_choices(ggufs);
+    let list = |v: &[&GgufChoice]| v.iter().map(|c| c.label()).collect::<Vec<_>>().join(", ");
+    let all: Vec<&GgufChoice> = choices.iter().collect();
+    let matching: Vec<&GgufChoice> = match quant {
         Some(q) => {
             let q = q.to_lowercase();
-            ggufs
-                .iter()
+            all.iter()
                 .copied()
-                .filter(|n| file_name(n).to_lowercase().contains(&q))
+                .filter(|c| file_name(&c.name).to_lowercase().contains(&q))
                 .collect()
         }
-        None => ggufs.to_vec(),
+        None => all.clone(),
     };
-    match (matching.len(), quant) {
-        (1, _) => Ok(matching[0].clone()),
-        (0, Some(q)) => Err(format!(
-            "quant {q:?} matches none of the GGUF files: {}",
-            list(ggufs)
-        )),
-        (_, Some(q)) => Err(format!(
-            "quant {q:?} is ambiguous: it matches {}",
-            list(&matching)
-        )),
-        (_, None) => Err(format!(
-            "the repo has several GGUF files; set quant to pick one of: {}",
-            list(ggufs)
-        )),
+    let chosen = match (matching.len(), quant) {
+        (1, _) => matching[0],
+        (0, Some(q)) => {
+            return Err(format!(
+                "quant {q:?} matches none of the GGUF files: {}",
+                list(&all)
+            ))
+        }
+        (_, Some(q)) => {
+            return Err(format!(
+                "quant {q:?} is ambiguous: it matches {}",
+                list(&matching)
+            ))
+        }
+        (_, None) => {
+            return Err(format!(
+                "the repo has several GGUF files; set quant to pick one of: {}",
+                list(&all)
+            ))
+        }
+    };
+    if chosen.parts.is_empty() {
+        return Ok(chosen.name.clone());
     }
+    let missing: Vec<String> = (1..=chosen.total)
+        .map(|i| {
+            let prefix = chosen
+                .name
+                .trim_end_matches(&format!("-00001-of-{:05}.gguf", chosen.total));
+            format!("{prefix}-{i:05}-of-{:05}.gguf", chosen.total)
+        })
+        .filter(|n| !chosen.parts.contains(n))
+        .collect();
+    Err(format!(
+        "{} is a split GGUF ({} parts: {}{}); split GGUFs are not supported: the engine \
+         loads one file (merge the parts with `llama-gguf-split --merge` into a local \
+         `path`, or pick another quant)",
+        chosen.name,
+        chosen.total,
+        chosen.parts.join(", "),
+        if missing.is_empty() {
+            String::new()
+        } else {
+            format!("; missing from the repo: {}", missing.join(", "))
+        }
+    ))
 }
 
 fn file_name(n: &str) -> &str {
@@ -1017,6 +1531,102 @@ mod tests {
                 "tokenizer.json"
             ])
         );
+    }
+
+    #[test]
+    fn parts_of_a_split_gguf_are_one_choice_which_is_refused() {
+        let n = names(&[
+            "m.Q4_K_M-00001-of-00003.gguf",
+            "m.Q4_K_M-00002-of-00003.gguf",
+            "m.Q4_K_M-00003-of-00003.gguf",
+            "m.Q8_0-00001-of-00002.gguf",
+            "m.Q2_K.gguf",
+        ]);
+        // Not "ambiguous" between its parts: one split model, refused.
+        let e = select("o/m", &n, Some("q4_k_m")).unwrap_err().to_string();
+        assert!(
+            e.contains("split GGUF")
+                && e.contains("not supported")
+                && e.contains("m.Q4_K_M-00001-of-00003.gguf")
+                && e.contains("m.Q4_K_M-00003-of-00003.gguf")
+                && !e.contains("ambiguous"),
+            "{e}"
+        );
+        // A part missing from the repo is named.
+        let e = select("o/m", &n, Some("Q8_0")).unwrap_err().to_string();
+        assert!(
+            e.contains("split GGUF")
+                && e.contains("missing from the repo: m.Q8_0-00002-of-00002.gguf"),
+            "{e}"
+        );
+        // Candidates list a split once.
+        let e = select("o/m", &n, Some("m.Q")).unwrap_err().to_string();
+        assert!(
+            e.contains("ambiguous")
+                && e.contains("m.Q4_K_M-00001-of-00003.gguf (3 of 3 parts)")
+                && !e.contains("00002-of-00003"),
+            "{e}"
+        );
+        // A plain file beside splits is still picked.
+        let (files, f) = select("o/m", &n, Some("q2_k")).unwrap();
+        assert_eq!(f.as_deref(), Some("m.Q2_K.gguf"));
+        assert_eq!(files, names(&["m.Q2_K.gguf"]));
+        // A lone split model without quant: refused, not "set quant".
+        let one = names(&["x-00001-of-00002.gguf", "x-00002-of-00002.gguf"]);
+        let e = select("o/x", &one, None).unwrap_err().to_string();
+        assert!(e.contains("split GGUF") && !e.contains("set quant"), "{e}");
+        assert_eq!(split_part("a-00002-of-00010.gguf"), Some(("a", 2, 10)));
+        assert_eq!(split_part("a-2-of-10.gguf"), None);
+    }
+
+    #[test]
+    fn base_model_from_the_card_or_the_gguf_metadata() {
+        let info = |card: serde_json::Value| RepoInfo {
+            sha: "c".into(),
+            siblings: vec![],
+            card_data: Some(card),
+        };
+        assert_eq!(
+            card_base_model(&info(serde_json::json!({"base_model": "org/base"}))).as_deref(),
+            Some("org/base")
+        );
+        assert_eq!(
+            card_base_model(&info(serde_json::json!({"base_model": ["org/a", "org/b"]})))
+                .as_deref(),
+            Some("org/a")
+        );
+        assert_eq!(
+            card_base_model(&info(serde_json::json!({"base_model": "../x"}))),
+            None
+        );
+        assert_eq!(
+            card_base_model(&info(serde_json::json!({"license": "mit"}))),
+            None
+        );
+
+        use candle_core::quantized::gguf_file::Value;
+        let md = |kv: &[(&str, &str)]| {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+                .collect::<std::collections::HashMap<_, _>>()
+        };
+        assert_eq!(
+            gguf_base_model(&md(&[(
+                "general.base_model.0.repo_url",
+                "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"
+            )]))
+            .as_deref(),
+            Some("HuggingFaceTB/SmolLM2-135M-Instruct")
+        );
+        assert_eq!(
+            gguf_base_model(&md(&[
+                ("general.base_model.0.organization", "HuggingFaceTB"),
+                ("general.base_model.0.name", "SmolLM2 135M Instruct"),
+            ]))
+            .as_deref(),
+            Some("HuggingFaceTB/SmolLM2-135M-Instruct")
+        );
+        assert_eq!(gguf_base_model(&md(&[("general.name", "x")])), None);
     }
 
     #[test]

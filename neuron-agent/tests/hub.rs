@@ -45,6 +45,8 @@ struct Faults {
     not_found: bool,
     /// Next `HEAD` of this file answers 503.
     head_503_once: Vec<String>,
+    /// Every request about these repos answers 503.
+    unavailable: Vec<String>,
     /// Send LFS files from this other server (the hub's CDN): `HEAD` and
     /// `GET` answer 302 with the `X-Linked-*` headers, as the hub does.
     redirect_to: Option<String>,
@@ -64,6 +66,8 @@ type RepoFiles = Vec<(String, MockFile)>;
 #[derive(Clone, Default)]
 struct Mock {
     repos: Arc<Mutex<HashMap<String, RepoFiles>>>,
+    /// A repo's model card front matter (`cardData` in its metadata).
+    cards: Arc<Mutex<HashMap<String, Value>>>,
     faults: Arc<Mutex<Faults>>,
     seen: Arc<Mutex<Vec<Seen>>>,
 }
@@ -104,6 +108,14 @@ impl Hub {
             .lock()
             .unwrap()
             .insert(repo.to_string(), files);
+    }
+
+    fn card(&self, repo: &str, card: Value) {
+        self.mock
+            .cards
+            .lock()
+            .unwrap()
+            .insert(repo.to_string(), card);
     }
 
     fn seen(&self) -> Vec<Seen> {
@@ -148,6 +160,10 @@ async fn serve(State(mock): State<Mock>, req: Request) -> Response {
     if mock.faults.lock().unwrap().not_found {
         return (StatusCode::NOT_FOUND, "Repository not found").into_response();
     }
+    let unavailable = mock.faults.lock().unwrap().unavailable.clone();
+    if unavailable.iter().any(|r| path.contains(&format!("/{r}/"))) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "try later").into_response();
+    }
     let repos = mock.repos.lock().unwrap().clone();
     // GET /api/models/{org}/{name}/revision/{rev}
     if let Some(rest) = path.strip_prefix("/api/models/") {
@@ -169,8 +185,11 @@ async fn serve(State(mock): State<Mock>, req: Request) -> Response {
                     s
                 })
                 .collect();
-            return axum::Json(json!({"id": repo, "sha": COMMIT, "siblings": siblings}))
-                .into_response();
+            let mut info = json!({"id": repo, "sha": COMMIT, "siblings": siblings});
+            if let Some(card) = mock.cards.lock().unwrap().get(&repo) {
+                info["cardData"] = card.clone();
+            }
+            return axum::Json(info).into_response();
         }
     }
     // HEAD/GET /{org}/{name}/resolve/{rev}/{file}
@@ -865,4 +884,553 @@ async fn a_fetched_repo_model_is_checked_against_the_memory_budget() {
         "refused before any request to the hub"
     );
     agent.shutdown().await;
+}
+
+/// The default GGUF rewritten without its chat template (older converters
+/// wrote none) and with `extra` string metadata, e.g. the base model that
+/// llama.cpp's converter records (`general.base_model.0.repo_url`).
+fn gguf_without_template(extra: &[(&str, &str)]) -> Vec<u8> {
+    use candle_core::quantized::gguf_file::{self, Content, Value};
+    let bytes = default_gguf();
+    let mut r = std::io::Cursor::new(&bytes);
+    let ct = Content::read(&mut r).unwrap();
+    let mut md: Vec<(String, Value)> = ct
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.as_str() != "tokenizer.chat_template")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for (k, v) in extra {
+        md.push((k.to_string(), Value::String(v.to_string())));
+    }
+    let mut names: Vec<&String> = ct.tensor_infos.keys().collect();
+    names.sort();
+    let tensors: Vec<(&str, candle_core::quantized::QTensor)> = names
+        .iter()
+        .map(|n| {
+            let t = ct.tensor(&mut r, n, &candle_core::Device::Cpu).unwrap();
+            (n.as_str(), t)
+        })
+        .collect();
+    let mut out = std::io::Cursor::new(Vec::new());
+    gguf_file::write(
+        &mut out,
+        &md.iter().map(|(k, v)| (k.as_str(), v)).collect::<Vec<_>>(),
+        &tensors.iter().map(|(n, t)| (*n, t)).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    out.into_inner()
+}
+
+/// The default GGUF's tokenizer as a `tokenizer.json` (what its base repo
+/// would have: it matches the GGUF's vocabulary).
+fn default_tokenizer_json() -> Vec<u8> {
+    let bytes = default_gguf();
+    let ct = candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(&bytes))
+        .unwrap();
+    helexa_engine::tokenizer::tokenizer_from_gguf(&ct.metadata)
+        .unwrap()
+        .to_string(false)
+        .unwrap()
+        .into_bytes()
+}
+
+/// A base (safetensors) repo: weights that must not be fetched, and the
+/// tokenizer files a GGUF repo lacks.
+fn base_repo_files(template: &str) -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        (
+            "config.json",
+            b"{\"architectures\": [\"LlamaForCausalLM\"]}".to_vec(),
+        ),
+        ("model.safetensors", blob(50, 100_000)),
+        ("tokenizer.json", default_tokenizer_json()),
+        (
+            "tokenizer_config.json",
+            serde_json::to_vec(&json!({"chat_template": template, "bos_token": "<|im_start|>"}))
+                .unwrap(),
+        ),
+    ]
+}
+
+/// The engine's command line (its process's `/proc/{pid}/cmdline`).
+fn engine_args(agent: &neuron_agent::Agent, id: &str) -> Vec<String> {
+    let pid = agent.registry().engine_pid(id).expect("engine running");
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap()
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).to_string())
+        .collect()
+}
+
+fn flag(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+/// Prompt tokens of a one-message chat: what the template rendered.
+async fn prompt_tokens(agent: &neuron_agent::Agent, id: &str) -> u64 {
+    let (s, v) = post_json(
+        agent,
+        "/v1/chat/completions",
+        json!({"model": id, "max_tokens": 1,
+               "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    v["usage"]["prompt_tokens"].as_u64().unwrap()
+}
+
+/// Renders a message's content alone: "hi" is a token or two, where the
+/// ChatML default wraps it in role markers (about ten).
+const BARE_TEMPLATE: &str = "{% for m in messages %}{{ m.content }}{% endfor %}";
+
+/// A GGUF repo without `tokenizer.json` / `tokenizer_config.json` (and a
+/// GGUF without a template) takes them from the base repo its model card
+/// names: fetched into that repo's own cache folder (the tokenizer files
+/// only), given to the engine, and the template is the base repo's. A
+/// model whose base repo is not found loads with the GGUF's own tokenizer
+/// and the ChatML default, and says so in `/health`. A second start with
+/// the hub down uses the cached base files without a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gguf_repo_without_tokenizer_files_takes_them_from_the_base_repo_its_card_names() {
+    let gguf = gguf_without_template(&[]);
+    let hub = Hub::start().await;
+    hub.add("org/smol-GGUF", vec![("smol.Q4_1.gguf", gguf.clone())]);
+    hub.card(
+        "org/smol-GGUF",
+        json!({"base_model": ["org/smol"], "license": "apache-2.0"}),
+    );
+    let base = base_repo_files(BARE_TEMPLATE);
+    hub.add("org/smol", base.clone());
+    hub.add("org/plain-GGUF", vec![("plain.Q4_1.gguf", gguf.clone())]);
+    let cache = tempfile::tempdir().unwrap();
+    let small = |m: &mut ModelSpec| {
+        m.max_context = Some(256);
+        m.max_batch = Some(1);
+    };
+    let mut based = repo_model("based", "org/smol-GGUF", None);
+    small(&mut based);
+    let mut plain = repo_model("plain", "org/plain-GGUF", None);
+    small(&mut plain);
+    let make = |endpoint: Option<String>| {
+        let mut source = hub.source("huggingface");
+        if let Some(e) = endpoint {
+            source.endpoint = e;
+        }
+        let mut c = hub_config(
+            cache.path(),
+            vec![source],
+            vec![based.clone(), plain.clone()],
+        );
+        c.engine_program = Some(PathBuf::from(env!("CARGO_BIN_EXE_neuron")));
+        c.engine_ready_timeout_secs = 120;
+        c
+    };
+    let agent = start(make(None)).await;
+    let (s, v) = load(&agent, "based").await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = load(&agent, "plain").await;
+    assert_eq!(s, 200, "{v}");
+
+    // The base repo's tokenizer files, in its own cache folder; not its weights.
+    let tok = assert_cached(
+        cache.path(),
+        "org/smol",
+        "tokenizer.json",
+        &base[2].1,
+        false,
+    );
+    let cfg = assert_cached(
+        cache.path(),
+        "org/smol",
+        "tokenizer_config.json",
+        &base[3].1,
+        false,
+    );
+    let base_gets: Vec<String> = hub
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == "GET" && s.path.starts_with("/org/smol/"))
+        .map(|s| s.path)
+        .collect();
+    assert_eq!(
+        base_gets,
+        vec![
+            format!("/org/smol/resolve/{COMMIT}/tokenizer.json"),
+            format!("/org/smol/resolve/{COMMIT}/tokenizer_config.json"),
+        ]
+    );
+    let args = engine_args(&agent, "based");
+    assert_eq!(
+        flag(&args, "--tokenizer"),
+        Some(tok.display().to_string()),
+        "{args:?}"
+    );
+    assert_eq!(
+        flag(&args, "--tokenizer-config"),
+        Some(cfg.display().to_string()),
+        "{args:?}"
+    );
+    assert_eq!(model_health(&agent, "based").await["warning"], Value::Null);
+
+    // Without a base repo: the GGUF's own tokenizer, ChatML, and a warning.
+    let args = engine_args(&agent, "plain");
+    assert_eq!(flag(&args, "--tokenizer"), None, "{args:?}");
+    assert_eq!(flag(&args, "--tokenizer-config"), None, "{args:?}");
+    let h = model_health(&agent, "plain").await;
+    assert_eq!(h["status"], "loaded", "{h}");
+    let w = h["warning"].as_str().unwrap_or_default();
+    for part in [
+        "org/plain-GGUF",
+        "no tokenizer.json and no chat template",
+        "no base repo was found",
+        "ChatML",
+    ] {
+        assert!(w.contains(part), "{part} in {h}");
+    }
+
+    // The base template renders "hi" bare; ChatML wraps it.
+    let bare = prompt_tokens(&agent, "based").await;
+    let chatml = prompt_tokens(&agent, "plain").await;
+    assert!(
+        bare <= 3 && chatml >= bare + 5,
+        "base {bare}, chatml {chatml}"
+    );
+    agent.shutdown().await;
+
+    // Offline: the hub is down; the cached base files are used as they were.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let before = hub.seen().len();
+    let agent = start(make(Some(closed))).await;
+    let (s, v) = load(&agent, "based").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(hub.seen().len(), before, "no request from the cache");
+    let args = engine_args(&agent, "based");
+    assert_eq!(
+        flag(&args, "--tokenizer"),
+        Some(tok.display().to_string()),
+        "{args:?}"
+    );
+    assert_eq!(
+        flag(&args, "--tokenizer-config"),
+        Some(cfg.display().to_string()),
+        "{args:?}"
+    );
+    assert_eq!(model_health(&agent, "based").await["warning"], Value::Null);
+    assert_eq!(prompt_tokens(&agent, "based").await, bare);
+    agent.shutdown().await;
+}
+
+/// The base repo from the GGUF's own metadata (`general.base_model.0`), the
+/// `base_repo` key over the model card, and a base repo that is unreachable
+/// (503 until the retry bound): that model loads anyway with a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn base_repo_from_gguf_metadata_or_the_key_and_an_unreachable_one_only_warns() {
+    let gguf = gguf_without_template(&[(
+        "general.base_model.0.repo_url",
+        "https://huggingface.co/org/meta-base",
+    )]);
+    let hub = Hub::start().await;
+    hub.add("org/meta-GGUF", vec![("meta.Q4_1.gguf", gguf.clone())]);
+    hub.add("org/meta-base", base_repo_files(BARE_TEMPLATE));
+    // The card names one base repo, the key another (which wins).
+    hub.add("org/keyed-GGUF", vec![("keyed.Q4_1.gguf", gguf.clone())]);
+    hub.card("org/keyed-GGUF", json!({"base_model": "org/meta-base"}));
+    let keyed_template = "{% for m in messages %}KEYED {{ m.role }}: {{ m.content }}\n{% endfor %}";
+    let mut keyed_files = base_repo_files(keyed_template);
+    // Another model's tokenizer.json: refused, the GGUF's own is kept.
+    keyed_files[2].1 = serde_json::to_vec(&json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": {"a": 0, "b": 1}, "unk_token": "a"}
+    }))
+    .unwrap();
+    hub.add("org/keyed-base", keyed_files);
+    hub.add("org/lost-GGUF", vec![("lost.Q4_1.gguf", gguf.clone())]);
+    hub.card("org/lost-GGUF", json!({"base_model": "org/down"}));
+    hub.add("org/down", base_repo_files(BARE_TEMPLATE));
+    hub.faults().unavailable.push("org/down".into());
+    let cache = tempfile::tempdir().unwrap();
+    let spec = |id: &str, repo: &str| {
+        let mut m = repo_model(id, repo, None);
+        m.max_context = Some(256);
+        m.max_batch = Some(1);
+        m
+    };
+    let mut keyed = spec("keyed", "org/keyed-GGUF");
+    keyed.base_repo = Some("org/keyed-base".into());
+    let mut c = hub_config(
+        cache.path(),
+        vec![hub.source("huggingface")],
+        vec![
+            spec("meta", "org/meta-GGUF"),
+            keyed,
+            spec("lost", "org/lost-GGUF"),
+        ],
+    );
+    c.engine_program = Some(PathBuf::from(env!("CARGO_BIN_EXE_neuron")));
+    c.engine_ready_timeout_secs = 120;
+    c.download_retry_secs = 2;
+    let agent = start(c).await;
+    for id in ["meta", "keyed", "lost"] {
+        let (s, v) = load(&agent, id).await;
+        assert_eq!(s, 200, "{id}: {v}");
+    }
+    let snap = |repo: &str, file: &str| {
+        cache
+            .path()
+            .join(format!("models--{}", repo.replace('/', "--")))
+            .join("snapshots")
+            .join(COMMIT)
+            .join(file)
+            .display()
+            .to_string()
+    };
+
+    let args = engine_args(&agent, "meta");
+    assert_eq!(
+        flag(&args, "--tokenizer"),
+        Some(snap("org/meta-base", "tokenizer.json")),
+        "{args:?}"
+    );
+    assert_eq!(
+        flag(&args, "--tokenizer-config"),
+        Some(snap("org/meta-base", "tokenizer_config.json")),
+        "{args:?}"
+    );
+    assert_eq!(model_health(&agent, "meta").await["warning"], Value::Null);
+
+    let args = engine_args(&agent, "keyed");
+    assert_eq!(flag(&args, "--tokenizer"), None, "{args:?}");
+    assert_eq!(
+        flag(&args, "--tokenizer-config"),
+        Some(snap("org/keyed-base", "tokenizer_config.json")),
+        "{args:?}"
+    );
+    let w = model_health(&agent, "keyed").await["warning"].clone();
+    assert!(
+        w.as_str()
+            .is_some_and(|w| w
+                .contains("tokenizer.json of base repo org/keyed-base does not match the GGUF")),
+        "{w}"
+    );
+
+    let args = engine_args(&agent, "lost");
+    assert_eq!(flag(&args, "--tokenizer"), None, "{args:?}");
+    assert_eq!(flag(&args, "--tokenizer-config"), None, "{args:?}");
+    let h = model_health(&agent, "lost").await;
+    let w = h["warning"].as_str().unwrap_or_default();
+    for part in [
+        "org/lost-GGUF",
+        "org/down",
+        "model card",
+        "unreachable",
+        "503",
+    ] {
+        assert!(w.contains(part), "{part} in {h}");
+    }
+
+    // The templates differ in what they render around "hi".
+    let bare = prompt_tokens(&agent, "meta").await;
+    let keyed = prompt_tokens(&agent, "keyed").await;
+    let chatml = prompt_tokens(&agent, "lost").await;
+    assert!(bare <= 3, "{bare}");
+    assert!(
+        keyed > bare && keyed != chatml,
+        "keyed {keyed}, chatml {chatml}"
+    );
+    agent.shutdown().await;
+}
+
+/// The parts of a split GGUF are one choice for `quant` (not "ambiguous"),
+/// refused with a message naming them; nothing is downloaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_gguf_is_refused_naming_its_parts() {
+    let hub = Hub::start().await;
+    hub.add(
+        "org/split-GGUF",
+        vec![
+            ("big.Q4_K_M-00001-of-00002.gguf", blob(60, 1000)),
+            ("big.Q4_K_M-00002-of-00002.gguf", blob(61, 1000)),
+            ("big.Q8_0.gguf", blob(62, 1000)),
+        ],
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let agent = start(hub_config(
+        cache.path(),
+        vec![hub.source("hub")],
+        vec![repo_model("split", "org/split-GGUF", Some("Q4_K_M"))],
+    ))
+    .await;
+    let (s, v) = load(&agent, "split").await;
+    assert_eq!(s, 502, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    for part in [
+        "org/split-GGUF",
+        "split GGUF",
+        "not supported",
+        "big.Q4_K_M-00001-of-00002.gguf",
+        "big.Q4_K_M-00002-of-00002.gguf",
+    ] {
+        assert!(msg.contains(part), "{part} in {msg}");
+    }
+    assert!(!msg.contains("ambiguous"), "{msg}");
+    assert_eq!(model_health(&agent, "split").await["status"], "failed");
+    assert!(
+        hub.seen().iter().all(|s| s.path.starts_with("/api/")),
+        "nothing downloaded: {:?}",
+        hub.seen()
+    );
+    agent.shutdown().await;
+}
+
+/// Another process sharing the cache (another neuron, huggingface_hub)
+/// holding the blob's lock file (`.locks/models--…/{etag}.lock`, `flock`):
+/// the load waits without downloading, and once that process has written
+/// the blob and let go, uses it without fetching it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_another_process_is_fetching_is_waited_for_not_fetched_again() {
+    use std::os::fd::AsRawFd;
+    let hub = Hub::start().await;
+    let bytes = blob(70, 200_000);
+    hub.add("org/locked-GGUF", vec![("locked.Q4_0.gguf", bytes.clone())]);
+    let cache = tempfile::tempdir().unwrap();
+    let locks = cache.path().join(".locks/models--org--locked-GGUF");
+    std::fs::create_dir_all(&locks).unwrap();
+    let lock = std::fs::File::create(locks.join(format!("{}.lock", sha256(&bytes)))).unwrap();
+    // SAFETY: an open file's descriptor.
+    assert_eq!(
+        unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+        0
+    );
+    let agent = start(hub_config(
+        cache.path(),
+        vec![hub.source("hub")],
+        vec![repo_model("locked", "org/locked-GGUF", None)],
+    ))
+    .await;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let gets = |hub: &Hub| {
+        hub.seen()
+            .iter()
+            .filter(|s| s.method == "GET" && s.path.contains("/resolve/"))
+            .count()
+    };
+    let ((s, v), ()) = tokio::join!(
+        async {
+            let r = load(&agent, "locked").await;
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            r
+        },
+        async {
+            eventually(10, "the file's metadata is read", || async {
+                hub.seen().iter().any(|s| s.method == "HEAD")
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            assert!(
+                !done.load(std::sync::atomic::Ordering::SeqCst),
+                "the load waits for the lock"
+            );
+            assert_eq!(gets(&hub), 0, "nothing downloaded while locked");
+            // The other process finishes the blob, then lets go.
+            let blobs = cache.path().join("models--org--locked-GGUF/blobs");
+            std::fs::create_dir_all(&blobs).unwrap();
+            std::fs::write(blobs.join(sha256(&bytes)), &bytes).unwrap();
+            drop(lock);
+        }
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_cached(
+        cache.path(),
+        "org/locked-GGUF",
+        "locked.Q4_0.gguf",
+        &bytes,
+        true,
+    );
+    assert_eq!(gets(&hub), 0, "the other process's blob is used");
+    agent.shutdown().await;
+}
+
+/// Two agent processes sharing one cache load the same repo at once: the
+/// blob is downloaded once (the other waits on its lock file, then uses it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agent_processes_sharing_a_cache_download_a_blob_once() {
+    let hub = Hub::start().await;
+    let bytes = blob(71, 2 * 1024 * 1024);
+    hub.add("org/twice-GGUF", vec![("twice.Q4_0.gguf", bytes.clone())]);
+    hub.faults().slow_ms = 50; // ~1.6 s for the file: the loads overlap
+    let cache = tempfile::tempdir().unwrap();
+    let mut agents = Vec::new();
+    let mut urls = Vec::new();
+    for i in 0..2 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut c = hub_config(
+            cache.path(),
+            vec![hub.source("hub")],
+            vec![repo_model("twice", "org/twice-GGUF", None)],
+        );
+        c.listen = format!("127.0.0.1:{port}");
+        let file = cache.path().join(format!("neuron-{i}.toml"));
+        std::fs::write(&file, toml::to_string(&c).unwrap()).unwrap();
+        agents.push(
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_neuron"))
+                .arg("--config")
+                .arg(&file)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap(),
+        );
+        urls.push(format!("http://127.0.0.1:{port}"));
+    }
+    let http = client();
+    for url in &urls {
+        eventually(20, "the agent answers", || async {
+            http.get(format!("{url}/health")).send().await.is_ok()
+        })
+        .await;
+    }
+    let load_at = |url: &String| {
+        let http = http.clone();
+        let url = url.clone();
+        async move {
+            let r = http
+                .post(format!("{url}/models/load"))
+                .json(&json!({"model": "twice"}))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let (a, b) = tokio::join!(load_at(&urls[0]), load_at(&urls[1]));
+    assert_eq!(a.0, 200, "{}", a.1);
+    assert_eq!(b.0, 200, "{}", b.1);
+    assert_cached(
+        cache.path(),
+        "org/twice-GGUF",
+        "twice.Q4_0.gguf",
+        &bytes,
+        true,
+    );
+    let gets = hub
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == "GET" && s.path.contains("/resolve/"))
+        .count();
+    assert_eq!(gets, 1, "one download for both processes: {:?}", hub.seen());
+    for mut a in agents {
+        let _ = a.kill().await;
+    }
 }

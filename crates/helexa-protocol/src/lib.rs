@@ -184,6 +184,11 @@ pub struct ModelHealth {
     pub tokens_generated_total: u64,
     pub tok_s_prefill: f64,
     pub tok_s_decode: f64,
+    /// Something the load fell back on, e.g. a `repo` model served with its
+    /// GGUF's own tokenizer or template because its base repo could not be
+    /// found or fetched (docs/protocol.md §9); absent when none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 /// `GET /models`: one loaded model and what it can do.

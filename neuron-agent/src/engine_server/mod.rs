@@ -58,6 +58,12 @@ pub struct EngineArgs {
     /// A file holding a Jinja chat template that overrides the model's.
     #[arg(long)]
     pub chat_template: Option<PathBuf>,
+    /// A `tokenizer_config.json` whose `chat_template` (a string, or a
+    /// list of `{name, template}`: the `default` one) overrides the
+    /// model's; `--chat-template` wins over it. The agent passes the base
+    /// repo's for a GGUF repo without a template (docs/neuron.md).
+    #[arg(long)]
+    pub tokenizer_config: Option<PathBuf>,
     /// `cpu` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -440,6 +446,33 @@ enum Bound {
     Unix(tokio::net::UnixListener),
 }
 
+/// The `chat_template` of a `tokenizer_config.json`: a string, or the
+/// `default` entry (else the first) of a list of `{name, template}`.
+fn template_of_tokenizer_config(p: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(p)
+        .map_err(|e| anyhow::anyhow!("cannot read tokenizer config {}: {e}", p.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("tokenizer config {}: {e}", p.display()))?;
+    chat_template_value(&v["chat_template"])
+        .ok_or_else(|| anyhow::anyhow!("tokenizer config {}: no chat_template", p.display()))
+}
+
+/// A `chat_template` value of a `tokenizer_config.json` (see above).
+pub fn chat_template_value(v: &serde_json::Value) -> Option<String> {
+    if let Some(s) = v.as_str() {
+        return Some(s.to_string());
+    }
+    let list = v.as_array()?;
+    let named = |n: &str| {
+        list.iter()
+            .find(|e| e["name"] == n)
+            .and_then(|e| e["template"].as_str())
+    };
+    named("default")
+        .or_else(|| list.first().and_then(|e| e["template"].as_str()))
+        .map(str::to_string)
+}
+
 /// Runs the engine server until SIGTERM/SIGINT: binds, announces the address,
 /// loads the model (`/health` says `loading` meanwhile), serves, and on a
 /// signal stops admitting and lets running answers finish up to the drain
@@ -452,12 +485,13 @@ pub async fn run(args: EngineArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| "model".into())
     });
     let device = parse_device(&args.device)?;
-    let chat_template = match &args.chat_template {
-        Some(p) => Some(
+    let chat_template = match (&args.chat_template, &args.tokenizer_config) {
+        (Some(p), _) => Some(
             std::fs::read_to_string(p)
                 .map_err(|e| anyhow::anyhow!("cannot read chat template {}: {e}", p.display()))?,
         ),
-        None => None,
+        (None, Some(p)) => Some(template_of_tokenizer_config(p)?),
+        (None, None) => None,
     };
     let embedding = helexa_engine::is_embedding_model(&args.model);
     let state = Arc::new(EngineState {
@@ -564,4 +598,30 @@ fn announce(addr: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{LISTEN_LINE_PREFIX}{addr}");
     let _ = out.flush();
+}
+
+#[cfg(test)]
+mod tokenizer_config_tests {
+    use super::*;
+
+    #[test]
+    fn chat_template_of_a_tokenizer_config_string_or_named_list() {
+        assert_eq!(
+            chat_template_value(&json!("{{ x }}")).as_deref(),
+            Some("{{ x }}")
+        );
+        let list =
+            json!([{"name": "tool_use", "template": "t"}, {"name": "default", "template": "d"}]);
+        assert_eq!(chat_template_value(&list).as_deref(), Some("d"));
+        let list = json!([{"name": "rag", "template": "r"}]);
+        assert_eq!(chat_template_value(&list).as_deref(), Some("r"));
+        assert_eq!(chat_template_value(&json!(null)), None);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tokenizer_config.json");
+        std::fs::write(&p, r#"{"chat_template": "T", "bos_token": "<s>"}"#).unwrap();
+        assert_eq!(template_of_tokenizer_config(&p).unwrap(), "T");
+        std::fs::write(&p, r#"{"bos_token": "<s>"}"#).unwrap();
+        let e = template_of_tokenizer_config(&p).unwrap_err().to_string();
+        assert!(e.contains("no chat_template"), "{e}");
+    }
 }

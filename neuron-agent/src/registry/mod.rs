@@ -103,6 +103,8 @@ impl From<LifecycleError> for ApiError {
 pub(crate) struct SlotState {
     pub(crate) phase: Phase,
     pub(crate) error: Option<String>,
+    /// What the last load fell back on (`/health` `warning`).
+    pub(crate) warning: Option<String>,
     pub(crate) admission: Option<Arc<Admission>>,
     pub(crate) engine: Option<Arc<EngineConn>>,
     /// The running lifecycle operation, if any.
@@ -183,6 +185,7 @@ impl Registry {
                     state: Mutex::new(SlotState {
                         phase: Phase::Unloaded,
                         error: None,
+                        warning: None,
                         admission: None,
                         engine: None,
                         op: None,

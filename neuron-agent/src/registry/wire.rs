@@ -33,6 +33,7 @@ impl Registry {
                 tokens_generated_total: st.tokens_base.saturating_add(stats.tokens_generated_total),
                 tok_s_prefill: stats.tok_s_prefill,
                 tok_s_decode: stats.tok_s_decode,
+                warning: st.warning.clone(),
             });
         }
         out

@@ -36,7 +36,7 @@ impl Registry {
         let id = slot.spec.id.clone();
         let began = Instant::now();
         // A `repo` model: its file from the hub cache, fetched if need be.
-        let spec = match self.resolve_spec(&slot.spec, &stop).await {
+        let spec = match self.resolve_spec(&slot, &stop).await {
             Ok(spec) => spec,
             Err(e) => {
                 return self.load_failed(&slot, &tx, e, "model could not be fetched");
@@ -208,11 +208,14 @@ impl Registry {
     /// `spec` with `path` set: itself for a local model; for a `repo` model,
     /// the file in the hub cache, fetched first if it is not there
     /// (progress in `/health` `activation.downloads`).
+    /// What the load falls back on goes to the slot's `warning`.
     async fn resolve_spec(
         &self,
-        spec: &ModelSpec,
+        slot: &Slot,
         stop: &CancellationToken,
     ) -> Result<ModelSpec, StartError> {
+        let spec = &slot.spec;
+        slot.lock().warning = None;
         if spec.repo.is_none() {
             return Ok(spec.clone());
         }
@@ -232,9 +235,19 @@ impl Registry {
             }
         };
         downloads.lock().expect("downloads lock").remove(&spec.id);
-        let path = outcome.map_err(|e| StartError::Fetch(e.to_string()))?;
+        let got = outcome.map_err(|e| StartError::Fetch(e.to_string()))?;
         let mut resolved = spec.clone();
-        resolved.path = path;
+        resolved.path = got.path;
+        // From the base repo of a GGUF repo without them (`hub`): they
+        // never replace what the entry sets itself.
+        if resolved.tokenizer.is_none() {
+            resolved.tokenizer = got.tokenizer;
+        }
+        if resolved.chat_template.is_none() {
+            resolved.chat_template = got.chat_template;
+            resolved.tokenizer_config = got.tokenizer_config;
+        }
+        slot.lock().warning = got.warning;
         Ok(resolved)
     }
 

@@ -128,6 +128,12 @@ pub fn command_line(config: &Config, spec: &ModelSpec) -> (PathBuf, Vec<OsString
         "--chat-template",
         spec.chat_template.as_ref().map(|p| p.display().to_string()),
     );
+    opt(
+        "--tokenizer-config",
+        spec.tokenizer_config
+            .as_ref()
+            .map(|p| p.display().to_string()),
+    );
     opt("--device", spec.device.clone());
     args.extend(spec.extra_args.iter().map(OsString::from));
     (program, args)
