@@ -131,7 +131,14 @@ impl Engine {
             return Err(load_err(&path, "no such file (run scripts/fetch-model?)"));
         }
         let slots = cfg.max_batch.max(1);
-        if matches!(cfg.device, DeviceSpec::Cuda(_)) || cfg.kernels == Kernels::Candle {
+        // Architectures the native kernels do not implement (Gemma, Phi-3,
+        // Qwen3-MoE) run on the device-generic decoder, on the CPU too.
+        let native = gguf::NATIVE_ARCHITECTURES.contains(
+            &gguf::architecture(&path)
+                .map_err(|m| load_err(&path, m))?
+                .as_str(),
+        );
+        if matches!(cfg.device, DeviceSpec::Cuda(_)) || cfg.kernels == Kernels::Candle || !native {
             let loaded = gguf::load_on_device(&path, cfg.device, cfg.max_context, slots)
                 .map_err(|m| load_err(&path, m))?;
             let parts = Engine::gguf_parts(&cfg, &loaded, 0)?;
