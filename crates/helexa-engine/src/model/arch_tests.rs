@@ -520,3 +520,83 @@ fn unsupported_architectures_are_refused_naming_the_supported_set() {
         assert!(gguf::SUPPORTED_ARCHITECTURES.contains(&a));
     }
 }
+
+/// transformers' logits (scripts/gen-arch-fixtures) on the same tiny
+/// checkpoints, with windows shorter than the prompt (Gemma 2's alternating
+/// layers, Gemma 3's pattern, Phi-3's every layer) and a Gemma
+/// `query_pre_attn_scalar` that is not the head size — what
+/// candle-transformers does not implement.
+fn matches_transformers(kind: &str) {
+    let fixture: serde_json::Value =
+        serde_json::from_str(include_str!("../../tests/fixtures/arch_logits.json")).unwrap();
+    let case = fixture["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["kind"] == kind)
+        .unwrap();
+    let k = match kind {
+        "gemma2" => Kind::Gemma2,
+        "gemma3" => Kind::Gemma3,
+        "phi3" => Kind::Phi3,
+        _ => Kind::Qwen3Moe,
+    };
+    let n = |v: &serde_json::Value| v.as_u64().map(|x| x as usize);
+    let tiny = TinyArch {
+        window: n(&case["window"]),
+        query_scalar: n(&case["query_scalar"]),
+        ..TinyArch::new(k)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    tiny.write(dir.path()).unwrap();
+    let bytes = std::fs::read(dir.path().join("model.safetensors")).unwrap();
+    // The tensor data, not the JSON header (whose key order depends on
+    // serde_json's features in the build).
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let fnv = bytes[8 + header..]
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        });
+    assert_eq!(
+        format!("{fnv:016x}"),
+        case["weights_fnv1a"].as_str().unwrap(),
+        "the testkit's {kind} checkpoint changed: rerun scripts/gen-arch-fixtures"
+    );
+    let logits: Vec<Vec<f32>> = serde_json::from_value(case["logits"].clone()).unwrap();
+    let tokens: Vec<u32> = serde_json::from_value(case["tokens"].clone()).unwrap();
+    let prompt: Vec<u32> = serde_json::from_value(fixture["prompt"].clone()).unwrap();
+    let mut ours = safetensors_model(dir.path());
+    let mut a = one(&mut ours, 0, 0, &prompt);
+    assert!(
+        max_diff(&a, &logits[0]) < TOL,
+        "{kind} prompt: {}",
+        max_diff(&a, &logits[0])
+    );
+    for (i, &t) in tokens.iter().enumerate() {
+        assert_eq!(argmax(&a) as u32, t, "{kind} step {i}");
+        a = one(&mut ours, 0, prompt.len() + i, &[t]);
+        let d = max_diff(&a, &logits[i + 1]);
+        assert!(d < TOL, "{kind} step {i}: {d}");
+    }
+}
+
+#[test]
+fn gemma2_matches_transformers() {
+    matches_transformers("gemma2");
+}
+
+#[test]
+fn gemma3_matches_transformers() {
+    matches_transformers("gemma3");
+}
+
+#[test]
+fn phi3_matches_transformers() {
+    matches_transformers("phi3");
+}
+
+#[test]
+fn qwen3_moe_matches_transformers() {
+    matches_transformers("qwen3_moe");
+}
