@@ -600,3 +600,56 @@ fn phi3_matches_transformers() {
 fn qwen3_moe_matches_transformers() {
     matches_transformers("qwen3_moe");
 }
+
+/// The engine with its default (native) kernels on the CPU loads a GGUF of
+/// an architecture they do not implement on the device decoder, and
+/// generates what that decoder does.
+#[test]
+fn engine_runs_a_gemma2_gguf_on_the_device_decoder_by_default() {
+    use crate::api::{EngineConfig, FinishReason, GenEvent, GenerationRequest, SamplingParams};
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = TinyArch::new(Kind::Gemma2);
+    tiny.write(dir.path()).unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_gguf(&tiny, &path, GgmlDType::F32);
+    let mut cfg = EngineConfig::new(&path);
+    cfg.tokenizer_path = Some(dir.path().join("tokenizer.json"));
+    let engine = crate::engine::Engine::load(cfg).unwrap();
+    assert_eq!(engine.meta().architecture, "gemma2");
+
+    let mut m = gguf_model(&path, 1);
+    let mut logits = one(&mut m, 0, 0, PROMPT);
+    let mut expected = Vec::new();
+    for i in 0..5 {
+        let t = argmax(&logits) as u32;
+        expected.push(t);
+        logits = one(&mut m, 0, PROMPT.len() + i, &[t]);
+    }
+    let mut s = engine
+        .submit(GenerationRequest {
+            prompt: PROMPT.to_vec(),
+            params: SamplingParams {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            max_new_tokens: 5,
+            stop: Vec::new(),
+            constraint: None,
+            logprobs: None,
+        })
+        .unwrap();
+    let mut text = String::new();
+    loop {
+        match s.blocking_next().expect("a finish") {
+            GenEvent::Text { text: t, .. } => text.push_str(&t),
+            GenEvent::Finished { reason, .. } => {
+                assert_eq!(reason, FinishReason::Length);
+                break;
+            }
+            GenEvent::Failed { message } => panic!("{message}"),
+            _ => {}
+        }
+    }
+    assert_eq!(text, engine.decode(&expected).unwrap());
+    engine.shutdown();
+}
