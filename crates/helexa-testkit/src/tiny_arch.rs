@@ -32,6 +32,9 @@ pub struct TinyArch {
     pub window: Option<usize>,
     /// Gemma's `query_pre_attn_scalar` when not the head size.
     pub query_scalar: Option<usize>,
+    /// Phi-3: rotate half of each head (as Phi-4-mini rotates three
+    /// quarters) rather than all of it.
+    pub partial_rotary: bool,
 }
 
 impl TinyArch {
@@ -46,6 +49,7 @@ impl TinyArch {
             kind,
             window,
             query_scalar: None,
+            partial_rotary: kind == Kind::Phi3,
         }
     }
 
@@ -123,7 +127,7 @@ impl TinyArch {
                 "hidden_act": "silu",
                 "rope_theta": 10000.0,
                 "rope_scaling": null,
-                "partial_rotary_factor": 0.5,
+                "partial_rotary_factor": if self.partial_rotary { 0.5 } else { 1.0 },
                 "original_max_position_embeddings": 256,
                 "sliding_window": self.window,
                 "tie_word_embeddings": false,

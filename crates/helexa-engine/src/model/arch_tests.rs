@@ -348,10 +348,17 @@ fn write_gguf(tiny: &TinyArch, path: &Path, dtype: GgmlDType) {
             }
             if tiny.kind == Kind::Gemma3 {
                 md.push((k("attention.sliding_window_pattern"), u(3)));
+                // candle-transformers' name for the same.
+                md.push((k("attention.sliding_window_type"), u(3)));
             }
         }
         Kind::Phi3 => {
-            md.push((k("rope.dimension_count"), u(tiny.head_dim() / 2)));
+            let rope = if tiny.partial_rotary {
+                tiny.head_dim() / 2
+            } else {
+                tiny.head_dim()
+            };
+            md.push((k("rope.dimension_count"), u(rope)));
             if let Some(w) = tiny.window {
                 md.push((k("attention.sliding_window"), u(w)));
             }
@@ -652,4 +659,41 @@ fn engine_runs_a_gemma2_gguf_on_the_device_decoder_by_default() {
     }
     assert_eq!(text, engine.decode(&expected).unwrap());
     engine.shutdown();
+}
+
+/// A q8_0 Phi-3 GGUF against candle-transformers' quantized Phi-3 reading
+/// the same file: an independent reader of llama.cpp's fused `attn_qkv` and
+/// `ffn_up` = `[gate; up]`, with the same `QMatMul` kernels (so activations
+/// are quantized alike). Full rotary: that implementation has no partial
+/// rotary. (Its quantized Gemma 3 runs a SiLU feed-forward and masks the
+/// cache out of multi-token chunks, and its quantized Qwen3-MoE runs on
+/// CUDA only, so neither is a reference here.)
+#[test]
+fn phi3_q8_0_gguf_matches_candle_transformers_quantized() {
+    use candle_transformers::models::quantized_phi3;
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = TinyArch {
+        partial_rotary: false,
+        ..TinyArch::new(Kind::Phi3)
+    };
+    let path = dir.path().join("tiny.q8_0.gguf");
+    write_gguf(&tiny, &path, GgmlDType::Q8_0);
+    let path2 = path.clone();
+    let theirs = move || -> Reference {
+        let mut f = std::fs::File::open(&path2).unwrap();
+        let ct = gguf_file::Content::read(&mut f).unwrap();
+        let mut m =
+            quantized_phi3::ModelWeights::from_gguf(false, ct, &mut f, &Device::Cpu).unwrap();
+        Box::new(move |t, o| {
+            let x = Tensor::new(t, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            m.forward(&x, o)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+    };
+    let mut ours = gguf_model(&path, 3);
+    check(&mut ours, theirs, "phi3 q8_0 GGUF");
 }
