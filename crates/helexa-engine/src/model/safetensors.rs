@@ -295,7 +295,7 @@ pub fn load(
     // for. Gemma and Phi-3 mask their sliding-window layers instead.
     let window = count(&raw, "sliding_window").filter(|_| {
         model_type == "mistral"
-            || (SUPPORTED_MODEL_TYPES[..4].contains(&model_type.as_str())
+            || (["llama", "qwen2", "qwen3"].contains(&model_type.as_str())
                 && raw.get("use_sliding_window").and_then(Value::as_bool) == Some(true))
     });
     let context = max_context
