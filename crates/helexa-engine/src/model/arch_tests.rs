@@ -697,3 +697,47 @@ fn phi3_q8_0_gguf_matches_candle_transformers_quantized() {
     let mut ours = gguf_model(&path, 3);
     check(&mut ours, theirs, "phi3 q8_0 GGUF");
 }
+
+/// A multimodal Gemma 3 checkpoint (`model_type: gemma3`, the text model's
+/// config under `text_config`, its tensors under `language_model.model.`
+/// as transformers 4 saves them or `model.language_model.` as transformers
+/// 5 does) serves its text model: the same logits as `gemma3_text`.
+#[test]
+fn multimodal_gemma3_checkpoint_serves_its_text_model() {
+    let tiny = TinyArch::new(Kind::Gemma3);
+    let text = tempfile::tempdir().unwrap();
+    tiny.write(text.path()).unwrap();
+    let want = one(&mut safetensors_model(text.path()), 0, 0, PROMPT);
+    for prefix in ["language_model.model.", "model.language_model."] {
+        let dir = tempfile::tempdir().unwrap();
+        tiny.write(dir.path()).unwrap();
+        let config = serde_json::json!({
+            "architectures": ["Gemma3ForConditionalGeneration"],
+            "model_type": "gemma3",
+            "text_config": tiny.config(),
+            "vision_config": {"model_type": "siglip_vision_model"},
+            "eos_token_id": [2, 1],
+        });
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        let tensors: Vec<_> = tiny
+            .tensors()
+            .into_iter()
+            .map(|(n, s, d)| (n.replacen("model.", prefix, 1), s, d))
+            .collect();
+        std::fs::write(
+            dir.path().join("model.safetensors"),
+            helexa_testkit::tiny_model::safetensors(&tensors),
+        )
+        .unwrap();
+        let loaded = safetensors::load(dir.path(), DeviceSpec::Cpu, None, 1).unwrap();
+        assert_eq!(loaded.architecture, "gemma3");
+        assert_eq!(loaded.eos_token_ids, vec![2, 1]);
+        let mut m = loaded.model;
+        let got = one(&mut m, 0, 0, PROMPT);
+        assert!(
+            max_diff(&got, &want) < 1e-6,
+            "{prefix}: {}",
+            max_diff(&got, &want)
+        );
+    }
+}
