@@ -18,10 +18,14 @@ STEPS = 4
 # (kind, sliding window, query_pre_attn_scalar): windows shorter than the
 # prompt, and a Gemma query scalar that is not the head size.
 CASES = [
-    ("gemma2", "3", "48"),
-    ("gemma3", "3", "48"),
-    ("phi3", "5", "none"),
-    ("qwen3_moe", "none", "none"),
+    ("gemma2", "3", "48", []),
+    ("gemma3", "3", "48", []),
+    ("phi3", "5", "none", []),
+    ("qwen3_moe", "none", "none", []),
+    # Longrope: transformers uses the short factors while the sequence is
+    # within the original context (64), and scales cos/sin by the
+    # attention factor.
+    ("phi3", "none", "none", ["longrope"]),
 ]
 
 
@@ -39,11 +43,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     out = {"prompt": PROMPT, "transformers": __import__("transformers").__version__, "cases": []}
-    for kind, window, scalar in CASES:
+    for kind, window, scalar, extra in CASES:
         with tempfile.TemporaryDirectory() as d:
             subprocess.run(
                 ["cargo", "run", "-q", "-p", "helexa-testkit", "--example", "write_tiny_arch",
-                 "--", kind, window, scalar, d],
+                 "--", kind, window, scalar, d, *extra],
                 cwd=args.root, check=True)
             raw = (Path(d) / "model.safetensors").read_bytes()
             # The tensor data, not the JSON header (whose key order depends
@@ -64,14 +68,14 @@ def main() -> None:
                         tokens.append(t)
                         ids.append(t)
         out["cases"].append({
-            "kind": kind,
+            "kind": kind + "".join("_" + e for e in extra),
             "window": None if window == "none" else int(window),
             "query_scalar": None if scalar == "none" else int(scalar),
             "weights_fnv1a": fnv1a(weights),
             "tokens": tokens,
             "logits": logits,
         })
-        print(f"{kind}: greedy {tokens}", file=sys.stderr)
+        print(f"{kind}{extra}: greedy {tokens}", file=sys.stderr)
     Path(args.out).write_text(json.dumps(out) + "\n")
 
 

@@ -2,14 +2,18 @@
 //! directory, for `scripts/gen-arch-fixtures` to run through transformers:
 //!
 //!   cargo run -p helexa-testkit --example write_tiny_arch -- \
-//!       gemma2|gemma3|phi3|qwen3_moe WINDOW|none QUERY_SCALAR|none DIR
+//!       gemma2|gemma3|phi3|qwen3_moe WINDOW|none QUERY_SCALAR|none DIR [longrope]
 
 use helexa_testkit::tiny_arch::{Kind, TinyArch};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [kind, window, scalar, dir] = args.as_slice() else {
-        eprintln!("usage: write_tiny_arch KIND WINDOW|none QUERY_SCALAR|none DIR");
+    let (longrope, args) = match args.split_last() {
+        Some((last, rest)) if last == "longrope" => (true, rest),
+        _ => (false, args.as_slice()),
+    };
+    let [kind, window, scalar, dir] = args else {
+        eprintln!("usage: write_tiny_arch KIND WINDOW|none QUERY_SCALAR|none DIR [longrope]");
         std::process::exit(2);
     };
     let kind = match kind.as_str() {
@@ -26,6 +30,7 @@ fn main() {
     let tiny = TinyArch {
         window: opt(window),
         query_scalar: opt(scalar),
+        longrope,
         ..TinyArch::new(kind)
     };
     let dir = std::path::Path::new(dir);

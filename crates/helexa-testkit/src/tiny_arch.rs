@@ -35,6 +35,9 @@ pub struct TinyArch {
     /// Phi-3: rotate half of each head (as Phi-4-mini rotates three
     /// quarters) rather than all of it.
     pub partial_rotary: bool,
+    /// Phi-3: longrope scaling (Phi-3.5, Phi-4-mini): an original context of
+    /// 64 of the 256 trained, short and long factors per frequency.
+    pub longrope: bool,
 }
 
 impl TinyArch {
@@ -50,6 +53,7 @@ impl TinyArch {
             window,
             query_scalar: None,
             partial_rotary: kind == Kind::Phi3,
+            longrope: false,
         }
     }
 
@@ -67,6 +71,20 @@ impl TinyArch {
 
     pub fn intermediate(&self) -> usize {
         128
+    }
+
+    fn longrope_scaling(&self) -> Value {
+        if !self.longrope {
+            return Value::Null;
+        }
+        let rope_dim = if self.partial_rotary {
+            self.head_dim() / 2
+        } else {
+            self.head_dim()
+        };
+        let factors =
+            |base: f64| -> Vec<f64> { (0..rope_dim / 2).map(|i| base + 0.75 * i as f64).collect() };
+        json!({"type": "longrope", "short_factor": factors(1.0), "long_factor": factors(2.0)})
     }
 
     pub fn config(&self) -> Value {
@@ -126,9 +144,9 @@ impl TinyArch {
                 "model_type": "phi3",
                 "hidden_act": "silu",
                 "rope_theta": 10000.0,
-                "rope_scaling": null,
+                "rope_scaling": self.longrope_scaling(),
                 "partial_rotary_factor": if self.partial_rotary { 0.5 } else { 1.0 },
-                "original_max_position_embeddings": 256,
+                "original_max_position_embeddings": if self.longrope { 64 } else { 256 },
                 "sliding_window": self.window,
                 "tie_word_embeddings": false,
                 "resid_pdrop": 0.0,

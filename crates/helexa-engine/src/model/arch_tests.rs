@@ -545,13 +545,15 @@ fn matches_transformers(kind: &str) {
     let k = match kind {
         "gemma2" => Kind::Gemma2,
         "gemma3" => Kind::Gemma3,
-        "phi3" => Kind::Phi3,
+        "phi3" | "phi3_longrope" => Kind::Phi3,
         _ => Kind::Qwen3Moe,
     };
+    let longrope = kind == "phi3_longrope";
     let n = |v: &serde_json::Value| v.as_u64().map(|x| x as usize);
     let tiny = TinyArch {
         window: n(&case["window"]),
         query_scalar: n(&case["query_scalar"]),
+        longrope,
         ..TinyArch::new(k)
     };
     let dir = tempfile::tempdir().unwrap();
@@ -573,7 +575,18 @@ fn matches_transformers(kind: &str) {
     let logits: Vec<Vec<f32>> = serde_json::from_value(case["logits"].clone()).unwrap();
     let tokens: Vec<u32> = serde_json::from_value(case["tokens"].clone()).unwrap();
     let prompt: Vec<u32> = serde_json::from_value(fixture["prompt"].clone()).unwrap();
-    let mut ours = safetensors_model(dir.path());
+    // Longrope: served within the original context (64), the short factors
+    // apply, as in transformers for a sequence that short.
+    let context = longrope.then_some(64);
+    let mut ours = safetensors::load(dir.path(), DeviceSpec::Cpu, context, 1)
+        .unwrap()
+        .model;
+    if longrope {
+        // Served beyond it, the long ones (llama.cpp's choice): different.
+        let mut long = safetensors_model(dir.path());
+        let d = max_diff(&one(&mut long, 0, 0, &prompt), &logits[0]);
+        assert!(d > 1e-2, "long factors: {d}");
+    }
     let mut a = one(&mut ours, 0, 0, &prompt);
     assert!(
         max_diff(&a, &logits[0]) < TOL,
@@ -606,6 +619,11 @@ fn phi3_matches_transformers() {
 #[test]
 fn qwen3_moe_matches_transformers() {
     matches_transformers("qwen3_moe");
+}
+
+#[test]
+fn phi3_longrope_matches_transformers() {
+    matches_transformers("phi3_longrope");
 }
 
 /// The engine with its default (native) kernels on the CPU loads a GGUF of
