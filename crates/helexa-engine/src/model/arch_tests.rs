@@ -352,6 +352,10 @@ fn write_gguf(tiny: &TinyArch, path: &Path, dtype: GgmlDType) {
                 md.push((k("attention.sliding_window_type"), u(3)));
             }
         }
+        Kind::Phi3 if tiny.longrope => {
+            md.push((k("rope.dimension_count"), u(tiny.head_dim() / 2)));
+            md.push((k("rope.scaling.original_context_length"), u(64)));
+        }
         Kind::Phi3 => {
             let rope = if tiny.partial_rotary {
                 tiny.head_dim() / 2
@@ -369,7 +373,20 @@ fn write_gguf(tiny: &TinyArch, path: &Path, dtype: GgmlDType) {
             md.push((k("expert_feed_forward_length"), u(32)));
         }
     }
-    let tensors: Vec<(String, QTensor)> = gguf_tensors(tiny)
+    let mut named = gguf_tensors(tiny);
+    if tiny.longrope {
+        // llama.cpp's converter writes the factors as tensors.
+        let sc = &cfg["rope_scaling"];
+        for (key, name) in [
+            ("short_factor", "rope_factors_short.weight"),
+            ("long_factor", "rope_factors_long.weight"),
+        ] {
+            let f: Vec<f32> = serde_json::from_value(sc[key].clone()).unwrap();
+            let n = f.len();
+            named.push((name.into(), Tensor::from_vec(f, n, &Device::Cpu).unwrap()));
+        }
+    }
+    let tensors: Vec<(String, QTensor)> = named
         .into_iter()
         .map(|(n, t)| {
             let dt = if t.rank() == 1 { GgmlDType::F32 } else { dtype };
@@ -758,4 +775,37 @@ fn multimodal_gemma3_checkpoint_serves_its_text_model() {
             max_diff(&got, &want)
         );
     }
+}
+
+/// A longrope Phi-3 GGUF (factors as `rope_factors_{short,long}` tensors,
+/// `rope.scaling.original_context_length`; the attention factor from the
+/// trained and original contexts) gives the safetensors path's logits, within
+/// the original context (short factors) and beyond it (long ones).
+#[test]
+fn phi3_longrope_gguf_matches_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = TinyArch {
+        longrope: true,
+        ..TinyArch::new(Kind::Phi3)
+    };
+    tiny.write(dir.path()).unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_gguf(&tiny, &path, GgmlDType::F32);
+    let mut seen = Vec::new();
+    for context in [Some(64), None] {
+        let mut g = gguf::load_on_device(&path, DeviceSpec::Cpu, context, 1)
+            .unwrap()
+            .model;
+        let mut d = safetensors::load(dir.path(), DeviceSpec::Cpu, context, 1)
+            .unwrap()
+            .model;
+        let a = one(&mut g, 0, 0, PROMPT);
+        let b = one(&mut d, 0, 0, PROMPT);
+        assert!(max_diff(&a, &b) < TOL, "{context:?}: {}", max_diff(&a, &b));
+        seen.push(a);
+    }
+    assert!(
+        max_diff(&seen[0], &seen[1]) > 1e-2,
+        "short and long factors agree"
+    );
 }

@@ -325,6 +325,11 @@ pub fn load_on_device(
         .or_else(|| rows("token_embd.weight"))
         .ok_or("tensor token_embd.weight is missing")?;
     let (device, _) = super::safetensors::device(spec)?;
+    if arch != "qwen3moe" && md_u(&ct.metadata, &format!("{arch}.expert_count")).unwrap_or(0) > 1 {
+        return Err(format!(
+            "mixture-of-experts {arch:?} models are not supported (qwen3moe is)"
+        ));
+    }
     // candle's quantized kernels take f32 activations.
     let dtype = candle_core::DType::F32;
     let (weights, rope_freqs) = gguf_weights(&ct, &mut file, &cfg, &device, dtype)?;
