@@ -53,21 +53,43 @@ def word_tokenizer(directory, vocab):
 DEVICE = "cuda"
 
 
-def make_model(directory, cfg_kwargs, dtype, seed=0):
+def make_model(directory, cfg_kwargs, dtype, seed=0, model_type="llama"):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     os.makedirs(directory, exist_ok=True)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(bos_token_id=1, eos_token_id=2, **cfg_kwargs)
+    cfg = AutoConfig.for_model(model_type, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                               **cfg_kwargs)
     torch.set_default_dtype(dtype)
     with torch.device(DEVICE):
-        model = LlamaForCausalLM(cfg)
+        # Eager attention: what every architecture's reference is (Gemma 2's
+        # soft-capping is eager-only).
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     torch.set_default_dtype(torch.float32)
     model.eval()
     model.save_pretrained(directory, safe_serialization=True)
     word_tokenizer(directory, cfg.vocab_size)
     return model
+
+
+# Tiny random models of each architecture the engine serves: GQA, windows
+# shorter than the longer prompts, Gemma's soft-capping and query scalar,
+# Phi's partial rotary, Qwen3-MoE's routed experts.
+SHAPE = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
+             rms_norm_eps=1e-5, tie_word_embeddings=False)
+ARCHS = {
+    "llama": dict(rope_theta=10000.0),
+    "gemma2": dict(head_dim=32, sliding_window=16, query_pre_attn_scalar=48,
+                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    "gemma3_text": dict(head_dim=32, sliding_window=16, query_pre_attn_scalar=48,
+                        sliding_window_pattern=2),
+    "phi3": dict(partial_rotary_factor=0.75),
+    "qwen3_moe": dict(head_dim=32, moe_intermediate_size=128, num_experts=8,
+                      num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+                      mlp_only_layers=[]),
+}
 
 
 class Engine:
@@ -131,15 +153,22 @@ def ids_of(tokens):
 
 
 def stage_parity(args, report):
+    ok = True
+    for arch in args.archs.split(","):
+        try:
+            ok &= parity_of(arch, args, report)
+        except Exception as e:  # report and go on to the next architecture
+            ok = False
+            report[f"parity_{arch}"] = log(f"parity_{arch}", ok=False, error=repr(e)[-3000:])
+    return ok
+
+
+def parity_of(arch, args, report):
     import torch
 
-    d = os.path.join(args.work, "tiny")
-    vocab = 512
-    model = make_model(d, dict(vocab_size=vocab, hidden_size=256, intermediate_size=512,
-                               num_hidden_layers=4, num_attention_heads=8,
-                               num_key_value_heads=2, max_position_embeddings=2048,
-                               rope_theta=10000.0, rms_norm_eps=1e-5,
-                               tie_word_embeddings=False), torch.float32)
+    d = os.path.join(args.work, f"tiny-{arch}")
+    vocab = SHAPE["vocab_size"]
+    model = make_model(d, {**SHAPE, **ARCHS[arch]}, torch.float32, model_type=arch)
     # Larger weights than the default init so that the logits are far from
     # uniform and greedy choices are not near-ties.
     with torch.no_grad():
@@ -166,7 +195,8 @@ def stage_parity(args, report):
     ok = True
     for dtype, tol in (("f32", 2e-3), ("bf16", 0.15)):
         eng = Engine(args.neuron, d, max_batch=4, max_context=2048,
-                     log_path=os.path.join(os.path.dirname(args.out), f"parity-{dtype}-engine.log"),
+                     log_path=os.path.join(os.path.dirname(args.out),
+                                           f"parity-{arch}-{dtype}-engine.log"),
                      extra=["--dtype", dtype])
         worst_lp, first_ok, agreed = 0.0, 0, []
         try:
@@ -201,8 +231,8 @@ def stage_parity(args, report):
         if dtype == "f32":
             good = good and all(n == 24 for n in agreed)
         ok &= good
-        report[f"parity_{dtype}"] = log(
-            f"parity_{dtype}", ok=good, max_abs_logprob_diff_top5=round(worst_lp, 5),
+        report[f"parity_{arch}_{dtype}"] = log(
+            f"parity_{arch}_{dtype}", ok=good, max_abs_logprob_diff_top5=round(worst_lp, 5),
             tolerance=tol, top1_agree=f"{first_ok}/{len(prompts)}",
             greedy_agreed_prefix_of_24=agreed, prefix_cache_cached_tokens=cached,
             prefix_cache_same_answer=same)
@@ -293,6 +323,7 @@ def main():
     ap.add_argument("--work", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--stages", default="parity,decode")
+    ap.add_argument("--archs", default=",".join(ARCHS), help="architectures of the parity stage")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run")
     ap.add_argument("--decode-layers", type=int, default=32,
                     help="layers of the Llama-3-8B-shaped model (fewer for a dry run)")

@@ -140,7 +140,14 @@ impl Engine {
                 ),
             ));
         }
-        if matches!(cfg.device, DeviceSpec::Cuda(_)) || cfg.kernels == Kernels::Candle {
+        // Architectures the native kernels do not implement (Gemma, Phi-3,
+        // Qwen3-MoE) run on the device-generic decoder, on the CPU too.
+        let native = gguf::NATIVE_ARCHITECTURES.contains(
+            &gguf::architecture(&path)
+                .map_err(|m| load_err(&path, m))?
+                .as_str(),
+        );
+        if matches!(cfg.device, DeviceSpec::Cuda(_)) || cfg.kernels == Kernels::Candle || !native {
             let loaded = gguf::load_on_device(&path, cfg.device, cfg.max_context, slots)
                 .map_err(|m| load_err(&path, m))?;
             let parts = Engine::gguf_parts(&cfg, &loaded, 0)?;

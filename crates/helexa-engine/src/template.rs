@@ -489,4 +489,42 @@ mod tests {
         assert!(!mentions_tools("{% if has_tools_x %}{% endif %}"));
         assert!(!ChatTemplate::chatml_default().uses_tools());
     }
+
+    /// The official Gemma 2, Gemma 3, Phi-3 and Qwen3 chat templates
+    /// (tests/fixtures/templates/*.jinja) render every conversation of
+    /// tests/fixtures/templates/expected.json exactly as transformers'
+    /// `apply_chat_template` does (scripts/gen-template-fixtures), and fail
+    /// where it fails, with the template's message.
+    #[test]
+    fn official_templates_render_as_transformers_does() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/templates");
+        let fixture: Json =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
+                .unwrap();
+        let cases = fixture["cases"].as_array().unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for case in cases {
+            let name = case["template"].as_str().unwrap();
+            seen.insert(name.to_string());
+            let what = format!("{name}/{}", case["case"].as_str().unwrap());
+            let src = std::fs::read_to_string(dir.join(format!("{name}.jinja"))).unwrap();
+            let token = |k: &str| case[k].as_str().map(str::to_string);
+            let t = ChatTemplate::new(&src, token("bos_token"), token("eos_token")).unwrap();
+            let messages: Vec<ChatMessage> =
+                serde_json::from_value(case["messages"].clone()).unwrap();
+            let kwargs = case["kwargs"].as_object();
+            let gen = case["add_generation_prompt"].as_bool().unwrap();
+            let out = t.render_with(&messages, None, gen, kwargs);
+            match (case.get("expected"), case.get("error")) {
+                (Some(e), _) => assert_eq!(out.unwrap(), e.as_str().unwrap(), "{what}"),
+                (None, Some(e)) => {
+                    let err = out.err().unwrap().to_string();
+                    assert!(err.contains(e.as_str().unwrap()), "{what}: {err}");
+                }
+                _ => panic!("{what}: neither expected nor error"),
+            }
+        }
+        let all: Vec<&str> = seen.iter().map(String::as_str).collect();
+        assert_eq!(all, ["gemma2", "gemma3", "phi3", "qwen3"]);
+    }
 }

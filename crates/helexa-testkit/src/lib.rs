@@ -5,6 +5,7 @@
 //! while the mock records what it received, so assertions are about the wire.
 
 pub mod mock_neuron;
+pub mod tiny_arch;
 pub mod tiny_model;
 pub mod tokenizer;
 

@@ -41,7 +41,7 @@ impl Default for TinyLlama {
 }
 
 /// A safetensors file of f32 tensors, in the order given.
-fn safetensors(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
+pub fn safetensors(tensors: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
     let mut header = serde_json::Map::new();
     let mut offset = 0usize;
     for (name, shape, data) in tensors {
@@ -129,30 +129,7 @@ impl TinyLlama {
         put("model.norm.weight".into(), vec![HIDDEN], 0.2, 1.0);
         std::fs::write(dir.join("model.safetensors"), safetensors(&tensors))?;
 
-        let mut vocab = serde_json::Map::new();
-        let mut added = Vec::new();
-        for (i, t) in self.specials.iter().enumerate() {
-            vocab.insert(t.clone(), i.into());
-            added.push(json!({
-                "id": i, "content": t, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": true
-            }));
-        }
-        for i in self.specials.len()..VOCAB {
-            vocab.insert(format!("w{i}"), i.into());
-        }
-        let tokenizer = json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": {"type": "WhitespaceSplit"},
-            "post_processor": null,
-            "decoder": null,
-            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
-        });
-        std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string())?;
+        write_tokenizer(dir, &self.specials, VOCAB)?;
         let tok_cfg = json!({
             "bos_token": {"content": "<s>"},
             "eos_token": "</s>",
@@ -165,4 +142,33 @@ impl TinyLlama {
         }
         Ok(())
     }
+}
+
+/// A word-level `tokenizer.json`: the specials, then `w<i>` for every other
+/// id below `vocab`, split on whitespace.
+pub fn write_tokenizer(dir: &Path, specials: &[String], vocab_size: usize) -> std::io::Result<()> {
+    let mut vocab = serde_json::Map::new();
+    let mut added = Vec::new();
+    for (i, t) in specials.iter().enumerate() {
+        vocab.insert(t.clone(), i.into());
+        added.push(json!({
+            "id": i, "content": t, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true
+        }));
+    }
+    for i in specials.len()..vocab_size {
+        vocab.insert(format!("w{i}"), i.into());
+    }
+    let tokenizer = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string())
 }

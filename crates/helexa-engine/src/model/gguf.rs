@@ -2,7 +2,7 @@
 //! memory-mapped in place (the file's pages are shared with the page cache;
 //! only norms and biases are copied out as f32).
 
-use super::device::{gguf_weights, inv_freq, DeviceLlama};
+use super::device::{gguf_weights, inv_freq, Act, Arch, DeviceLlama};
 use super::llama::{Layer, LlamaConfig, LlamaModel, RopeStyle, Weights};
 use crate::kernels::matmul::{Mapped, QMatrix};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -100,34 +100,56 @@ fn md_f(md: &HashMap<String, Value>, key: &str) -> Option<f32> {
     })
 }
 
+/// The `general.architecture`s the native CPU kernels (`llama.rs`) run.
+pub const NATIVE_ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2", "qwen3"];
+
+/// The `general.architecture`s a GGUF may have: the native ones, and those
+/// only the device-generic decoder runs (on candle's CPU device or CUDA).
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
+    "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen3moe",
+];
+
+/// `general.architecture` of the GGUF at `path` (reads the header only).
+pub fn architecture(path: &Path) -> Result<String, String> {
+    let mut file = std::fs::File::open(path).map_err(|e| format!("open: {e}"))?;
+    let ct = Content::read(&mut file).map_err(|e| format!("not a readable GGUF file: {e}"))?;
+    Ok(arch_of(&ct.metadata))
+}
+
+fn arch_of(md: &HashMap<String, Value>) -> String {
+    md.get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_else(|| "llama".into())
+}
+
 /// The architecture, hyper-parameters (`vocab_size` 0: it comes from the
 /// tensors) and trained context in a llama-family GGUF's metadata.
 pub(crate) fn hyper(
     md: &HashMap<String, Value>,
     max_context: Option<usize>,
 ) -> Result<(String, LlamaConfig, usize), String> {
-    let arch = md
-        .get("general.architecture")
-        .and_then(|v| v.to_string().ok())
-        .cloned()
-        .unwrap_or_else(|| "llama".into());
+    let arch = arch_of(md);
     let rope_style = match arch.as_str() {
         "llama" | "mistral" => RopeStyle::Interleaved,
-        "qwen2" | "qwen3" => RopeStyle::Neox,
+        a if SUPPORTED_ARCHITECTURES.contains(&a) => RopeStyle::Neox,
         other => {
             return Err(format!(
-                "architecture {other:?} is not supported (supported: llama, mistral, qwen2, qwen3)"
+                "architecture {other:?} is not supported (supported: {})",
+                SUPPORTED_ARCHITECTURES.join(", ")
             ))
         }
     };
     let key = |k: &str| format!("{arch}.{k}");
     let need = |k: &str| md_u(md, &key(k)).ok_or_else(|| format!("metadata {} is missing", key(k)));
-    if md_u(md, &key("expert_count")).unwrap_or(0) > 1 {
-        return Err("mixture-of-experts models are not supported".into());
-    }
     let n_layer = need("block_count")?;
     let n_embd = need("embedding_length")?;
-    let n_ff = need("feed_forward_length")?;
+    // Mixture of experts: the experts' width (a model's dense layers, if
+    // any, would need the other; Qwen3-MoE GGUFs have none).
+    let n_ff = match md_u(md, &key("expert_feed_forward_length")) {
+        Some(f) if md_u(md, &key("expert_count")).unwrap_or(0) > 0 => f,
+        _ => need("feed_forward_length")?,
+    };
     let n_head = need("attention.head_count")?;
     let n_kv_head = md_u(md, &key("attention.head_count_kv")).unwrap_or(n_head);
     let head_dim = md_u(md, &key("attention.key_length")).unwrap_or(n_embd / n_head);
@@ -181,6 +203,15 @@ pub fn load(
     let map = Arc::new(map);
     let (arch, mut cfg, trained_context) = hyper(&ct.metadata, max_context)?;
     let md = &ct.metadata;
+    if !NATIVE_ARCHITECTURES.contains(&arch.as_str()) {
+        return Err(format!(
+            "architecture {arch:?} runs on the device-generic decoder only (native kernels: {})",
+            NATIVE_ARCHITECTURES.join(", ")
+        ));
+    }
+    if md_u(md, &format!("{arch}.expert_count")).unwrap_or(0) > 1 {
+        return Err("mixture-of-experts models are not supported by the native kernels".into());
+    }
     let LlamaConfig {
         n_layer,
         n_embd,
@@ -294,13 +325,32 @@ pub fn load_on_device(
         .or_else(|| rows("token_embd.weight"))
         .ok_or("tensor token_embd.weight is missing")?;
     let (device, _) = super::safetensors::device(spec)?;
+    if arch != "qwen3moe" && md_u(&ct.metadata, &format!("{arch}.expert_count")).unwrap_or(0) > 1 {
+        return Err(format!(
+            "mixture-of-experts {arch:?} models are not supported (qwen3moe is)"
+        ));
+    }
     // candle's quantized kernels take f32 activations.
     let dtype = candle_core::DType::F32;
     let (weights, rope_freqs) = gguf_weights(&ct, &mut file, &cfg, &device, dtype)?;
-    let inv = inv_freq(&cfg, rope_freqs.as_deref());
+    let mut factors = |name: &str| -> Result<Option<Vec<f32>>, String> {
+        if !ct.tensor_infos.contains_key(name) {
+            return Ok(None);
+        }
+        ct.tensor(&mut file, name, &candle_core::Device::Cpu)
+            .and_then(|t| t.dequantize(&candle_core::Device::Cpu))
+            .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+            .map(Some)
+            .map_err(|e| format!("tensor {name}: {e}"))
+    };
+    let longrope = (
+        factors("rope_factors_short.weight")?,
+        factors("rope_factors_long.weight")?,
+    );
+    let (arch_cfg, inv) = device_arch(&ct.metadata, &arch, &cfg, rope_freqs.as_deref(), longrope)?;
     let weights_bytes = file.metadata().map_or(0, |m| m.len());
     let vocab_size = cfg.vocab_size;
-    let model = DeviceLlama::new(cfg, weights, &inv, slots, device, dtype)?;
+    let model = DeviceLlama::with_arch(cfg, arch_cfg, weights, &inv, slots, device, dtype)?;
     let name = ct
         .metadata
         .get("general.name")
@@ -315,4 +365,106 @@ pub fn load_on_device(
         trained_context,
         weights_bytes,
     })
+}
+
+/// What the architecture changes in the device decoder, and its global
+/// RoPE frequencies, from a GGUF's metadata (llama.cpp's keys and defaults).
+fn device_arch(
+    md: &HashMap<String, Value>,
+    arch: &str,
+    cfg: &LlamaConfig,
+    rope_freqs: Option<&[f32]>,
+    (short, long): (Option<Vec<f32>>, Option<Vec<f32>>),
+) -> Result<(Arch, Vec<f64>), String> {
+    let key = |k: &str| format!("{arch}.{k}");
+    let mut a = Arch::default();
+    let mut inv = inv_freq(cfg, rope_freqs);
+    let n = cfg.n_layer;
+    match arch {
+        "gemma2" | "gemma3" => {
+            // The converter stored the norms as `1 + w` already.
+            a.act = Act::GeluTanh;
+            a.embed_scale = Some((cfg.n_embd as f64).sqrt());
+            // llama.cpp: `query_pre_attn_scalar` is not in the metadata; it
+            // is `hidden / heads` for the 27B models, the head size otherwise.
+            let big = (arch == "gemma2" && n == 46) || (arch == "gemma3" && n == 62);
+            let scalar = if big {
+                cfg.n_embd / cfg.n_head
+            } else {
+                cfg.head_dim
+            };
+            a.attn_scale = Some(1.0 / (scalar as f64).sqrt());
+            a.attn_softcap = md_f(md, &key("attn_logit_softcapping")).map(f64::from);
+            a.final_softcap = md_f(md, &key("final_logit_softcapping")).map(f64::from);
+            a.window = md_u(md, &key("attention.sliding_window"));
+            let pattern = if arch == "gemma2" {
+                2
+            } else {
+                md_u(md, &key("attention.sliding_window_pattern")).unwrap_or(6)
+            };
+            if a.window.is_some() {
+                a.sliding = (0..n).map(|i| (i + 1) % pattern != 0).collect();
+            }
+            if arch == "gemma3" {
+                // Local layers: base 10000, never scaled; linear scaling
+                // applies to the global layers.
+                let local = LlamaConfig {
+                    rope_theta: 10000.0,
+                    ..cfg.clone()
+                };
+                a.local_inv_freq = Some(inv_freq(&local, None));
+                let linear = md
+                    .get(&key("rope.scaling.type"))
+                    .and_then(|v| v.to_string().ok())
+                    .is_some_and(|t| t == "linear");
+                let factor = md_f(md, &key("rope.scaling.factor")).unwrap_or(1.0) as f64;
+                if linear && factor > 0.0 {
+                    inv.iter_mut().for_each(|f| *f /= factor);
+                }
+            }
+        }
+        "phi3" => {
+            a.window = md_u(md, &key("attention.sliding_window")).filter(|&w| w > 0);
+            if a.window.is_some() {
+                a.sliding = vec![true; n];
+            }
+            if let (Some(short), Some(long)) = (short, long) {
+                let orig = md_u(md, &key("rope.scaling.original_context_length"))
+                    .ok_or("longrope factors without rope.scaling.original_context_length")?;
+                // llama.cpp: the long factors when the served context
+                // exceeds the original one.
+                let f = if cfg.context > orig { long } else { short };
+                if f.len() != inv.len() {
+                    return Err("longrope factors do not match the rope dimension".into());
+                }
+                let base = inv_freq(cfg, None);
+                inv = base.iter().zip(&f).map(|(b, &s)| b / s as f64).collect();
+                let trained = md_u(md, &key("context_length")).unwrap_or(orig);
+                a.rope_mscale = md_f(md, &key("rope.scaling.attn_factor"))
+                    .map(f64::from)
+                    .unwrap_or_else(|| longrope_mscale(trained, orig));
+            }
+        }
+        "qwen3moe" => {
+            a.moe_top_k = md_u(md, &key("expert_used_count"))
+                .ok_or_else(|| format!("metadata {} is missing", key("expert_used_count")))?;
+            a.moe_norm_topk = md
+                .get(&key("expert_weights_norm"))
+                .and_then(|v| v.to_bool().ok())
+                .unwrap_or(true);
+        }
+        _ => {}
+    }
+    Ok((a, inv))
+}
+
+/// Longrope's attention factor: `sqrt(1 + ln(s) / ln(orig))` for a context
+/// scaled by `s = trained / orig`, 1 when not scaled.
+pub(crate) fn longrope_mscale(trained: usize, orig: usize) -> f64 {
+    let s = trained as f64 / orig as f64;
+    if s <= 1.0 {
+        1.0
+    } else {
+        (1.0 + s.ln() / (orig as f64).ln()).sqrt()
+    }
 }

@@ -51,6 +51,8 @@ pub trait Model: Send {
 }
 
 #[cfg(test)]
+mod arch_tests;
+#[cfg(test)]
 mod device_tests;
 #[cfg(test)]
 mod synthetic_tests;
