@@ -183,6 +183,26 @@ fn qwen3_moe_safetensors_matches_candle_transformers() {
     against_candle_transformers(Kind::Qwen3Moe);
 }
 
+/// transformers 5 saves Qwen3-MoE's expert count as `num_local_experts`:
+/// the same checkpoint under that name gives the same logits (without it,
+/// the layers would be read as dense and fail to load).
+#[test]
+fn qwen3_moe_expert_count_under_its_transformers_5_name() {
+    let dir = tempfile::tempdir().unwrap();
+    TinyArch::new(Kind::Qwen3Moe).write(dir.path()).unwrap();
+    let a = one(&mut safetensors_model(dir.path()), 0, 0, PROMPT);
+    let path = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("\"num_experts\""), "{text}");
+    std::fs::write(
+        &path,
+        text.replace("\"num_experts\"", "\"num_local_experts\""),
+    )
+    .unwrap();
+    let b = one(&mut safetensors_model(dir.path()), 0, 0, PROMPT);
+    assert!(max_diff(&a, &b) == 0.0, "{}", max_diff(&a, &b));
+}
+
 /// Gemma 3 with a window of 4 and a prompt of 9: candle-transformers, fed
 /// one token at a time, keeps exactly the last `window` positions in its
 /// rotating cache (as transformers' mask `kv > q - window` does); ours

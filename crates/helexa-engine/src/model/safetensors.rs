@@ -551,7 +551,11 @@ fn dense_weights(
         lin(cfg.vocab_size, d, "lm_head")?
     };
     // Qwen3-MoE: which layers route to experts.
-    let experts = count(raw, "num_experts").unwrap_or(0);
+    // `num_experts` (transformers 4, the hub's Qwen3-MoE configs),
+    // `num_local_experts` (what transformers 5 saves).
+    let experts = count(raw, "num_experts")
+        .or_else(|| count(raw, "num_local_experts"))
+        .unwrap_or(0);
     let step = count(raw, "decoder_sparse_step").unwrap_or(1).max(1);
     let dense_only: Vec<usize> = raw
         .get("mlp_only_layers")
