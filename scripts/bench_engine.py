@@ -15,6 +15,11 @@ computes at any moment, and load from other processes hits both alike):
   that makes the model count on and on; (tokens - 1) / (time of last content
   chunk - time of first); tokens from `usage` (stream_options.include_usage)
   or, when the stream carries none, a non-streamed twin request; median, best.
+- aggregate decode tok/s at 8 streams: 8 streamed /v1/completions (the
+  counting prompt, each with its own number) sent at once; tokens that
+  arrive while all 8 are decoding / the length of that window; median.
+  (llama-server runs with -np 8; llama-cpp-python's server serves one
+  request at a time, so its figure is its single-stream rate.)
 - peak RSS: VmHWM of the server process from /proc/PID/status at the end.
 """
 
@@ -29,6 +34,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -249,6 +255,39 @@ def one_decode(srv: Server, args, i: int) -> tuple[int, float, str]:
     return n, (n - 1) / (last - first), source
 
 
+def one_aggregate(srv: Server, args, i: int, streams: int = 8) -> float:
+    times: list[list[float]] = [[] for _ in range(streams)]
+    errors: list[BaseException] = []
+
+    def run(j: int) -> None:
+        body = {"prompt": f"({i * streams + j + args.seed_offset}) " + COUNT_PROMPT,
+                "max_tokens": args.decode_tokens, "temperature": 0, "stream": True}
+        try:
+            for t, ev in api_stream(srv, "/v1/completions", body):
+                if chunk_text(ev):
+                    times[j].append(t)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    th = [threading.Thread(target=run, args=(j,)) for j in range(streams)]
+    for x in th:
+        x.start()
+    for x in th:
+        x.join()
+    if errors:
+        raise RuntimeError(f"{srv.name}: aggregate stream failed: {errors[0]!r}")
+    if any(len(t) < 2 for t in times):
+        raise RuntimeError(f"{srv.name}: an aggregate stream produced under 2 chunks")
+    lo = max(t[0] for t in times)
+    hi = min(t[-1] for t in times)
+    if hi <= lo:
+        # The streams never all decoded at once (served one after another).
+        total = sum(len(t) - 1 for t in times)
+        return total / (max(t[-1] for t in times) - min(t[0] for t in times))
+    n = sum(sum(1 for x in t if lo < x <= hi) for t in times)
+    return n / (hi - lo)
+
+
 def measure_all(servers: list[Server], args) -> dict[str, dict]:
     """Interleaves the servers request by request, so that load from other
     processes on the machine (which varies over time) hits both alike."""
@@ -278,8 +317,15 @@ def measure_all(servers: list[Server], args) -> dict[str, dict]:
             raw[srv.name]["dt"].append(n)
             raw[srv.name]["dr"].append(rate)
             res[srv.name]["decode_token_count_source"] = source
+    for i in range(args.aggregate_repeats):
+        for srv in servers:
+            raw[srv.name].setdefault("agg", []).append(one_aggregate(srv, args, i))
     for srv in servers:
         r, x = res[srv.name], raw[srv.name]
+        if x.get("agg"):
+            r["aggregate8_tok_s"] = statistics.median(x["agg"])
+            r["aggregate8_tok_s_all"] = x["agg"]
+            r["aggregate8_over_single"] = r["aggregate8_tok_s"] / statistics.median(x["dr"])
         r["prefill_prompt_tokens"] = int(statistics.median(x["pt"]))
         r["prefill_s"] = statistics.median(x["ps"])
         r["prefill_tok_s"] = statistics.median(x["pr"])
@@ -334,14 +380,16 @@ def fmt_table(results: dict[str, dict]) -> str:
         ("decode tok/s (median)", "decode_tok_s", "{:.1f}", True),
         ("decode tok/s (best)", "decode_tok_s_best", "{:.1f}", True),
         ("decode tokens", "decode_tokens", "{:d}", None),
+        ("aggregate decode, 8 streams, tok/s (median)", "aggregate8_tok_s", "{:.1f}", True),
+        ("8 streams ÷ single stream, ×", "aggregate8_over_single", "{:.2f}", True),
         ("peak RSS, MiB", "peak_rss_kb", "{:.0f}", False),
         ("ready after start, s", "ready_s", "{:.1f}", False),
     ]
     names = list(results)
+    others = names[1:]
     head = f"| metric | {' | '.join(names)} |"
-    if len(names) == 2:
-        head += f" {names[0]}/{names[1]} |"
-    lines = [head, "|" + "---|" * (len(names) + 1 + (len(names) == 2))]
+    head += "".join(f" {names[0]}/{o} |" for o in others)
+    lines = [head, "|" + "---|" * (len(names) + 1 + len(others))]
     for label, key, f, _higher_better in rows:
         vals = []
         raw = []
@@ -354,8 +402,8 @@ def fmt_table(results: dict[str, dict]) -> str:
             raw.append(v)
             vals.append("n/a" if v is None else f.format(v))
         line = f"| {label} | {' | '.join(vals)} |"
-        if len(names) == 2:
-            a, b = raw
+        for j in range(1, len(names)):
+            a, b = raw[0], raw[j]
             if _higher_better is None or a is None or not b:
                 line += " |"
             else:
@@ -369,6 +417,8 @@ def main() -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--neuron", help="path to the neuron binary (omit to skip helexa)")
     ap.add_argument("--llama-python", help="python of the llama-cpp-python venv (omit to skip llama.cpp)")
+    ap.add_argument("--llama-server", help="llama.cpp's llama-server binary (omit to skip it)")
+    ap.add_argument("--aggregate-repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--port", type=int, default=18431)
     ap.add_argument("--repeats", type=int, default=5)
@@ -396,6 +446,18 @@ def main() -> int:
             ready_ok=lambda s, raw: s == 200 and json.loads(raw).get("status") == "ready",
             log_path=os.path.join(args.out, "helexa-engine.log"),
         ))
+    if args.llama_server:
+        port = args.port + 2
+        servers.append(Server(
+            name="llama-server",
+            cmd=[args.llama_server, "-m", args.model, "-t", str(args.threads),
+                 "-tb", str(args.threads), "-c", "16384", "-np", "8", "--jinja",
+                 "--host", "127.0.0.1", "--port", str(port)],
+            port=port,
+            ready_path="/health",
+            ready_ok=lambda s, raw: s == 200,
+            log_path=os.path.join(args.out, "llama-server.log"),
+        ))
     if args.llama_python:
         port = args.port + 1
         servers.append(Server(
@@ -414,7 +476,7 @@ def main() -> int:
             log_path=os.path.join(args.out, "llama-cpp-server.log"),
         ))
     if not servers:
-        ap.error("nothing to measure: pass --neuron and/or --llama-python")
+        ap.error("nothing to measure: pass --neuron, --llama-server and/or --llama-python")
 
     try:
         # Started one after the other (loading is timed alone), then measured
