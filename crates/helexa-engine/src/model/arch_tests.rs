@@ -6,8 +6,8 @@
 //! with llama.cpp's names and metadata must give the same logits.
 
 use super::device::DeviceLlama;
-use super::tests::{argmax, cosine};
-use super::{gguf, safetensors, Chunk, Model};
+use super::tests::{argmax, chunk, cosine, max_diff, one};
+use super::{gguf, safetensors, Model};
 use crate::api::DeviceSpec;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
@@ -15,27 +15,6 @@ use helexa_testkit::tiny_arch::{Kind, TinyArch, HEADS, HIDDEN, KV_HEADS};
 use std::path::Path;
 
 const TOL: f32 = 1e-4;
-
-fn chunk(slot: usize, pos: usize, tokens: &[u32]) -> Chunk<'_> {
-    Chunk {
-        slot,
-        pos,
-        tokens,
-        dense: false,
-    }
-}
-
-fn one(m: &mut dyn Model, slot: usize, pos: usize, tokens: &[u32]) -> Vec<f32> {
-    m.forward(&[chunk(slot, pos, tokens)]).unwrap().remove(0)
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
 
 /// candle-transformers' model of `dir`: `forward(tokens, offset)` gives
 /// the logits after the last token.

@@ -3,51 +3,10 @@
 //! against candle-transformers' llama on a tiny safetensors model, and
 //! invariant under batching, slot order, chunking and KV copies.
 
-use super::tests::{argmax, cosine};
-use super::{device::DeviceLlama, gguf, safetensors, Chunk, Model};
+use super::tests::{argmax, chunk, cosine, max_diff, model_path, one, PROMPT};
+use super::{device::DeviceLlama, gguf, safetensors, Model};
 use crate::api::DeviceSpec;
 use helexa_testkit::tiny_model::TinyLlama;
-use std::path::PathBuf;
-
-fn model_path() -> PathBuf {
-    let dir = std::env::var_os("HELEXA_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/helexa/models")
-        });
-    let p = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.is_file(),
-        "run scripts/fetch-model: {} is missing",
-        p.display()
-    );
-    p
-}
-
-const PROMPT: &[u32] = &[
-    1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198,
-];
-
-fn chunk(slot: usize, pos: usize, tokens: &[u32]) -> Chunk<'_> {
-    Chunk {
-        slot,
-        pos,
-        tokens,
-        dense: false,
-    }
-}
-
-fn one(m: &mut dyn Model, slot: usize, pos: usize, tokens: &[u32]) -> Vec<f32> {
-    m.forward(&[chunk(slot, pos, tokens)]).unwrap().remove(0)
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
 
 fn device_gguf(slots: usize) -> DeviceLlama {
     gguf::load_on_device(&model_path(), DeviceSpec::Cpu, Some(512), slots)

@@ -7,7 +7,7 @@ use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use std::path::PathBuf;
 
-fn model_path() -> PathBuf {
+pub(super) fn model_path() -> PathBuf {
     let dir = std::env::var_os("HELEXA_MODEL_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -23,9 +23,32 @@ fn model_path() -> PathBuf {
 }
 
 // "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
-const PROMPT: &[u32] = &[
+pub(super) const PROMPT: &[u32] = &[
     1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198,
 ];
+
+/// One chunk of the quantized (non-dense) path.
+pub(super) fn chunk(slot: usize, pos: usize, tokens: &[u32]) -> Chunk<'_> {
+    Chunk {
+        slot,
+        pos,
+        tokens,
+        dense: false,
+    }
+}
+
+/// The logits after `tokens` run alone at `pos` in `slot`.
+pub(super) fn one(m: &mut dyn Model, slot: usize, pos: usize, tokens: &[u32]) -> Vec<f32> {
+    m.forward(&[chunk(slot, pos, tokens)]).unwrap().remove(0)
+}
+
+pub(super) fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
 
 pub(super) fn argmax(v: &[f32]) -> usize {
     v.iter()
