@@ -1,6 +1,8 @@
 //! Prefill and decode throughput of the engine on a GGUF model.
 //!
-//! `cargo run --release -p helexa-engine --example engine_bench -- [MODEL.gguf] [THREADS]`
+//! `cargo run --release -p helexa-engine --example engine_bench -- [MODEL.gguf] [THREADS] [PROMPT_TOKENS]`
+//! (PROMPT_TOKENS: about how long the prompt is, default 500; decode speed
+//! at a short context is what `scripts/bench-engine` compares)
 //! (default model: `$HELEXA_MODEL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf`).
 
 use helexa_engine::*;
@@ -9,14 +11,18 @@ use std::time::Instant;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let path = args.get(1).map(PathBuf::from).unwrap_or_else(|| {
-        std::env::var_os("HELEXA_MODEL_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/helexa/models")
-            })
-            .join("SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
+    let path = args
+        .get(1)
+        .filter(|a| !a.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("HELEXA_MODEL_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/helexa/models")
+                })
+                .join("SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
     let mut cfg = EngineConfig::new(&path);
     cfg.threads = args.get(2).and_then(|t| t.parse().ok());
     cfg.max_batch = 8;
@@ -32,7 +38,8 @@ fn main() {
     let story = "Once upon a time, in a small village by the sea, there lived an old fisherman who told stories to the children every evening. ";
     let mut prompt = e.tokenize("<|im_start|>user\n", false).unwrap();
     let piece = e.tokenize(story, false).unwrap();
-    while prompt.len() + piece.len() < 500 {
+    let target: usize = args.get(3).and_then(|t| t.parse().ok()).unwrap_or(500);
+    while prompt.len() + piece.len() < target {
         prompt.extend_from_slice(&piece);
     }
     prompt.extend(

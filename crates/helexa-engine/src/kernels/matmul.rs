@@ -9,6 +9,7 @@
 //! else is in the batch, so batched and single-sequence results are identical.
 
 use super::quant::{self, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QK};
+use super::repack::{self, Act, Packed, G};
 use candle_core::quantized::{k_quants, GgmlDType, GgmlType};
 use memmap2::Mmap;
 use rayon::prelude::*;
@@ -31,6 +32,26 @@ impl Mapped {
         &self.map[self.offset..self.offset + self.len]
     }
 
+    /// Drops the pages of these bytes from this process's resident set, once
+    /// they have been copied (repacked) and are not read here again.
+    fn release(&self) {
+        #[cfg(unix)]
+        {
+            // SAFETY: the map is a read-only shared file mapping that is never
+            // written through, so MADV_DONTNEED only drops clean pages: a
+            // later read of these bytes (none is made) would fault them back
+            // in from the file unchanged. Pages at the range's edges that
+            // neighbouring tensors share are dropped too and re-read the same way.
+            let _ = unsafe {
+                self.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    self.offset,
+                    self.len,
+                )
+            };
+        }
+    }
+
     /// Views the bytes as blocks of `T`.
     fn blocks<T>(&self) -> &[T] {
         let b = self.bytes();
@@ -47,8 +68,8 @@ impl Mapped {
 enum Data {
     F32(Vec<f32>),
     Q4_0(Mapped),
-    Q4_1(Mapped),
-    Q8_0(Mapped),
+    /// Q4_1 and Q8_0, repacked at load for the decode kernels (`repack.rs`).
+    Packed(Packed),
     /// Any other ggml block type, through candle's `GgmlType` kernels.
     Ggml(GgmlDType, Mapped),
 }
@@ -139,8 +160,18 @@ impl QMatrix {
                 }
             })),
             GgmlDType::Q4_0 => Data::Q4_0(bytes),
-            GgmlDType::Q4_1 => Data::Q4_1(bytes),
-            GgmlDType::Q8_0 => Data::Q8_0(bytes),
+            GgmlDType::Q4_1 | GgmlDType::Q8_0 => {
+                if !(bytes.bytes().as_ptr() as usize).is_multiple_of(4) {
+                    return Err("tensor data is not 4-byte aligned".into());
+                }
+                let packed = if dtype == GgmlDType::Q4_1 {
+                    Packed::q4_1(bytes.blocks::<BlockQ4_1>(), rows, cols)
+                } else {
+                    Packed::q8_0(bytes.blocks::<BlockQ8_0>(), rows, cols)
+                };
+                bytes.release();
+                Data::Packed(packed)
+            }
             GgmlDType::Q5_0
             | GgmlDType::Q5_1
             | GgmlDType::Q2K
@@ -150,7 +181,7 @@ impl QMatrix {
             | GgmlDType::Q6K => Data::Ggml(dtype, bytes),
             other => return Err(format!("weight type {other:?} is not supported")),
         };
-        if let Data::Q4_0(m) | Data::Q4_1(m) | Data::Q8_0(m) | Data::Ggml(_, m) = &data {
+        if let Data::Q4_0(m) | Data::Ggml(_, m) = &data {
             // Blocks hold f16 (and f32 for some k-quants); GGUF aligns tensors to 32.
             if !(m.bytes().as_ptr() as usize).is_multiple_of(4) {
                 return Err("tensor data is not 4-byte aligned".into());
@@ -168,12 +199,7 @@ impl QMatrix {
             Data::Q4_0(m) => {
                 quant::dequantize_q4_0(&m.blocks::<BlockQ4_0>()[n * kb..(n + 1) * kb], out)
             }
-            Data::Q4_1(m) => {
-                quant::dequantize_q4_1(&m.blocks::<BlockQ4_1>()[n * kb..(n + 1) * kb], out)
-            }
-            Data::Q8_0(m) => {
-                quant::dequantize_q8_0(&m.blocks::<BlockQ8_0>()[n * kb..(n + 1) * kb], out)
-            }
+            Data::Packed(p) => p.row_f32(n, out),
             Data::Ggml(dt, m) => with_ggml!(
                 *dt,
                 T,
@@ -191,6 +217,8 @@ impl QMatrix {
 #[derive(Default)]
 struct ActCache {
     q8_0: Option<Vec<BlockQ8_0>>,
+    /// Each `q8_0` block's `sum(qs)`.
+    q8_0_sums: Vec<i32>,
     q8_1: Option<Vec<BlockQ8_1>>,
 }
 
@@ -204,6 +232,9 @@ unsafe impl Sync for OutPtr {}
 /// Activation rows per cache tile in the prefill loop.
 const M_TILE: usize = 64;
 
+/// Most weight rows one task takes (a multiple of the repacked group).
+const MAX_CHUNK: usize = 512;
+
 /// `outs[i] = x · ws[i]ᵀ` for `m` rows of `x` (`m × cols`), each output
 /// `m × ws[i].rows`. All matrices must share `cols`.
 pub fn matmul_multi(ws: &[&QMatrix], x: &[f32], m: usize, outs: &mut [&mut [f32]]) {
@@ -213,22 +244,26 @@ pub fn matmul_multi(ws: &[&QMatrix], x: &[f32], m: usize, outs: &mut [&mut [f32]
     let mut acts = ActCache::default();
     for w in ws {
         assert_eq!(w.cols, k);
-        match w.data {
-            Data::Q4_1(_) if acts.q8_1.is_none() => {
-                let mut q = vec![BlockQ8_1::ZERO; m * k / QK];
-                for (xr, qr) in x.chunks_exact(k).zip(q.chunks_exact_mut(k / QK)) {
-                    quant::quantize_q8_1(xr, qr);
-                }
-                acts.q8_1 = Some(q);
+        let (q8_1, q8_0) = match &w.data {
+            Data::Packed(p) => (p.kind == repack::Kind::Q4_1, p.kind == repack::Kind::Q8_0),
+            Data::Q4_0(_) => (false, true),
+            _ => (false, false),
+        };
+        if q8_1 && acts.q8_1.is_none() {
+            let mut q = vec![BlockQ8_1::ZERO; m * k / QK];
+            for (xr, qr) in x.chunks_exact(k).zip(q.chunks_exact_mut(k / QK)) {
+                quant::quantize_q8_1(xr, qr);
             }
-            Data::Q4_0(_) | Data::Q8_0(_) if acts.q8_0.is_none() => {
-                let mut q = vec![BlockQ8_0::ZERO; m * k / QK];
-                for (xr, qr) in x.chunks_exact(k).zip(q.chunks_exact_mut(k / QK)) {
-                    quant::quantize_q8_0(xr, qr);
-                }
-                acts.q8_0 = Some(q);
+            acts.q8_1 = Some(q);
+        }
+        if q8_0 && acts.q8_0.is_none() {
+            let mut q = vec![BlockQ8_0::ZERO; m * k / QK];
+            for (xr, qr) in x.chunks_exact(k).zip(q.chunks_exact_mut(k / QK)) {
+                quant::quantize_q8_0(xr, qr);
             }
-            _ => {}
+            acts.q8_0_sums = vec![0; q.len()];
+            repack::block_sums(&q, &mut acts.q8_0_sums);
+            acts.q8_0 = Some(q);
         }
     }
     // Generic ggml types quantize their own activations (rare path).
@@ -244,9 +279,10 @@ pub fn matmul_multi(ws: &[&QMatrix], x: &[f32], m: usize, outs: &mut [&mut [f32]
     let total_rows: usize = ws.iter().map(|w| w.rows).sum();
     // Enough tasks for balance, few enough to keep dispatch overhead low.
     let target_tasks = (threads * 4).max(1);
+    // Whole groups of the repacked matrices.
     let chunk = (total_rows.div_ceil(target_tasks))
-        .clamp(4, 512)
-        .next_multiple_of(4);
+        .clamp(G, MAX_CHUNK)
+        .next_multiple_of(G);
     let mut tasks = Vec::new();
     for (i, w) in ws.iter().enumerate() {
         let mut r = 0;
@@ -275,18 +311,36 @@ pub fn matmul_multi(ws: &[&QMatrix], x: &[f32], m: usize, outs: &mut [&mut [f32]
             unsafe { *ptr.0.add(row * n_out + col) = v };
         };
         match &w.data {
-            Data::Q4_1(mm) => {
-                let a = acts.q8_1.as_deref().expect("q8_1 acts");
-                tiled_quant(
-                    m,
-                    r0,
-                    r1,
-                    mm.blocks::<BlockQ4_1>(),
-                    a,
-                    kb,
-                    quant::dot_q4_1,
-                    store,
-                );
+            Data::Packed(p) => {
+                let (g0, g1) = (r0 / G, r1.div_ceil(G));
+                let width = (g1 - g0) * G;
+                let mut buf = [[0f32; MAX_CHUNK]; 4];
+                let mut m0 = 0;
+                while m0 < m {
+                    let cnt = (m - m0).min(4);
+                    let act = |j: usize| -> Act {
+                        let row = m0 + j;
+                        match p.kind {
+                            repack::Kind::Q4_1 => Act::Q8_1(
+                                &acts.q8_1.as_deref().expect("q8_1 acts")[row * kb..][..kb],
+                            ),
+                            repack::Kind::Q8_0 => Act::Q8_0(
+                                &acts.q8_0.as_deref().expect("q8_0 acts")[row * kb..][..kb],
+                                &acts.q8_0_sums[row * kb..][..kb],
+                            ),
+                        }
+                    };
+                    let a: [Act; 4] = std::array::from_fn(|j| act(j.min(cnt - 1)));
+                    let mut o: Vec<&mut [f32]> =
+                        buf.iter_mut().take(cnt).map(|b| &mut b[..width]).collect();
+                    p.dot_groups(g0, g1, &a[..cnt], &mut o);
+                    for (j, b) in buf.iter().take(cnt).enumerate() {
+                        for n in r0..r1 {
+                            store(m0 + j, n, b[n - g0 * G]);
+                        }
+                    }
+                    m0 += cnt;
+                }
             }
             Data::Q4_0(mm) => {
                 let a = acts.q8_0.as_deref().expect("q8_0 acts");
@@ -298,19 +352,6 @@ pub fn matmul_multi(ws: &[&QMatrix], x: &[f32], m: usize, outs: &mut [&mut [f32]
                     a,
                     kb,
                     quant::dot_q4_0,
-                    store,
-                );
-            }
-            Data::Q8_0(mm) => {
-                let a = acts.q8_0.as_deref().expect("q8_0 acts");
-                tiled_quant(
-                    m,
-                    r0,
-                    r1,
-                    mm.blocks::<BlockQ8_0>(),
-                    a,
-                    kb,
-                    quant::dot_q8_0,
                     store,
                 );
             }

@@ -4,3 +4,4 @@
 pub mod matmul;
 pub mod ops;
 pub mod quant;
+pub mod repack;

@@ -2,9 +2,11 @@
 //! int8 activation quantizers that pair with them, and their dot products.
 //!
 //! Layouts are byte-identical to ggml's (and candle's `k_quants` blocks), so a
-//! memory-mapped GGUF tensor can be viewed as a slice of these. Every dot has a
-//! scalar reference and, on x86-64, an AVX2+FMA version chosen at run time;
-//! the unit tests check one against the other.
+//! memory-mapped GGUF tensor can be viewed as a slice of these. Q4_0 weights
+//! are multiplied here (a scalar reference and, on x86-64, an AVX2+FMA
+//! version chosen at run time; the unit tests check one against the other).
+//! Q4_1 and Q8_0 weights are repacked at load and multiplied by the kernels
+//! in `repack.rs`; their scalar dots here are those kernels' test reference.
 
 // Index loops read more plainly than iterator chains in these kernels.
 #![allow(clippy::needless_range_loop)]
@@ -102,6 +104,7 @@ pub fn quantize_q8_1(xs: &[f32], ys: &mut [BlockQ8_1]) {
     }
 }
 
+#[cfg(test)]
 pub fn dequantize_q4_1(xs: &[BlockQ4_1], ys: &mut [f32]) {
     for (b, y) in xs.iter().zip(ys.chunks_exact_mut(QK)) {
         let d = b.d.to_f32();
@@ -123,6 +126,7 @@ pub fn dequantize_q4_0(xs: &[BlockQ4_0], ys: &mut [f32]) {
     }
 }
 
+#[cfg(test)]
 pub fn dequantize_q8_0(xs: &[BlockQ8_0], ys: &mut [f32]) {
     for (b, y) in xs.iter().zip(ys.chunks_exact_mut(QK)) {
         let d = b.d.to_f32();
@@ -134,6 +138,7 @@ pub fn dequantize_q8_0(xs: &[BlockQ8_0], ys: &mut [f32]) {
 
 // ---------------------------------------------------------------- scalar dots
 
+#[cfg(test)]
 pub fn dot_q4_1_q8_1_scalar(xs: &[BlockQ4_1], ys: &[BlockQ8_1]) -> f32 {
     let mut sum = 0f32;
     for (x, y) in xs.iter().zip(ys) {
@@ -160,6 +165,7 @@ pub fn dot_q4_0_q8_0_scalar(xs: &[BlockQ4_0], ys: &[BlockQ8_0]) -> f32 {
     sum
 }
 
+#[cfg(test)]
 pub fn dot_q8_0_q8_0_scalar(xs: &[BlockQ8_0], ys: &[BlockQ8_0]) -> f32 {
     let mut sum = 0f32;
     for (x, y) in xs.iter().zip(ys) {
@@ -187,21 +193,6 @@ pub fn has_avx2() -> bool {
     }
 }
 
-/// `dot(w_row, a_row)` for Q4_1 weights; `a` quantized with [`quantize_q8_1`].
-/// With `ys.len() == 1`..=4 activation rows sharing one weight row.
-#[inline]
-pub fn dot_q4_1(xs: &[BlockQ4_1], ys: &[&[BlockQ8_1]], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked above).
-        unsafe { avx2::dot_q4_1_multi(xs, ys, out) };
-        return;
-    }
-    for (o, y) in out.iter_mut().zip(ys) {
-        *o = dot_q4_1_q8_1_scalar(xs, y);
-    }
-}
-
 #[inline]
 pub fn dot_q4_0(xs: &[BlockQ4_0], ys: &[&[BlockQ8_0]], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -212,19 +203,6 @@ pub fn dot_q4_0(xs: &[BlockQ4_0], ys: &[&[BlockQ8_0]], out: &mut [f32]) {
     }
     for (o, y) in out.iter_mut().zip(ys) {
         *o = dot_q4_0_q8_0_scalar(xs, y);
-    }
-}
-
-#[inline]
-pub fn dot_q8_0(xs: &[BlockQ8_0], ys: &[&[BlockQ8_0]], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked above).
-        unsafe { avx2::dot_q8_0_multi(xs, ys, out) };
-        return;
-    }
-    for (o, y) in out.iter_mut().zip(ys) {
-        *o = dot_q8_0_q8_0_scalar(xs, y);
     }
 }
 
@@ -296,50 +274,6 @@ mod avx2 {
     /// AVX2 and FMA must be available; `ys.len() == out.len() <= 4`, each
     /// `ys[i].len() >= xs.len()`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q4_1_multi(xs: &[BlockQ4_1], ys: &[&[BlockQ8_1]], out: &mut [f32]) {
-        // Row counts as constants keep the accumulators in registers.
-        unsafe {
-            match ys.len() {
-                1 => dot_q4_1_r::<1>(xs, ys, out),
-                2 => dot_q4_1_r::<2>(xs, ys, out),
-                3 => dot_q4_1_r::<3>(xs, ys, out),
-                _ => dot_q4_1_r::<4>(xs, ys, out),
-            }
-        }
-    }
-
-    /// # Safety
-    /// As [`dot_q4_1_multi`], with `ys.len() == out.len() == R`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_q4_1_r<const R: usize>(xs: &[BlockQ4_1], ys: &[&[BlockQ8_1]], out: &mut [f32]) {
-        let n = R;
-        debug_assert!(n <= MAX_ROWS && out.len() == n && ys.len() == n);
-        let mut acc = [_mm256_setzero_ps(); R];
-        let yrows: [&[_]; R] = std::array::from_fn(|r| ys[r]);
-        let mut mins = [0f32; R];
-        for (b, x) in xs.iter().enumerate() {
-            prefetch_ahead(x);
-            let xd = x.d.to_f32();
-            let xm = x.m.to_f32();
-            let qx = unsafe { unpack_nibbles(x.qs.as_ptr()) };
-            for r in 0..n {
-                let y = unsafe { yrows[r].get_unchecked(b) };
-                let qy = unsafe { _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i) };
-                let p = madd_u8_i8(qx, qy);
-                let d = _mm256_set1_ps(xd * y.d.to_f32());
-                acc[r] = _mm256_fmadd_ps(d, p, acc[r]);
-                mins[r] += xm * y.s.to_f32();
-            }
-        }
-        for r in 0..n {
-            out[r] = hsum(acc[r]) + mins[r];
-        }
-    }
-
-    /// # Safety
-    /// As [`dot_q4_1_multi`].
-    #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_q4_0_multi(xs: &[BlockQ4_0], ys: &[&[BlockQ8_0]], out: &mut [f32]) {
         // Row counts as constants keep the accumulators in registers.
         unsafe {
@@ -370,50 +304,6 @@ mod avx2 {
                 let y = unsafe { yrows[r].get_unchecked(b) };
                 let qy = unsafe { _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i) };
                 let p = madd_i8_i8(qx, qy);
-                let d = _mm256_set1_ps(xd * y.d.to_f32());
-                acc[r] = _mm256_fmadd_ps(d, p, acc[r]);
-            }
-        }
-        for r in 0..n {
-            out[r] = hsum(acc[r]);
-        }
-    }
-
-    /// # Safety
-    /// As [`dot_q4_1_multi`].
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q8_0_multi(xs: &[BlockQ8_0], ys: &[&[BlockQ8_0]], out: &mut [f32]) {
-        // Row counts as constants keep the accumulators in registers.
-        unsafe {
-            match ys.len() {
-                1 => dot_q8_0_r::<1>(xs, ys, out),
-                2 => dot_q8_0_r::<2>(xs, ys, out),
-                3 => dot_q8_0_r::<3>(xs, ys, out),
-                _ => dot_q8_0_r::<4>(xs, ys, out),
-            }
-        }
-    }
-
-    /// # Safety
-    /// As [`dot_q8_0_multi`], with `ys.len() == out.len() == R`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot_q8_0_r<const R: usize>(xs: &[BlockQ8_0], ys: &[&[BlockQ8_0]], out: &mut [f32]) {
-        let n = R;
-        debug_assert!(n <= MAX_ROWS && out.len() == n && ys.len() == n);
-        let mut acc = [_mm256_setzero_ps(); R];
-        let yrows: [&[_]; R] = std::array::from_fn(|r| ys[r]);
-        for (b, x) in xs.iter().enumerate() {
-            prefetch_ahead(x);
-            let xd = x.d.to_f32();
-            let qx = unsafe { _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i) };
-            // |x| and sign(y, x) once per weight block.
-            let ax = _mm256_sign_epi8(qx, qx);
-            for r in 0..n {
-                let y = unsafe { yrows[r].get_unchecked(b) };
-                let qy = unsafe { _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i) };
-                let sy = _mm256_sign_epi8(qy, qx);
-                let p = madd_u8_i8(ax, sy);
                 let d = _mm256_set1_ps(xd * y.d.to_f32());
                 acc[r] = _mm256_fmadd_ps(d, p, acc[r]);
             }
@@ -463,7 +353,7 @@ mod tests {
     }
 
     #[test]
-    fn q4_1_kernel_matches_scalar_and_float() {
+    fn q4_1_scalar_dot_matches_the_float_dot() {
         let k = 576;
         let w = rng_vec(k, 1);
         let wq = q4_1_from(&w);
@@ -480,34 +370,20 @@ mod tests {
                 q
             })
             .collect();
-        let refs: Vec<&[BlockQ8_1]> = rows.iter().map(|r| r.as_slice()).collect();
-        for n in 1..=4 {
-            let mut out = vec![0f32; n];
-            dot_q4_1(&wq, &refs[..n], &mut out);
-            for r in 0..n {
-                let s = dot_q4_1_q8_1_scalar(&wq, refs[r]);
-                assert!(
-                    (out[r] - s).abs() <= 1e-3 * (1.0 + s.abs()),
-                    "{} {}",
-                    out[r],
-                    s
-                );
-            }
-        }
         // And against the float dot.
         let a = rng_vec(k, 10);
         let exact: f32 = wd.iter().zip(&a).map(|(x, y)| x * y).sum();
-        let mut out = [0f32];
-        dot_q4_1(&wq, &refs[..1], &mut out);
+        // (The repacked kernels are checked against this scalar dot in
+        // `repack.rs`.)
+        let got = dot_q4_1_q8_1_scalar(&wq, &rows[0]);
         assert!(
-            (out[0] - exact).abs() < 0.05 * (1.0 + exact.abs()),
-            "{} {exact}",
-            out[0]
+            (got - exact).abs() < 0.05 * (1.0 + exact.abs()),
+            "{got} {exact}"
         );
     }
 
     #[test]
-    fn q8_0_and_q4_0_kernels_match_scalar() {
+    fn q4_0_kernel_matches_scalar() {
         let k = 1536;
         let w = rng_vec(k, 3);
         let mut w8 = vec![BlockQ8_0::ZERO; k / QK];
@@ -537,11 +413,6 @@ mod tests {
             .collect();
         let refs: Vec<&[BlockQ8_0]> = rows.iter().map(|r| r.as_slice()).collect();
         let mut out = vec![0f32; 3];
-        dot_q8_0(&w8, &refs, &mut out);
-        for r in 0..3 {
-            let s = dot_q8_0_q8_0_scalar(&w8, refs[r]);
-            assert!((out[r] - s).abs() <= 1e-3 * (1.0 + s.abs()));
-        }
         dot_q4_0(&w4, &refs, &mut out);
         for r in 0..3 {
             let s = dot_q4_0_q8_0_scalar(&w4, refs[r]);
