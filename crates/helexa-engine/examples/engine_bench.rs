@@ -54,7 +54,12 @@ fn main() {
         ..SamplingParams::default()
     };
 
-    for &batch in &[1usize, 4] {
+    // HELEXA_BENCH_BATCHES=1,8 picks the batch sizes (default 1, 4, 8).
+    let batches: Vec<usize> = std::env::var("HELEXA_BENCH_BATCHES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|b| b.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 4, 8]);
+    for &batch in &batches {
         for rep in 0..2 {
             let t0 = Instant::now();
             let streams: Vec<_> = (0..batch)

@@ -232,6 +232,9 @@ unsafe impl Sync for OutPtr {}
 /// Activation rows per cache tile in the prefill loop.
 const M_TILE: usize = 64;
 
+/// The dense path's fewest rows per gemm call (see `matmul_dense`).
+const DENSE_MIN_ROWS: usize = 2;
+
 /// Most weight rows one task takes (a multiple of the repacked group).
 const MAX_CHUNK: usize = 512;
 
@@ -314,10 +317,10 @@ pub fn matmul_multi(ws: &[&QMatrix], x: &[f32], m: usize, outs: &mut [&mut [f32]
             Data::Packed(p) => {
                 let (g0, g1) = (r0 / G, r1.div_ceil(G));
                 let width = (g1 - g0) * G;
-                let mut buf = [[0f32; MAX_CHUNK]; 4];
+                let mut buf = [[0f32; MAX_CHUNK]; repack::MAX_ACTS];
                 let mut m0 = 0;
                 while m0 < m {
-                    let cnt = (m - m0).min(4);
+                    let cnt = (m - m0).min(repack::MAX_ACTS);
                     let act = |j: usize| -> Act {
                         let row = m0 + j;
                         match p.kind {
@@ -330,14 +333,21 @@ pub fn matmul_multi(ws: &[&QMatrix], x: &[f32], m: usize, outs: &mut [&mut [f32]
                             ),
                         }
                     };
-                    let a: [Act; 4] = std::array::from_fn(|j| act(j.min(cnt - 1)));
+                    let a: [Act; repack::MAX_ACTS] = std::array::from_fn(|j| act(j.min(cnt - 1)));
                     let mut o: Vec<&mut [f32]> =
                         buf.iter_mut().take(cnt).map(|b| &mut b[..width]).collect();
                     p.dot_groups(g0, g1, &a[..cnt], &mut o);
                     for (j, b) in buf.iter().take(cnt).enumerate() {
-                        for n in r0..r1 {
-                            store(m0 + j, n, b[n - g0 * G]);
-                        }
+                        let src = &b[r0 - g0 * G..r1 - g0 * G];
+                        // SAFETY: row `m0 + j < m`, columns `r0..r1` are this
+                        // task's own; the buffer is `m * n_out` long.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                src.as_ptr(),
+                                ptr.0.add((m0 + j) * n_out + r0),
+                                src.len(),
+                            )
+                        };
                     }
                     m0 += cnt;
                 }
@@ -505,7 +515,21 @@ pub fn matmul_dense(
     assert_eq!(ws.len(), outs.len());
     let k = ws[0].cols;
     assert_eq!(x.len(), m * k);
-    let xt = Tensor::from_slice(x, (m, k), &Device::Cpu).map_err(|e| e.to_string())?;
+    // One row is padded to two: gemm (gemm-common 0.19) multiplies a single
+    // row with its gemv kernel, which sums in another order than its
+    // blocked kernels, whose k-blocking does not depend on the row count.
+    // A prompt's last token recomputed alone after a prefix-cache hit thus
+    // gets the bits it got inside the whole prompt's chunk.
+    let mp = m.max(DENSE_MIN_ROWS);
+    let mut xp;
+    let x = if mp == m {
+        x
+    } else {
+        xp = vec![0f32; mp * k];
+        xp[..m * k].copy_from_slice(x);
+        &xp[..]
+    };
+    let xt = Tensor::from_slice(x, (mp, k), &Device::Cpu).map_err(|e| e.to_string())?;
     for (w, out) in ws.iter().zip(outs.iter_mut()) {
         assert_eq!(w.cols, k);
         assert_eq!(out.len(), m * w.rows);
@@ -524,7 +548,7 @@ pub fn matmul_dense(
             .and_then(|y| y.flatten_all())
             .and_then(|y| y.to_vec1::<f32>())
             .map_err(|e| e.to_string())?;
-        out.copy_from_slice(&y);
+        out.copy_from_slice(&y[..m * w.rows]);
     }
     Ok(())
 }

@@ -79,12 +79,9 @@ fn amax(xs: &[f32]) -> f32 {
 pub fn quantize_q8_0(xs: &[f32], ys: &mut [BlockQ8_0]) {
     debug_assert_eq!(xs.len(), ys.len() * QK);
     for (x, y) in xs.chunks_exact(QK).zip(ys.iter_mut()) {
-        let d = amax(x) / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let x: &[f32; QK] = x.try_into().expect("a block of 32");
+        let (d, _) = quantize_block(x, &mut y.qs);
         y.d = f16::from_f32(d);
-        for (q, &v) in y.qs.iter_mut().zip(x) {
-            *q = (v * id).round() as i8;
-        }
     }
 }
 
@@ -92,16 +89,31 @@ pub fn quantize_q8_0(xs: &[f32], ys: &mut [BlockQ8_0]) {
 pub fn quantize_q8_1(xs: &[f32], ys: &mut [BlockQ8_1]) {
     debug_assert_eq!(xs.len(), ys.len() * QK);
     for (x, y) in xs.chunks_exact(QK).zip(ys.iter_mut()) {
-        let d = amax(x) / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let x: &[f32; QK] = x.try_into().expect("a block of 32");
+        let (d, sum) = quantize_block(x, &mut y.qs);
         y.d = f16::from_f32(d);
-        let mut sum = 0i32;
-        for (q, &v) in y.qs.iter_mut().zip(x) {
-            *q = (v * id).round() as i8;
-            sum += *q as i32;
-        }
         y.s = f16::from_f32(sum as f32 * d);
     }
+}
+
+/// `qs = round(x / d)` with `d = max|x| / 127` (ties to even, as llama.cpp's
+/// AVX2 quantizer rounds); returns `d` and `sum(qs)`. The AVX2 version and
+/// the plain loop give the same bits.
+#[inline]
+fn quantize_block(x: &[f32; QK], qs: &mut [i8; QK]) -> (f32, i32) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: AVX2/FMA present.
+        return unsafe { avx2::quantize_block(x, qs) };
+    }
+    let d = amax(x) / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, &v) in qs.iter_mut().zip(x) {
+        *q = (v * id).round_ties_even() as i8;
+        sum += *q as i32;
+    }
+    (d, sum)
 }
 
 #[cfg(test)]
@@ -230,6 +242,44 @@ mod avx2 {
         // SAFETY: `_mm_prefetch` is a hint: it reads nothing architecturally
         // and cannot fault, whatever the address; SSE is part of x86_64.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(p) };
+    }
+
+    /// As the plain loop of [`super::quantize_block`], same bits.
+    ///
+    /// # Safety
+    /// AVX2/FMA.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn quantize_block(x: &[f32; QK], qs: &mut [i8; QK]) -> (f32, i32) {
+        let p = x.as_ptr();
+        let v: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(p.add(8 * i)) });
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+        let mut m = _mm256_and_ps(v[0], abs);
+        for vi in &v[1..] {
+            m = _mm256_max_ps(m, _mm256_and_ps(*vi, abs));
+        }
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let m1 = _mm_max_ss(m2, _mm_movehdup_ps(m2));
+        let d = _mm_cvtss_f32(m1) / 127.0;
+        let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        let q: [__m256i; 4] = std::array::from_fn(|i| {
+            _mm256_cvtps_epi32(_mm256_round_ps::<
+                { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+            >(_mm256_mul_ps(v[i], id)))
+        });
+        let s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+        let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32::<0b01_00_11_10>(s4));
+        let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32::<0b10_11_00_01>(s2));
+        // i32 -> i8 with saturation; the packs interleave 128-bit lanes,
+        // the permute puts the eight 4-byte groups back in order.
+        let w01 = _mm256_packs_epi32(q[0], q[1]);
+        let w23 = _mm256_packs_epi32(q[2], q[3]);
+        let b = _mm256_packs_epi16(w01, w23);
+        let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        unsafe { _mm256_storeu_si256(qs.as_mut_ptr() as *mut __m256i, b) };
+        (d, _mm_cvtsi128_si32(s1))
     }
 
     #[inline]
@@ -418,5 +468,43 @@ mod tests {
             let s = dot_q4_0_q8_0_scalar(&w4, refs[r]);
             assert!((out[r] - s).abs() <= 1e-3 * (1.0 + s.abs()));
         }
+    }
+
+    #[test]
+    fn activation_quantizer_gives_the_plain_loops_bits() {
+        let mut seed = 11u64;
+        for case in 0..200 {
+            let scale = [1e-6f32, 0.01, 1.0, 37.0, 1e4][case % 5];
+            let x: [f32; QK] = std::array::from_fn(|i| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let v = ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale;
+                // Some exact ties and zeros.
+                match (case + i) % 13 {
+                    0 => 0.0,
+                    1 => scale * 0.5,
+                    _ => v,
+                }
+            });
+            let mut plain = [0i8; QK];
+            let d = amax(&x) / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let mut sum = 0;
+            for (q, &v) in plain.iter_mut().zip(&x) {
+                *q = (v * id).round_ties_even() as i8;
+                sum += *q as i32;
+            }
+            let mut got = [0i8; QK];
+            let (gd, gs) = quantize_block(&x, &mut got);
+            assert_eq!(
+                (got, gd.to_bits(), gs),
+                (plain, d.to_bits(), sum),
+                "case {case}"
+            );
+        }
+        let mut got = [1i8; QK];
+        assert_eq!(quantize_block(&[0.0; QK], &mut got), (0.0, 0));
+        assert_eq!(got, [0; QK]);
     }
 }

@@ -37,6 +37,11 @@ use half::f16;
 /// Rows per group.
 pub const G: usize = 16;
 
+/// Most activation rows one [`Packed::dot_groups`] call takes. The AVX-512
+/// kernel holds all of them against each unpacked weight block (32 vector
+/// registers); AVX2 takes them one at a time (16 registers).
+pub const MAX_ACTS: usize = 8;
+
 const Q4_1_GROUP_BYTES: usize = 2 * G * 2 + G * QK / 2; // 320
 const Q8_0_GROUP_BYTES: usize = G * 2 + G * QK; // 544
 
@@ -200,11 +205,11 @@ impl Packed {
     }
 
     /// `out[i][(g - g0) * 16 + lane] = dot(row g * 16 + lane, acts[i])` for
-    /// groups `g0..g1` and up to 4 activation rows. Q4_1 takes `Act::Q8_1`
+    /// groups `g0..g1` and up to [`MAX_ACTS`] activation rows. Q4_1 takes `Act::Q8_1`
     /// rows, Q8_0 takes `Act::Q8_0` rows. `out[i]` holds `(g1 - g0) * 16`.
     pub fn dot_groups(&self, g0: usize, g1: usize, acts: &[Act], out: &mut [&mut [f32]]) {
         assert!(g0 <= g1 && g1 <= self.groups());
-        assert!(!acts.is_empty() && acts.len() <= 4 && acts.len() == out.len());
+        assert!(!acts.is_empty() && acts.len() <= MAX_ACTS && acts.len() == out.len());
         for (a, o) in acts.iter().zip(out.iter()) {
             assert!(o.len() >= (g1 - g0) * G);
             match (self.kind, a) {
@@ -347,7 +352,7 @@ fn scalar_dot_groups(p: &Packed, g0: usize, g1: usize, acts: &[Act], out: &mut [
 /// Group-blocks are prefetched this far ahead (~2.5 KB of Q4_1): decode
 /// streams every weight once per token (see `quant.rs`'s `PREFETCH_BLOCKS`).
 #[cfg(target_arch = "x86_64")]
-const PREFETCH_GROUP_BLOCKS: usize = 8;
+const PREFETCH_GROUP_BLOCKS: usize = 4;
 
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
@@ -519,7 +524,11 @@ mod avx512 {
             1 => run!(1),
             2 => run!(2),
             3 => run!(3),
-            _ => run!(4),
+            4 => run!(4),
+            5 => run!(5),
+            6 => run!(6),
+            7 => run!(7),
+            _ => run!(8),
         }
     }
 
@@ -731,8 +740,10 @@ mod tests {
         let kb = cols / QK;
         let w = q4_1_blocks(rows * kb, 1);
         let p = Packed::q4_1(&w, rows, cols);
-        let ys: Vec<Vec<BlockQ8_1>> = (0..4).map(|i| acts_q8_1(cols, 10 + i)).collect();
-        for n_act in 1..=4 {
+        let ys: Vec<Vec<BlockQ8_1>> = (0..MAX_ACTS as u64)
+            .map(|i| acts_q8_1(cols, 10 + i))
+            .collect();
+        for n_act in 1..=MAX_ACTS {
             let acts: Vec<Act> = ys[..n_act].iter().map(|y| Act::Q8_1(y)).collect();
             let runs = all_isas(&p, 0, p.groups(), &acts);
             assert!(!runs.is_empty());
@@ -786,13 +797,14 @@ mod tests {
         w[0].qs = [-128; QK];
         w[1].qs = [127; QK];
         let p = Packed::q8_0(&w, rows, cols);
-        let mut ys: Vec<(Vec<BlockQ8_0>, Vec<i32>)> =
-            (0..4).map(|i| acts_q8_0(cols, 20 + i)).collect();
+        let mut ys: Vec<(Vec<BlockQ8_0>, Vec<i32>)> = (0..MAX_ACTS as u64)
+            .map(|i| acts_q8_0(cols, 20 + i))
+            .collect();
         ys[3].0[0].qs = [-127; QK];
         ys[3].0[1].qs = [127; QK];
         let (q, s) = &mut ys[3];
         block_sums(q, s);
-        for n_act in 1..=4 {
+        for n_act in 1..=MAX_ACTS {
             let acts: Vec<Act> = ys[..n_act].iter().map(|(y, s)| Act::Q8_0(y, s)).collect();
             let runs = all_isas(&p, 0, p.groups(), &acts);
             for (isa, outs) in &runs {
@@ -830,6 +842,80 @@ mod tests {
             p8.row_f32(n, &mut a);
             quant::dequantize_q8_0(&w8[n * kb..(n + 1) * kb], &mut b);
             assert_eq!(a, b, "q8_0 row {n}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+    use crate::kernels::quant;
+
+    /// Not a check: prints each kernel's time per 16-row group-block for 1..4
+    /// activation rows, on a 1536 × 576 Q4_1 matrix (SmolLM2's gate) and a
+    /// 49152 × 576 Q8_0 one (its output). `cargo test --release -p
+    /// helexa-engine --lib kernel_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn kernel_speed() {
+        let cols = 576;
+        let kb = cols / QK;
+        for (kind, rows) in [
+            (Kind::Q4_1, 1536),
+            (Kind::Q4_1, 196608),
+            (Kind::Q8_0, 49152),
+        ] {
+            let p = match kind {
+                Kind::Q4_1 => {
+                    let w: Vec<BlockQ4_1> = (0..rows * kb)
+                        .map(|i| BlockQ4_1 {
+                            d: f16::from_f32(0.01),
+                            m: f16::from_f32(-0.05),
+                            qs: [(i % 251) as u8; 16],
+                        })
+                        .collect();
+                    Packed::q4_1(&w, rows, cols)
+                }
+                Kind::Q8_0 => {
+                    let w: Vec<BlockQ8_0> = (0..rows * kb)
+                        .map(|i| BlockQ8_0 {
+                            d: f16::from_f32(0.01),
+                            qs: [(i % 251) as u8 as i8; 32],
+                        })
+                        .collect();
+                    Packed::q8_0(&w, rows, cols)
+                }
+            };
+            let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
+            let mut y1 = vec![BlockQ8_1::ZERO; kb];
+            quant::quantize_q8_1(&x, &mut y1);
+            let mut y0 = vec![BlockQ8_0::ZERO; kb];
+            quant::quantize_q8_0(&x, &mut y0);
+            let mut s0 = vec![0; kb];
+            block_sums(&y0, &mut s0);
+            let act = match kind {
+                Kind::Q4_1 => Act::Q8_1(&y1),
+                Kind::Q8_0 => Act::Q8_0(&y0, &s0),
+            };
+            let g = p.groups();
+            for r in [1, 2, 4, 8] {
+                let acts = vec![act; r];
+                let mut outs = vec![vec![0f32; g * G]; r];
+                let reps = 200_000_000 / (rows * cols);
+                let t = std::time::Instant::now();
+                for _ in 0..reps.max(1) {
+                    let mut o: Vec<&mut [f32]> =
+                        outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+                    p.dot_groups(0, g, &acts, &mut o);
+                }
+                let per = t.elapsed().as_secs_f64() / (reps.max(1) * g * kb) as f64;
+                println!(
+                    "{kind:?} {rows}x{cols} {:?}, {r} rows: {:.2} ns per group-block, {:.2} GB/s of weights",
+                    pick(),
+                    per * 1e9,
+                    p.group_bytes() as f64 / per / 1e9
+                );
+            }
         }
     }
 }

@@ -222,6 +222,23 @@ fn batching_and_chunking_do_not_change_results() {
         ])
         .unwrap();
     assert_eq!(both[0], both[1]);
+    // The dense (prefill) path: a prompt's last token run alone after the
+    // rest, as after a prefix-cache hit, gets the bits it got inside the
+    // whole chunk — and so does the next decode step.
+    let long: Vec<u32> = (0..130).map(|i| 200 + (i * 37) % 900).collect();
+    let dense = |slot, pos, tokens| Chunk {
+        slot,
+        pos,
+        tokens,
+        dense: true,
+    };
+    let whole = m.forward(&[dense(0, 0, &long)]).unwrap().remove(0);
+    m.forward(&[dense(1, 0, &long[..129])]).unwrap();
+    let last = m.forward(&[dense(1, 129, &long[129..])]).unwrap().remove(0);
+    assert_eq!(whole, last, "dense logits depend on the chunk's size");
+    let t = [argmax(&whole) as u32];
+    let (a, b) = (one(&mut m, 0, 130, &t), one(&mut m, 1, 130, &t));
+    assert_eq!(a, b, "a dense prefill chunked differently changed the KV");
     // Errors are reported, not panics.
     assert!(m
         .forward(&[Chunk {
