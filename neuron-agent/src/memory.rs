@@ -5,7 +5,8 @@
 //! The estimate is read from the model's files without loading them: the
 //! weights as stored (GGUF tensors are used as stored; safetensors are
 //! widened to f32 on CPU) plus the KV cache the engine allocates at its
-//! configured context for every batch slot (f32 on CPU, 16-bit on CUDA).
+//! configured context for every batch slot (16-bit on CUDA and for GGUFs the
+//! native CPU kernels run; f32 on the CPU's device-generic decoder).
 
 use crate::config::{expand_tilde, ModelSpec};
 use std::path::Path;
@@ -76,12 +77,12 @@ pub fn estimate(spec: &ModelSpec) -> Estimate {
         .max_batch
         .map_or(DEFAULT_SLOTS, |b| u64::from(b.max(1)));
     let shape = if path.is_dir() {
-        safetensors_shape(&path, cuda)
+        safetensors_shape(&path, cuda).map(|s| (s, false))
     } else {
         gguf_shape(&path)
     };
     match shape {
-        Ok(s) => s.estimate(spec.max_context, slots, if cuda { 2 } else { 4 }),
+        Ok((s, native)) => s.estimate(spec.max_context, slots, if cuda || native { 2 } else { 4 }),
         Err(e) => {
             tracing::debug!(model = %spec.id, error = %e, "no memory estimate");
             Estimate::default()
@@ -113,7 +114,8 @@ impl Shape {
     }
 }
 
-fn gguf_shape(path: &Path) -> Result<Shape, String> {
+/// The GGUF's shape, and whether the native kernels run it.
+fn gguf_shape(path: &Path) -> Result<(Shape, bool), String> {
     use candle_core::quantized::gguf_file::{Content, Value};
     let mut f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let ct = Content::read(&mut f).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -139,13 +141,18 @@ fn gguf_shape(path: &Path) -> Result<Shape, String> {
     let file_bytes = f.metadata().map(|m| m.len()).unwrap_or(0);
     // Tensor data is what follows the header; the header itself is small.
     let weights_bytes = file_bytes.saturating_sub(ct.tensor_data_offset);
-    Ok(Shape {
+    let shape = Shape {
         weights_bytes,
         layers: num("block_count").ok_or("no block_count")?,
         kv_heads: num("attention.head_count_kv").unwrap_or(heads),
         head_dim: num("attention.key_length").unwrap_or(embd / heads.max(1)),
         trained_context: num("context_length").unwrap_or(4096),
-    })
+    };
+    // The native kernels keep an f16 KV cache.
+    Ok((
+        shape,
+        helexa_engine::NATIVE_ARCHITECTURES.contains(&arch.as_str()),
+    ))
 }
 
 fn safetensors_shape(dir: &Path, cuda: bool) -> Result<Shape, String> {

@@ -29,3 +29,6 @@ pub mod toolcall;
 pub use constraint::{Constraint, Grammar, Guidance};
 pub use embed::{is_embedding_model, EmbedConfig, Embedder};
 pub use engine::{Engine, GenerationStream};
+/// GGUF architectures the native CPU kernels run (the rest go to the
+/// device-generic decoder).
+pub use model::gguf::NATIVE_ARCHITECTURES;

@@ -547,8 +547,9 @@ fn a_cancelled_prefill_leaves_its_followers_to_prefill_themselves() {
 
 #[test]
 fn the_prefix_cache_stays_within_its_byte_budget() {
-    // SmolLM2-135M keeps 30 layers × 3 KV heads × 64 × 2 × 4 bytes per position.
-    let per_position = 30 * 3 * 64 * 2 * 4;
+    // SmolLM2-135M keeps 30 layers × 3 KV heads × 64 × K and V × 2 bytes
+    // (f16) per position.
+    let per_position = 30 * 3 * 64 * 2 * 2;
     let p = long_system("Which screwdriver fits a Torx screw?");
     // Shares only `<|im_start|>` with `p`: it goes to the other slot.
     let q = chatml("Which saw cuts tiles?");

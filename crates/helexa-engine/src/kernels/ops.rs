@@ -102,13 +102,44 @@ pub fn softmax_inplace(xs: &mut [f32]) {
     }
 }
 
+/// Elements a KV cache may hold: f32, or f16 (half the memory and the
+/// bytes read per step; llama.cpp's default cache type too).
+pub trait KvElem: Copy + Send + Sync + 'static {
+    /// f16 (else f32): which SIMD loads view the slices.
+    const IS_F16: bool;
+    fn to_f32(self) -> f32;
+    /// `dst[i] = src[i]` rounded to this type.
+    fn store(src: &[f32], dst: &mut [Self]);
+}
+
+impl KvElem for f32 {
+    const IS_F16: bool = false;
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn store(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+impl KvElem for half::f16 {
+    const IS_F16: bool = true;
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    fn store(src: &[f32], dst: &mut [half::f16]) {
+        use half::slice::HalfFloatSliceExt;
+        dst.convert_from_f32_slice(src);
+    }
+}
+
 /// Causal attention of one query head over `n` cached positions:
 /// `out = softmax(q·Kᵀ · scale) · V`, with `keys`/`values` holding `n` rows of
-/// `q.len()` floats. `scores` is scratch.
-pub fn attend(
+/// `q.len()` elements. `scores` is scratch.
+pub fn attend<T: KvElem>(
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[T],
+    values: &[T],
     n: usize,
     scale: f32,
     scores: &mut Vec<f32>,
@@ -120,32 +151,50 @@ pub fn attend(
     scores.resize(n, 0.0);
     #[cfg(target_arch = "x86_64")]
     if has_avx2() && (hd == 64 || hd == 128) {
-        // SAFETY: AVX2/FMA present; lengths checked above.
+        let f16 = T::IS_F16;
+        // SAFETY: AVX2/FMA present; lengths checked above; `T` is f16 or
+        // f32 as `IS_F16` says (the only two `KvElem`s), so the casts view
+        // the slices as what they are.
         unsafe {
-            if hd == 64 {
-                avx2::scores::<8>(q, keys, scale, scores);
-            } else {
-                avx2::scores::<16>(q, keys, scale, scores);
+            let (kp, vp) = (keys.as_ptr() as *const u8, values.as_ptr() as *const u8);
+            match (hd, f16) {
+                (64, false) => avx2::scores::<8, f32>(q, kp as *const f32, scale, scores),
+                (64, true) => {
+                    avx2::scores::<8, half::f16>(q, kp as *const half::f16, scale, scores)
+                }
+                (_, false) => avx2::scores::<16, f32>(q, kp as *const f32, scale, scores),
+                (_, true) => {
+                    avx2::scores::<16, half::f16>(q, kp as *const half::f16, scale, scores)
+                }
             }
-        }
-        softmax_inplace(scores);
-        // SAFETY: as above.
-        unsafe {
-            if hd == 64 {
-                avx2::weighted_sum::<8>(scores, values, out);
-            } else {
-                avx2::weighted_sum::<16>(scores, values, out);
+            softmax_inplace(scores);
+            match (hd, f16) {
+                (64, false) => avx2::weighted_sum::<8, f32>(scores, vp as *const f32, out),
+                (64, true) => {
+                    avx2::weighted_sum::<8, half::f16>(scores, vp as *const half::f16, out)
+                }
+                (_, false) => avx2::weighted_sum::<16, f32>(scores, vp as *const f32, out),
+                (_, true) => {
+                    avx2::weighted_sum::<16, half::f16>(scores, vp as *const half::f16, out)
+                }
             }
         }
         return;
     }
+    let mut row = vec![0f32; hd];
     for (p, s) in scores.iter_mut().enumerate() {
-        *s = dot(q, &keys[p * hd..(p + 1) * hd]) * scale;
+        for (r, k) in row.iter_mut().zip(&keys[p * hd..(p + 1) * hd]) {
+            *r = k.to_f32();
+        }
+        *s = dot(q, &row) * scale;
     }
     softmax_inplace(scores);
     out.fill(0.0);
     for (p, &w) in scores.iter().enumerate() {
-        axpy(w, &values[p * hd..(p + 1) * hd], out);
+        for (r, v) in row.iter_mut().zip(&values[p * hd..(p + 1) * hd]) {
+            *r = v.to_f32();
+        }
+        axpy(w, &row, out);
     }
 }
 
@@ -197,14 +246,49 @@ mod avx2 {
         s
     }
 
-    /// `scores[p] = q · keys[p] * scale` for a head of `V * 8` floats, `q` kept
-    /// in registers; four positions at a time, their four partial-sum
+    /// 8 cache elements as f32.
+    pub trait Load8 {
+        /// # Safety
+        /// AVX2/F16C; 8 elements readable at `p`.
+        unsafe fn load8(p: *const Self) -> __m256;
+    }
+
+    impl Load8 for f32 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            unsafe { _mm256_loadu_ps(p) }
+        }
+    }
+
+    impl Load8 for half::f16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const half::f16) -> __m256 {
+            // SAFETY: F16C is part of the AVX2 level the caller checked
+            // (x86-64-v3); 16 bytes readable.
+            unsafe { cvt8(p) }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn cvt8(p: *const half::f16) -> __m256 {
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+
+    /// `scores[p] = q · keys[p] * scale` for a head of `V * 8` elements, `q`
+    /// kept in registers; four positions at a time, their four partial-sum
     /// vectors reduced together (one horizontal add tree for four rows).
     ///
     /// # Safety
-    /// AVX2/FMA; `q.len() == V * 8`, `keys.len() >= scores.len() * V * 8`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn scores<const V: usize>(q: &[f32], keys: &[f32], scale: f32, scores: &mut [f32]) {
+    /// AVX2/FMA/F16C; `q.len() == V * 8`, `scores.len() * V * 8` elements
+    /// readable at `keys`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn scores<const V: usize, T: Load8>(
+        q: &[f32],
+        keys: *const T,
+        scale: f32,
+        scores: &mut [f32],
+    ) {
         let hd = V * 8;
         let mut qv = [_mm256_setzero_ps(); V];
         let n = scores.len();
@@ -212,11 +296,11 @@ mod avx2 {
             for (i, r) in qv.iter_mut().enumerate() {
                 *r = _mm256_loadu_ps(q.as_ptr().add(i * 8));
             }
-            let kp = keys.as_ptr();
-            let dot = |row: *const f32| -> __m256 {
-                let mut a = _mm256_mul_ps(qv[0], _mm256_loadu_ps(row));
+            let kp = keys;
+            let dot = |row: *const T| -> __m256 {
+                let mut a = _mm256_mul_ps(qv[0], T::load8(row));
                 for (i, qi) in qv.iter().enumerate().skip(1) {
-                    a = _mm256_fmadd_ps(*qi, _mm256_loadu_ps(row.add(i * 8)), a);
+                    a = _mm256_fmadd_ps(*qi, T::load8(row.add(i * 8)), a);
                 }
                 a
             };
@@ -242,18 +326,22 @@ mod avx2 {
     /// `out = Σ_p w[p] · values[p]`, `out` kept in registers.
     ///
     /// # Safety
-    /// AVX2/FMA; `out.len() == V * 8`, `values.len() >= w.len() * V * 8`.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn weighted_sum<const V: usize>(w: &[f32], values: &[f32], out: &mut [f32]) {
+    /// AVX2/FMA/F16C; `out.len() == V * 8`, `w.len() * V * 8` elements
+    /// readable at `values`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn weighted_sum<const V: usize, T: Load8>(
+        w: &[f32],
+        values: *const T,
+        out: &mut [f32],
+    ) {
         let hd = V * 8;
         let mut acc = [_mm256_setzero_ps(); V];
         unsafe {
-            let vp = values.as_ptr();
             for (p, &wp) in w.iter().enumerate() {
-                let row = vp.add(p * hd);
+                let row = values.add(p * hd);
                 let b = _mm256_set1_ps(wp);
                 for (i, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(b, _mm256_loadu_ps(row.add(i * 8)), *a);
+                    *a = _mm256_fmadd_ps(b, T::load8(row.add(i * 8)), *a);
                 }
             }
             for (i, a) in acc.iter().enumerate() {
@@ -450,5 +538,37 @@ mod tests {
                 got[i]
             );
         }
+    }
+
+    #[test]
+    fn attention_over_an_f16_cache_matches_f32_over_the_same_values() {
+        for hd in [64usize, 128, 32] {
+            for n in [1usize, 4, 7, 37] {
+                let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.13).sin()).collect();
+                let k: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.071).cos()).collect();
+                let v: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.029).sin()).collect();
+                let (mut k16, mut v16) =
+                    (vec![half::f16::ZERO; n * hd], vec![half::f16::ZERO; n * hd]);
+                half::f16::store(&k, &mut k16);
+                half::f16::store(&v, &mut v16);
+                // The f32 reference over the values the f16 cache holds.
+                let kr: Vec<f32> = k16.iter().map(|x| x.to_f32()).collect();
+                let vr: Vec<f32> = v16.iter().map(|x| x.to_f32()).collect();
+                let (mut sc, mut a, mut b) = (Vec::new(), vec![0f32; hd], vec![0f32; hd]);
+                attend(&q, &k16, &v16, n, 0.125, &mut sc, &mut a);
+                attend(&q, &kr, &vr, n, 0.125, &mut sc, &mut b);
+                assert_eq!(a, b, "hd {hd} n {n}");
+                // And close to the unrounded f32 cache.
+                attend(&q, &k, &v, n, 0.125, &mut sc, &mut b);
+                assert!(max_abs_diff(&a, &b) < 2e-3, "hd {hd} n {n}");
+            }
+        }
+    }
+
+    fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
     }
 }

@@ -10,7 +10,8 @@
 
 use super::{Chunk, Model};
 use crate::kernels::matmul::{matmul_dense, matmul_multi, QMatrix};
-use crate::kernels::ops;
+use crate::kernels::ops::{self, KvElem};
+use half::f16;
 use rayon::prelude::*;
 
 /// How RoPE pairs the dimensions of a head.
@@ -67,10 +68,22 @@ pub struct Weights {
     pub rope_freqs: Option<Vec<f32>>,
 }
 
-/// K and V of one sequence, all layers: `[layer][kv_head][pos][head_dim]`.
+/// K and V of one sequence, all layers: `[layer][kv_head][pos][head_dim]`,
+/// in f16 as llama.cpp keeps them: half the memory of f32, and half the
+/// bytes each decode step's attention reads.
 struct KvCache {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: Vec<f16>,
+    v: Vec<f16>,
+}
+
+impl KvCache {
+    fn new(len: usize) -> KvCache {
+        // Zeroed allocation: pages are committed only as positions fill.
+        KvCache {
+            k: vec![f16::ZERO; len],
+            v: vec![f16::ZERO; len],
+        }
+    }
 }
 
 pub struct LlamaModel {
@@ -181,12 +194,7 @@ impl LlamaModel {
             .sum();
         for ch in chunks {
             if self.caches[ch.slot].is_none() {
-                let n = self.cache_len();
-                // Zeroed allocation: pages are committed only as positions fill.
-                self.caches[ch.slot] = Some(KvCache {
-                    k: vec![0f32; n],
-                    v: vec![0f32; n],
-                });
+                self.caches[ch.slot] = Some(KvCache::new(self.cache_len()));
             }
         }
         let m = rows.len();
@@ -284,10 +292,14 @@ impl LlamaModel {
                 let cache = self.caches[slot].as_mut().expect("cache allocated");
                 for h in 0..nkv {
                     let off = ((l * nkv + h) * ctx + pos) * hd;
-                    cache.k[off..off + hd]
-                        .copy_from_slice(&k[r * kvd + h * hd..r * kvd + (h + 1) * hd]);
-                    cache.v[off..off + hd]
-                        .copy_from_slice(&v[r * kvd + h * hd..r * kvd + (h + 1) * hd]);
+                    f16::store(
+                        &k[r * kvd + h * hd..r * kvd + (h + 1) * hd],
+                        &mut cache.k[off..off + hd],
+                    );
+                    f16::store(
+                        &v[r * kvd + h * hd..r * kvd + (h + 1) * hd],
+                        &mut cache.v[off..off + hd],
+                    );
                 }
             }
             // Causal attention of every (row, head) over its own sequence.
@@ -422,7 +434,7 @@ impl Model for LlamaModel {
     }
 
     fn kv_bytes_per_position(&self) -> usize {
-        2 * self.cfg.n_layer * self.cfg.n_kv_head * self.cfg.head_dim * std::mem::size_of::<f32>()
+        2 * self.cfg.n_layer * self.cfg.n_kv_head * self.cfg.head_dim * std::mem::size_of::<f16>()
     }
 
     fn drop_cache(&mut self, slot: usize) {
@@ -445,10 +457,7 @@ impl Model for LlamaModel {
             .take()
             .ok_or_else(|| format!("slot {from} has no cache to copy"))?;
         let len = self.cache_len();
-        let dst = self.caches[to].get_or_insert_with(|| KvCache {
-            k: vec![0f32; len],
-            v: vec![0f32; len],
-        });
+        let dst = self.caches[to].get_or_insert_with(|| KvCache::new(len));
         let (ctx, hd) = (self.cfg.context, self.cfg.head_dim);
         for lh in 0..self.cfg.n_layer * self.cfg.n_kv_head {
             let (a, b) = ((lh * ctx + start) * hd, (lh * ctx + end) * hd);
