@@ -12,6 +12,7 @@ use super::{Chunk, Model};
 use crate::kernels::matmul::{matmul_dense, matmul_multi, QMatrix};
 use crate::kernels::ops::{self, KvElem};
 use half::f16;
+use half::slice::HalfBitsSliceExt;
 use rayon::prelude::*;
 
 /// How RoPE pairs the dimensions of a head.
@@ -72,17 +73,31 @@ pub struct Weights {
 /// in f16 as llama.cpp keeps them: half the memory of f32, and half the
 /// bytes each decode step's attention reads.
 struct KvCache {
-    k: Vec<f16>,
-    v: Vec<f16>,
+    /// f16 bits: a `u16` zero allocation is a zeroed `calloc`, whose pages
+    /// are committed only as positions fill (a `vec![f16::ZERO; n]` writes
+    /// every element: ~190 MB per slot at 8k context, up front).
+    k: Vec<u16>,
+    v: Vec<u16>,
 }
 
 impl KvCache {
     fn new(len: usize) -> KvCache {
-        // Zeroed allocation: pages are committed only as positions fill.
         KvCache {
-            k: vec![f16::ZERO; len],
-            v: vec![f16::ZERO; len],
+            k: vec![0; len],
+            v: vec![0; len],
         }
+    }
+    fn k(&self) -> &[f16] {
+        self.k.reinterpret_cast()
+    }
+    fn v(&self) -> &[f16] {
+        self.v.reinterpret_cast()
+    }
+    fn k_mut(&mut self) -> &mut [f16] {
+        self.k.reinterpret_cast_mut()
+    }
+    fn v_mut(&mut self) -> &mut [f16] {
+        self.v.reinterpret_cast_mut()
     }
 }
 
@@ -294,11 +309,11 @@ impl LlamaModel {
                     let off = ((l * nkv + h) * ctx + pos) * hd;
                     f16::store(
                         &k[r * kvd + h * hd..r * kvd + (h + 1) * hd],
-                        &mut cache.k[off..off + hd],
+                        &mut cache.k_mut()[off..off + hd],
                     );
                     f16::store(
                         &v[r * kvd + h * hd..r * kvd + (h + 1) * hd],
-                        &mut cache.v[off..off + hd],
+                        &mut cache.v_mut()[off..off + hd],
                     );
                 }
             }
@@ -317,8 +332,8 @@ impl LlamaModel {
                     let n = pos + 1;
                     ops::attend(
                         qv,
-                        &cache.k[base..base + n * hd],
-                        &cache.v[base..base + n * hd],
+                        &cache.k()[base..base + n * hd],
+                        &cache.v()[base..base + n * hd],
                         n,
                         scale,
                         scores,
