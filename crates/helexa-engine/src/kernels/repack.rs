@@ -498,6 +498,26 @@ mod avx512 {
         acts: &[Act],
         out: &mut [&mut [f32]],
     ) {
+        // The activations' f16 scales as f32, once per call rather than once
+        // per group (exact conversions: the same values either way).
+        let kb = p.kb;
+        let mut sc = vec![0f32; acts.len() * kb * 2];
+        for (r, a) in acts.iter().enumerate() {
+            let row = &mut sc[r * kb * 2..(r + 1) * kb * 2];
+            match a {
+                Act::Q8_1(y) => {
+                    for (b, y) in y[..kb].iter().enumerate() {
+                        row[2 * b] = y.d.to_f32();
+                        row[2 * b + 1] = y.s.to_f32();
+                    }
+                }
+                Act::Q8_0(y, _) => {
+                    for (b, y) in y[..kb].iter().enumerate() {
+                        row[2 * b] = y.d.to_f32();
+                    }
+                }
+            }
+        }
         // Row counts as constants keep the accumulators in registers.
         macro_rules! run {
             ($n:literal) => {
@@ -507,7 +527,7 @@ mod avx512 {
                             Act::Q8_1(y) => y,
                             _ => unreachable!("checked by dot_groups"),
                         });
-                        unsafe { q4_1_r::<$n>(p, g0, g1, ys, out) }
+                        unsafe { q4_1_r::<$n>(p, g0, g1, ys, &sc, out) }
                     }
                     Kind::Q8_0 => {
                         let ys: [(&[BlockQ8_0], &[i32]); $n] =
@@ -515,7 +535,7 @@ mod avx512 {
                                 Act::Q8_0(y, s) => (y, s),
                                 _ => unreachable!("checked by dot_groups"),
                             });
-                        unsafe { q8_0_r::<$n>(p, g0, g1, ys, out) }
+                        unsafe { q8_0_r::<$n>(p, g0, g1, ys, &sc, out) }
                     }
                 }
             };
@@ -547,6 +567,7 @@ mod avx512 {
         g0: usize,
         g1: usize,
         ys: [&[BlockQ8_1]; R],
+        sc: &[f32],
         out: &mut [&mut [f32]],
     ) {
         let gb = p.group_bytes();
@@ -579,8 +600,9 @@ mod avx512 {
                             s1 = _mm512_dpbusd_epi32(s1, hi[c], bcast4(yq.add(16 + 4 * c)));
                         }
                         let isum = _mm512_add_epi32(s0, s1);
-                        let dy = _mm512_set1_ps(y.d.to_f32());
-                        let sy = _mm512_set1_ps(y.s.to_f32());
+                        let s = sc.as_ptr().add((r * p.kb + b) * 2);
+                        let dy = _mm512_set1_ps(*s);
+                        let sy = _mm512_set1_ps(*s.add(1));
                         acc[r] =
                             _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, dy), acc[r]);
                         acc[r] = _mm512_fmadd_ps(m, sy, acc[r]);
@@ -601,6 +623,7 @@ mod avx512 {
         g0: usize,
         g1: usize,
         ys: [(&[BlockQ8_0], &[i32]); R],
+        sc: &[f32],
         out: &mut [&mut [f32]],
     ) {
         let gb = p.group_bytes();
@@ -631,7 +654,7 @@ mod avx512 {
                             s1 = _mm512_dpbusd_epi32(s1, w[4 + c], bcast4(yq.add(16 + 4 * c)));
                         }
                         let isum = _mm512_add_epi32(s0, s1);
-                        let dy = _mm512_set1_ps(y.d.to_f32());
+                        let dy = _mm512_set1_ps(*sc.get_unchecked((r * p.kb + b) * 2));
                         acc[r] =
                             _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, dy), acc[r]);
                     }

@@ -101,6 +101,9 @@ impl KvCache {
     }
 }
 
+/// Elements per task of the parallel SiLU.
+const SILU_CHUNK: usize = 2048;
+
 pub struct LlamaModel {
     cfg: LlamaConfig,
     w: Weights,
@@ -368,7 +371,12 @@ impl LlamaModel {
                 md,
                 &mut [&mut g, &mut u],
             )?;
-            ops::silu_mul(&mut g, &u);
+            // Over the pool: with several sequences its scalar `exp` (kept
+            // for greedy parity, see `ops::silu_mul`) was a serial stretch
+            // of every layer. Element-wise, so the split changes no bits.
+            g.par_chunks_mut(SILU_CHUNK)
+                .zip(u.par_chunks(SILU_CHUNK))
+                .for_each(|(a, b)| ops::silu_mul(a, b));
             mm(&[&layer.w_down], &g, m, md, &mut [&mut o])?;
             ops::add_inplace(&mut x, &o);
         }
@@ -389,6 +397,9 @@ impl LlamaModel {
         let vocab = out_w.rows;
         let mut logits = vec![0f32; ml * vocab];
         matmul_multi(&[out_w], &xl, ml, &mut [&mut logits]);
+        if ml == 1 {
+            return Ok(vec![logits]);
+        }
         Ok(logits.chunks_exact(vocab).map(|c| c.to_vec()).collect())
     }
 }
