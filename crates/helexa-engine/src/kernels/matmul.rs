@@ -138,6 +138,24 @@ impl QMatrix {
                 bytes.len
             ));
         }
+        // Blocks hold f16 (and f32 for some k-quants); GGUF aligns tensors
+        // to 32. Checked before any block is viewed (or repacked).
+        let blocks = matches!(
+            dtype,
+            GgmlDType::Q4_0
+                | GgmlDType::Q4_1
+                | GgmlDType::Q8_0
+                | GgmlDType::Q5_0
+                | GgmlDType::Q5_1
+                | GgmlDType::Q2K
+                | GgmlDType::Q3K
+                | GgmlDType::Q4K
+                | GgmlDType::Q5K
+                | GgmlDType::Q6K
+        );
+        if blocks && !(bytes.bytes().as_ptr() as usize).is_multiple_of(4) {
+            return Err("tensor data is not 4-byte aligned".into());
+        }
         let conv = |f: &dyn Fn(&[u8], &mut [f32])| {
             let mut out = vec![0f32; rows * cols];
             f(bytes.bytes(), &mut out);
@@ -161,9 +179,6 @@ impl QMatrix {
             })),
             GgmlDType::Q4_0 => Data::Q4_0(bytes),
             GgmlDType::Q4_1 | GgmlDType::Q8_0 => {
-                if !(bytes.bytes().as_ptr() as usize).is_multiple_of(4) {
-                    return Err("tensor data is not 4-byte aligned".into());
-                }
                 let packed = if dtype == GgmlDType::Q4_1 {
                     Packed::q4_1(bytes.blocks::<BlockQ4_1>(), rows, cols)
                 } else {
@@ -181,12 +196,6 @@ impl QMatrix {
             | GgmlDType::Q6K => Data::Ggml(dtype, bytes),
             other => return Err(format!("weight type {other:?} is not supported")),
         };
-        if let Data::Q4_0(m) | Data::Ggml(_, m) = &data {
-            // Blocks hold f16 (and f32 for some k-quants); GGUF aligns tensors to 32.
-            if !(m.bytes().as_ptr() as usize).is_multiple_of(4) {
-                return Err("tensor data is not 4-byte aligned".into());
-            }
-        }
         Ok(QMatrix { rows, cols, data })
     }
 

@@ -156,26 +156,15 @@ pub fn attend<T: KvElem>(
         // f32 as `IS_F16` says (the only two `KvElem`s), so the casts view
         // the slices as what they are.
         unsafe {
-            let (kp, vp) = (keys.as_ptr() as *const u8, values.as_ptr() as *const u8);
+            let (kp, vp) = (keys.as_ptr(), values.as_ptr());
             match (hd, f16) {
-                (64, false) => avx2::scores::<8, f32>(q, kp as *const f32, scale, scores),
+                (64, false) => avx2::attend::<8, f32>(q, kp.cast(), vp.cast(), scale, scores, out),
                 (64, true) => {
-                    avx2::scores::<8, half::f16>(q, kp as *const half::f16, scale, scores)
+                    avx2::attend::<8, half::f16>(q, kp.cast(), vp.cast(), scale, scores, out)
                 }
-                (_, false) => avx2::scores::<16, f32>(q, kp as *const f32, scale, scores),
+                (_, false) => avx2::attend::<16, f32>(q, kp.cast(), vp.cast(), scale, scores, out),
                 (_, true) => {
-                    avx2::scores::<16, half::f16>(q, kp as *const half::f16, scale, scores)
-                }
-            }
-            softmax_inplace(scores);
-            match (hd, f16) {
-                (64, false) => avx2::weighted_sum::<8, f32>(scores, vp as *const f32, out),
-                (64, true) => {
-                    avx2::weighted_sum::<8, half::f16>(scores, vp as *const half::f16, out)
-                }
-                (_, false) => avx2::weighted_sum::<16, f32>(scores, vp as *const f32, out),
-                (_, true) => {
-                    avx2::weighted_sum::<16, half::f16>(scores, vp as *const half::f16, out)
+                    avx2::attend::<16, half::f16>(q, kp.cast(), vp.cast(), scale, scores, out)
                 }
             }
         }
@@ -320,6 +309,27 @@ mod avx2 {
                 *scores.get_unchecked_mut(p) = hsum(dot(kp.add(p * hd))) * scale;
                 p += 1;
             }
+        }
+    }
+
+    /// [`super::attend`] over `scores.len()` positions of a head of `V * 8`
+    /// elements.
+    ///
+    /// # Safety
+    /// As [`scores`] and [`weighted_sum`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn attend<const V: usize, T: Load8>(
+        q: &[f32],
+        keys: *const T,
+        values: *const T,
+        scale: f32,
+        scores_buf: &mut [f32],
+        out: &mut [f32],
+    ) {
+        unsafe {
+            scores::<V, T>(q, keys, scale, scores_buf);
+            super::softmax_inplace(scores_buf);
+            weighted_sum::<V, T>(scores_buf, values, out);
         }
     }
 

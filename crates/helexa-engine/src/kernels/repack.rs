@@ -84,6 +84,15 @@ pub enum Kind {
     Q8_0,
 }
 
+impl Kind {
+    fn group_bytes(self) -> usize {
+        match self {
+            Kind::Q4_1 => Q4_1_GROUP_BYTES,
+            Kind::Q8_0 => Q8_0_GROUP_BYTES,
+        }
+    }
+}
+
 /// A repacked `rows × cols` matrix.
 pub struct Packed {
     pub kind: Kind,
@@ -107,64 +116,57 @@ impl Packed {
     }
 
     fn group_bytes(&self) -> usize {
-        match self.kind {
-            Kind::Q4_1 => Q4_1_GROUP_BYTES,
-            Kind::Q8_0 => Q8_0_GROUP_BYTES,
-        }
+        self.kind.group_bytes()
     }
 
     /// Repacks GGUF-layout Q4_1 rows (`rows * cols / 32` blocks).
     pub fn q4_1(blocks: &[BlockQ4_1], rows: usize, cols: usize) -> Packed {
-        let kb = cols / QK;
-        assert_eq!(blocks.len(), rows * kb);
-        let groups = rows.div_ceil(G);
-        let mut buf = Buf::zeroed(groups * kb * Q4_1_GROUP_BYTES);
-        let out = buf.bytes_mut();
-        for n in 0..rows {
-            let (g, r) = (n / G, n % G);
-            for b in 0..kb {
-                let blk = &blocks[n * kb + b];
-                let base = (g * kb + b) * Q4_1_GROUP_BYTES;
-                put_f16(&mut out[base + 2 * r..], blk.d);
-                put_f16(&mut out[base + 2 * G + 2 * r..], blk.m);
-                for c in 0..4 {
-                    let at = base + 4 * G + 64 * c + 4 * r;
-                    out[at..at + 4].copy_from_slice(&blk.qs[4 * c..4 * c + 4]);
-                }
+        Packed::pack(Kind::Q4_1, blocks, rows, cols, |blk, out, r| {
+            put_f16(&mut out[2 * r..], blk.d);
+            put_f16(&mut out[2 * G + 2 * r..], blk.m);
+            for c in 0..4 {
+                let at = 4 * G + 64 * c + 4 * r;
+                out[at..at + 4].copy_from_slice(&blk.qs[4 * c..4 * c + 4]);
             }
-        }
-        Packed {
-            kind: Kind::Q4_1,
-            rows,
-            cols,
-            kb,
-            buf,
-        }
+        })
     }
 
     /// Repacks GGUF-layout Q8_0 rows.
     pub fn q8_0(blocks: &[BlockQ8_0], rows: usize, cols: usize) -> Packed {
+        Packed::pack(Kind::Q8_0, blocks, rows, cols, |blk, out, r| {
+            put_f16(&mut out[2 * r..], blk.d);
+            for c in 0..8 {
+                let at = 2 * G + 64 * c + 4 * r;
+                for j in 0..4 {
+                    out[at + j] = blk.qs[4 * c + j] as u8;
+                }
+            }
+        })
+    }
+
+    /// Lays `rows * cols / 32` blocks out by group: `put(block, group_block,
+    /// r)` writes one block as row `r` of its group-block's bytes.
+    fn pack<B>(
+        kind: Kind,
+        blocks: &[B],
+        rows: usize,
+        cols: usize,
+        put: impl Fn(&B, &mut [u8], usize),
+    ) -> Packed {
         let kb = cols / QK;
         assert_eq!(blocks.len(), rows * kb);
-        let groups = rows.div_ceil(G);
-        let mut buf = Buf::zeroed(groups * kb * Q8_0_GROUP_BYTES);
+        let gb = kind.group_bytes();
+        let mut buf = Buf::zeroed(rows.div_ceil(G) * kb * gb);
         let out = buf.bytes_mut();
         for n in 0..rows {
             let (g, r) = (n / G, n % G);
             for b in 0..kb {
-                let blk = &blocks[n * kb + b];
-                let base = (g * kb + b) * Q8_0_GROUP_BYTES;
-                put_f16(&mut out[base + 2 * r..], blk.d);
-                for c in 0..8 {
-                    let at = base + 2 * G + 64 * c + 4 * r;
-                    for j in 0..4 {
-                        out[at + j] = blk.qs[4 * c + j] as u8;
-                    }
-                }
+                let base = (g * kb + b) * gb;
+                put(&blocks[n * kb + b], &mut out[base..base + gb], r);
             }
         }
         Packed {
-            kind: Kind::Q8_0,
+            kind,
             rows,
             cols,
             kb,
