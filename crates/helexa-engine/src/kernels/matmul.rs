@@ -4,12 +4,13 @@
 //! Activations are quantized once per call to the int8 format that pairs with
 //! the weight type (as llama.cpp does), then every output column is one dot
 //! product of a weight row with an activation row. Work is split over weight
-//! rows with rayon; several matrices sharing one input (q/k/v, gate/up) go in
+//! rows over a [`Team`]; several matrices sharing one input (q/k/v, gate/up) go in
 //! one parallel region. Each output element is computed the same way whatever
 //! else is in the batch, so batched and single-sequence results are identical.
 
 use super::quant::{self, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QK};
 use super::repack::{self, Act, Packed, G};
+use super::team::Team;
 use candle_core::quantized::{k_quants, GgmlDType, GgmlType};
 use memmap2::Mmap;
 use rayon::prelude::*;
@@ -249,7 +250,7 @@ const MAX_CHUNK: usize = 512;
 
 /// `outs[i] = x · ws[i]ᵀ` for `m` rows of `x` (`m × cols`), each output
 /// `m × ws[i].rows`. All matrices must share `cols`.
-pub fn matmul_multi(ws: &[&QMatrix], x: &[f32], m: usize, outs: &mut [&mut [f32]]) {
+pub fn matmul_multi(team: &Team, ws: &[&QMatrix], x: &[f32], m: usize, outs: &mut [&mut [f32]]) {
     assert_eq!(ws.len(), outs.len());
     let k = ws[0].cols;
     assert_eq!(x.len(), m * k);
@@ -287,7 +288,7 @@ pub fn matmul_multi(ws: &[&QMatrix], x: &[f32], m: usize, outs: &mut [&mut [f32]
         })
         .collect();
 
-    let threads = rayon::current_num_threads().max(1);
+    let threads = team.threads();
     let total_rows: usize = ws.iter().map(|w| w.rows).sum();
     // Enough tasks for balance, few enough to keep dispatch overhead low.
     let target_tasks = (threads * 4).max(1);
@@ -326,7 +327,15 @@ pub fn matmul_multi(ws: &[&QMatrix], x: &[f32], m: usize, outs: &mut [&mut [f32]
             Data::Packed(p) => {
                 let (g0, g1) = (r0 / G, r1.div_ceil(G));
                 let width = (g1 - g0) * G;
-                let mut buf = [[0f32; MAX_CHUNK]; repack::MAX_ACTS];
+                // Whole groups (every matrix whose rows are a multiple of
+                // 16): the kernel writes the output rows in place. A
+                // trailing partial group goes through a scratch buffer.
+                let direct = r0 == g0 * G && r1 == g1 * G;
+                let mut buf = if direct {
+                    Vec::new()
+                } else {
+                    vec![[0f32; MAX_CHUNK]; repack::MAX_ACTS]
+                };
                 let mut m0 = 0;
                 while m0 < m {
                     let cnt = (m - m0).min(repack::MAX_ACTS);
@@ -343,20 +352,36 @@ pub fn matmul_multi(ws: &[&QMatrix], x: &[f32], m: usize, outs: &mut [&mut [f32]
                         }
                     };
                     let a: [Act; repack::MAX_ACTS] = std::array::from_fn(|j| act(j.min(cnt - 1)));
-                    let mut o: Vec<&mut [f32]> =
-                        buf.iter_mut().take(cnt).map(|b| &mut b[..width]).collect();
-                    p.dot_groups(g0, g1, &a[..cnt], &mut o);
-                    for (j, b) in buf.iter().take(cnt).enumerate() {
-                        let src = &b[r0 - g0 * G..r1 - g0 * G];
-                        // SAFETY: row `m0 + j < m`, columns `r0..r1` are this
-                        // task's own; the buffer is `m * n_out` long.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                src.as_ptr(),
-                                ptr.0.add((m0 + j) * n_out + r0),
-                                src.len(),
-                            )
-                        };
+                    if direct {
+                        let mut o: [&mut [f32]; repack::MAX_ACTS] = Default::default();
+                        for (j, oj) in o.iter_mut().take(cnt).enumerate() {
+                            // SAFETY: row `m0 + j < m`, columns `r0..r1` are
+                            // this task's own (no other task writes them);
+                            // the buffer is `m * n_out` long and `r1 <= n_out`.
+                            *oj = unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    ptr.0.add((m0 + j) * n_out + r0),
+                                    width,
+                                )
+                            };
+                        }
+                        p.dot_groups(g0, g1, &a[..cnt], &mut o[..cnt]);
+                    } else {
+                        let mut o: Vec<&mut [f32]> =
+                            buf.iter_mut().take(cnt).map(|b| &mut b[..width]).collect();
+                        p.dot_groups(g0, g1, &a[..cnt], &mut o);
+                        for (j, b) in buf.iter().take(cnt).enumerate() {
+                            let src = &b[r0 - g0 * G..r1 - g0 * G];
+                            // SAFETY: row `m0 + j < m`, columns `r0..r1` are
+                            // this task's own; the buffer is `m * n_out` long.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(
+                                    src.as_ptr(),
+                                    ptr.0.add((m0 + j) * n_out + r0),
+                                    src.len(),
+                                )
+                            };
+                        }
                     }
                     m0 += cnt;
                 }
@@ -398,11 +423,7 @@ pub fn matmul_multi(ws: &[&QMatrix], x: &[f32], m: usize, outs: &mut [&mut [f32]
             }
         }
     };
-    if tasks.len() == 1 || threads == 1 {
-        tasks.iter().for_each(run);
-    } else {
-        tasks.par_iter().for_each(run);
-    }
+    team.run(tasks.len(), &|t| run(&tasks[t]));
 }
 
 /// [`tiled`] over quantized weights: weight row `n` (`kb` blocks of `wb`)

@@ -5,3 +5,4 @@ pub mod matmul;
 pub mod ops;
 pub mod quant;
 pub mod repack;
+pub mod team;

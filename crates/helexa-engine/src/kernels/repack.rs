@@ -45,34 +45,85 @@ pub const MAX_ACTS: usize = 8;
 const Q4_1_GROUP_BYTES: usize = 2 * G * 2 + G * QK / 2; // 320
 const Q8_0_GROUP_BYTES: usize = G * 2 + G * QK; // 544
 
-/// 64-byte aligned storage.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([u8; 64]);
+/// Repacked weights live in 64-byte aligned pieces of large anonymous
+/// mappings for which transparent huge pages are asked (`MADV_HUGEPAGE`).
+/// Decode streams every weight once per token: with 4 KiB pages that is a
+/// TLB miss (a two-level page walk under a hypervisor) every 4 KiB and a
+/// hardware prefetcher stopped at every page boundary. Small matrices share
+/// a chunk, since a mapping smaller than 2 MiB cannot hold a huge page.
+/// `kernel_speed`: a 70 MB Q4_1 matrix, one activation row, 37 ns per
+/// group-block on 4 KiB pages, 25 ns on huge pages.
+const CHUNK: usize = 32 << 20;
 
+struct Chunk {
+    map: memmap2::MmapRaw,
+}
+
+impl Chunk {
+    fn new(bytes: usize) -> Chunk {
+        let map = memmap2::MmapOptions::new()
+            .len(bytes.max(1))
+            .map_anon()
+            .map(memmap2::MmapRaw::from)
+            .unwrap_or_else(|e| panic!("cannot map {bytes} bytes for weights: {e}"));
+        // Only a hint: without THP the pages are 4 KiB and all still works.
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage);
+        Chunk { map }
+    }
+}
+
+/// The chunk small pieces are cut from, and how much of it is used.
+static ARENA: std::sync::Mutex<Option<(std::sync::Arc<Chunk>, usize)>> =
+    std::sync::Mutex::new(None);
+
+/// A piece of a [`Chunk`]: zeroed (fresh anonymous memory), 64-byte aligned,
+/// owned by one [`Packed`] matrix; the chunk is unmapped when its last
+/// piece is dropped.
 struct Buf {
-    lines: Vec<Line>,
+    chunk: std::sync::Arc<Chunk>,
+    off: usize,
+    len: usize,
 }
 
 impl Buf {
     fn zeroed(bytes: usize) -> Buf {
-        Buf {
-            lines: vec![Line([0; 64]); bytes.div_ceil(64)],
+        let len = bytes.next_multiple_of(64);
+        if len > CHUNK / 4 {
+            return Buf {
+                chunk: std::sync::Arc::new(Chunk::new(len)),
+                off: 0,
+                len,
+            };
+        }
+        let mut arena = ARENA.lock().unwrap_or_else(|e| e.into_inner());
+        match arena.as_mut() {
+            Some((chunk, used)) if *used + len <= CHUNK => {
+                let off = *used;
+                *used += len;
+                Buf {
+                    chunk: chunk.clone(),
+                    off,
+                    len,
+                }
+            }
+            _ => {
+                let chunk = std::sync::Arc::new(Chunk::new(CHUNK));
+                *arena = Some((chunk.clone(), len));
+                Buf { chunk, off: 0, len }
+            }
         }
     }
     fn bytes(&self) -> &[u8] {
-        // SAFETY: `Line` is 64 plain bytes with no padding.
-        unsafe {
-            std::slice::from_raw_parts(self.lines.as_ptr() as *const u8, self.lines.len() * 64)
-        }
+        // SAFETY: `off..off + len` lies inside the chunk's mapping (see
+        // `zeroed`), which lives as long as `self.chunk`.
+        unsafe { std::slice::from_raw_parts(self.chunk.map.as_ptr().add(self.off), self.len) }
     }
     fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above.
+        // SAFETY: as above; no other `Buf` covers these bytes, and `&mut
+        // self` makes this the only view of them.
         unsafe {
-            std::slice::from_raw_parts_mut(
-                self.lines.as_mut_ptr() as *mut u8,
-                self.lines.len() * 64,
-            )
+            std::slice::from_raw_parts_mut(self.chunk.map.as_mut_ptr().add(self.off), self.len)
         }
     }
 }

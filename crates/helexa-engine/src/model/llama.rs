@@ -11,9 +11,9 @@
 use super::{Chunk, Model};
 use crate::kernels::matmul::{matmul_dense, matmul_multi, QMatrix};
 use crate::kernels::ops::{self, KvElem};
+use crate::kernels::team::{Disjoint, Team};
 use half::f16;
 use half::slice::HalfBitsSliceExt;
-use rayon::prelude::*;
 
 /// How RoPE pairs the dimensions of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,12 +93,6 @@ impl KvCache {
     fn v(&self) -> &[f16] {
         self.v.reinterpret_cast()
     }
-    fn k_mut(&mut self) -> &mut [f16] {
-        self.k.reinterpret_cast_mut()
-    }
-    fn v_mut(&mut self) -> &mut [f16] {
-        self.v.reinterpret_cast_mut()
-    }
 }
 
 /// Elements per task of the parallel SiLU.
@@ -111,7 +105,10 @@ pub struct LlamaModel {
     cos: Vec<f32>,
     sin: Vec<f32>,
     caches: Vec<Option<KvCache>>,
-    pool: std::sync::Arc<rayon::ThreadPool>,
+    /// Runs the parallel regions of the forward pass (see `kernels::team`).
+    team: Team,
+    /// candle's GEMM of the dense (prompt) path runs on this pool.
+    pool: rayon::ThreadPool,
 }
 
 impl LlamaModel {
@@ -143,13 +140,16 @@ impl LlamaModel {
             .thread_name(|i| format!("helexa-mm-{i}"))
             .build()
             .map_err(|e| format!("thread pool: {e}"))?;
+        let team =
+            Team::new(threads.max(1), "helexa-team").map_err(|e| format!("thread team: {e}"))?;
         Ok(LlamaModel {
             cfg,
             w,
             cos,
             sin,
             caches: (0..slots).map(|_| None).collect(),
-            pool: std::sync::Arc::new(pool),
+            team,
+            pool,
         })
     }
 
@@ -184,6 +184,11 @@ impl LlamaModel {
             }
             if ch.slot >= self.caches.len() {
                 return Err(format!("slot {} out of range", ch.slot));
+            }
+            // Rows write their K/V in parallel: one chunk per slot keeps
+            // every (slot, position) distinct.
+            if chunks.iter().filter(|o| o.slot == ch.slot).count() > 1 {
+                return Err(format!("slot {} appears in two chunks", ch.slot));
             }
             if ch.pos + ch.tokens.len() > c.context {
                 return Err(format!(
@@ -243,37 +248,16 @@ impl LlamaModel {
                 );
             }
             mm(
+                (&self.team, &self.pool),
                 &[&layer.wq, &layer.wk, &layer.wv],
                 &xn,
                 m,
                 md,
                 &mut [&mut q, &mut k, &mut v],
             )?;
-            for r in 0..m {
-                let qr = &mut q[r * qd..(r + 1) * qd];
-                let kr = &mut k[r * kvd..(r + 1) * kvd];
-                let vr = &mut v[r * kvd..(r + 1) * kvd];
-                if let Some(b) = &layer.bq {
-                    ops::add_inplace(qr, b);
-                }
-                if let Some(b) = &layer.bk {
-                    ops::add_inplace(kr, b);
-                }
-                if let Some(b) = &layer.bv {
-                    ops::add_inplace(vr, b);
-                }
-                if let Some(nw) = &layer.q_norm {
-                    for h in qr.chunks_exact_mut(hd) {
-                        ops::rms_norm_inplace(h, nw, c.rms_eps);
-                    }
-                }
-                if let Some(nw) = &layer.k_norm {
-                    for h in kr.chunks_exact_mut(hd) {
-                        ops::rms_norm_inplace(h, nw, c.rms_eps);
-                    }
-                }
-            }
-            // RoPE (needs &self for the tables; the buffers are locals).
+            // Per row, over the team: biases, q/k norms, RoPE, and the K/V
+            // store at the row's position (rows write disjoint cache bytes:
+            // distinct slots, or distinct positions of one slot).
             {
                 let half = c.rope_dim / 2;
                 let (cos, sin) = (&self.cos, &self.sin);
@@ -300,25 +284,68 @@ impl LlamaModel {
                         }
                     }
                 };
-                for (r, &(_, pos)) in rows.iter().enumerate() {
-                    rope(&mut q[r * qd..(r + 1) * qd], nh, pos);
-                    rope(&mut k[r * kvd..(r + 1) * kvd], nkv, pos);
-                }
-            }
-            // Store K/V at their positions.
-            for (r, &(slot, pos)) in rows.iter().enumerate() {
-                let cache = self.caches[slot].as_mut().expect("cache allocated");
-                for h in 0..nkv {
-                    let off = ((l * nkv + h) * ctx + pos) * hd;
-                    f16::store(
-                        &k[r * kvd + h * hd..r * kvd + (h + 1) * hd],
-                        &mut cache.k_mut()[off..off + hd],
-                    );
-                    f16::store(
-                        &v[r * kvd + h * hd..r * kvd + (h + 1) * hd],
-                        &mut cache.v_mut()[off..off + hd],
-                    );
-                }
+                let caches: Vec<Option<(Disjoint<f16>, Disjoint<f16>)>> = self
+                    .caches
+                    .iter_mut()
+                    .map(|c| {
+                        c.as_mut().map(|c| {
+                            let KvCache { k, v } = c;
+                            (
+                                Disjoint::new(k.reinterpret_cast_mut()),
+                                Disjoint::new(v.reinterpret_cast_mut()),
+                            )
+                        })
+                    })
+                    .collect();
+                let (qs, ks, vs) = (
+                    Disjoint::new(&mut q),
+                    Disjoint::new(&mut k),
+                    Disjoint::new(&mut v),
+                );
+                let rows = &rows;
+                self.team.run(m, &|r| {
+                    let (slot, pos) = rows[r];
+                    // SAFETY: task `r` is the only one to touch row `r` of
+                    // q, k and v.
+                    let (qr, kr, vr) = unsafe {
+                        (
+                            qs.slice(r * qd, qd),
+                            ks.slice(r * kvd, kvd),
+                            vs.slice(r * kvd, kvd),
+                        )
+                    };
+                    if let Some(b) = &layer.bq {
+                        ops::add_inplace(qr, b);
+                    }
+                    if let Some(b) = &layer.bk {
+                        ops::add_inplace(kr, b);
+                    }
+                    if let Some(b) = &layer.bv {
+                        ops::add_inplace(vr, b);
+                    }
+                    if let Some(nw) = &layer.q_norm {
+                        for h in qr.chunks_exact_mut(hd) {
+                            ops::rms_norm_inplace(h, nw, c.rms_eps);
+                        }
+                    }
+                    if let Some(nw) = &layer.k_norm {
+                        for h in kr.chunks_exact_mut(hd) {
+                            ops::rms_norm_inplace(h, nw, c.rms_eps);
+                        }
+                    }
+                    rope(qr, nh, pos);
+                    rope(kr, nkv, pos);
+                    let (kc, vc) = caches[slot].as_ref().expect("cache allocated");
+                    for h in 0..nkv {
+                        let off = ((l * nkv + h) * ctx + pos) * hd;
+                        // SAFETY: (slot, pos) is distinct for every row of
+                        // a forward, so no other task writes these bytes.
+                        unsafe {
+                            f16::store(&kr[h * hd..(h + 1) * hd], kc.slice(off, hd));
+                            f16::store(&vr[h * hd..(h + 1) * hd], vc.slice(off, hd));
+                        }
+                    }
+                });
             }
             // Causal attention of every (row, head) over its own sequence.
             {
@@ -343,18 +370,24 @@ impl LlamaModel {
                         out,
                     );
                 };
-                if m * nh > 1 {
-                    att.par_chunks_mut(hd)
-                        .enumerate()
-                        .for_each_init(Vec::new, |s, (i, out)| work(i, out, s));
-                } else {
+                // A few (row, head) items per task: enough tasks to balance
+                // the causal rows' unequal lengths, few enough to claim cheaply.
+                let per = (m * nh).div_ceil(self.team.threads() * 16).max(1);
+                self.team.for_chunks_mut(&mut att, per * hd, |t, outs| {
                     let mut s = Vec::new();
-                    att.chunks_mut(hd)
-                        .enumerate()
-                        .for_each(|(i, out)| work(i, out, &mut s));
-                }
+                    for (j, out) in outs.chunks_mut(hd).enumerate() {
+                        work(t * per + j, out, &mut s);
+                    }
+                });
             }
-            mm(&[&layer.wo], &att, m, md, &mut [&mut o])?;
+            mm(
+                (&self.team, &self.pool),
+                &[&layer.wo],
+                &att,
+                m,
+                md,
+                &mut [&mut o],
+            )?;
             ops::add_inplace(&mut x, &o);
             for r in 0..m {
                 ops::rms_norm(
@@ -365,6 +398,7 @@ impl LlamaModel {
                 );
             }
             mm(
+                (&self.team, &self.pool),
                 &[&layer.w_gate, &layer.w_up],
                 &xn,
                 m,
@@ -374,10 +408,17 @@ impl LlamaModel {
             // Over the pool: with several sequences its scalar `exp` (kept
             // for greedy parity, see `ops::silu_mul`) was a serial stretch
             // of every layer. Element-wise, so the split changes no bits.
-            g.par_chunks_mut(SILU_CHUNK)
-                .zip(u.par_chunks(SILU_CHUNK))
-                .for_each(|(a, b)| ops::silu_mul(a, b));
-            mm(&[&layer.w_down], &g, m, md, &mut [&mut o])?;
+            self.team.for_chunks_mut(&mut g, SILU_CHUNK, |i, a| {
+                ops::silu_mul(a, &u[i * SILU_CHUNK..][..a.len()])
+            });
+            mm(
+                (&self.team, &self.pool),
+                &[&layer.w_down],
+                &g,
+                m,
+                md,
+                &mut [&mut o],
+            )?;
             ops::add_inplace(&mut x, &o);
         }
 
@@ -396,7 +437,7 @@ impl LlamaModel {
         let out_w = self.w.output.as_ref().unwrap_or(&self.w.tok_embd);
         let vocab = out_w.rows;
         let mut logits = vec![0f32; ml * vocab];
-        matmul_multi(&[out_w], &xl, ml, &mut [&mut logits]);
+        matmul_multi(&self.team, &[out_w], &xl, ml, &mut [&mut logits]);
         if ml == 1 {
             return Ok(vec![logits]);
         }
@@ -406,6 +447,7 @@ impl LlamaModel {
 
 /// `matmul` with the first `md` rows through the dense path.
 fn mm(
+    (team, pool): (&Team, &rayon::ThreadPool),
     ws: &[&QMatrix],
     x: &[f32],
     m: usize,
@@ -413,7 +455,7 @@ fn mm(
     outs: &mut [&mut [f32]],
 ) -> Result<(), String> {
     if md == 0 {
-        matmul_multi(ws, x, m, outs);
+        matmul_multi(team, ws, x, m, outs);
         return Ok(());
     }
     let k = ws[0].cols;
@@ -425,9 +467,9 @@ fn mm(
         dense_outs.push(a);
         q_outs.push(b);
     }
-    matmul_dense(ws, xd, md, &mut dense_outs)?;
+    pool.install(|| matmul_dense(ws, xd, md, &mut dense_outs))?;
     if m > md {
-        matmul_multi(ws, xq, m - md, &mut q_outs);
+        matmul_multi(team, ws, xq, m - md, &mut q_outs);
     }
     Ok(())
 }
@@ -445,8 +487,7 @@ impl Model for LlamaModel {
         if chunks.is_empty() {
             return Ok(Vec::new());
         }
-        let pool = self.pool.clone();
-        pool.install(|| self.forward_inner(chunks))
+        self.forward_inner(chunks)
     }
 
     fn release(&mut self, _slot: usize) {
