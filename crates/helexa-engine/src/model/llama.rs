@@ -238,6 +238,11 @@ impl LlamaModel {
         let scale = 1.0 / (hd as f32).sqrt();
         let ctx = c.context;
 
+        // Every matmul of the layers: the first `md` rows through the dense path.
+        let (team, pool) = (&self.team, &self.pool);
+        let mul = |ws: &[&QMatrix], x: &[f32], outs: &mut [&mut [f32]]| {
+            mm((team, pool), ws, x, m, md, outs)
+        };
         for (l, layer) in self.w.layers.iter().enumerate() {
             for r in 0..m {
                 ops::rms_norm(
@@ -247,12 +252,9 @@ impl LlamaModel {
                     &mut xn[r * d..(r + 1) * d],
                 );
             }
-            mm(
-                (&self.team, &self.pool),
+            mul(
                 &[&layer.wq, &layer.wk, &layer.wv],
                 &xn,
-                m,
-                md,
                 &mut [&mut q, &mut k, &mut v],
             )?;
             // Per row, over the team: biases, q/k norms, RoPE, and the K/V
@@ -380,14 +382,7 @@ impl LlamaModel {
                     }
                 });
             }
-            mm(
-                (&self.team, &self.pool),
-                &[&layer.wo],
-                &att,
-                m,
-                md,
-                &mut [&mut o],
-            )?;
+            mul(&[&layer.wo], &att, &mut [&mut o])?;
             ops::add_inplace(&mut x, &o);
             for r in 0..m {
                 ops::rms_norm(
@@ -397,28 +392,14 @@ impl LlamaModel {
                     &mut xn[r * d..(r + 1) * d],
                 );
             }
-            mm(
-                (&self.team, &self.pool),
-                &[&layer.w_gate, &layer.w_up],
-                &xn,
-                m,
-                md,
-                &mut [&mut g, &mut u],
-            )?;
+            mul(&[&layer.w_gate, &layer.w_up], &xn, &mut [&mut g, &mut u])?;
             // Over the pool: with several sequences its scalar `exp` (kept
             // for greedy parity, see `ops::silu_mul`) was a serial stretch
             // of every layer. Element-wise, so the split changes no bits.
             self.team.for_chunks_mut(&mut g, SILU_CHUNK, |i, a| {
                 ops::silu_mul(a, &u[i * SILU_CHUNK..][..a.len()])
             });
-            mm(
-                (&self.team, &self.pool),
-                &[&layer.w_down],
-                &g,
-                m,
-                md,
-                &mut [&mut o],
-            )?;
+            mul(&[&layer.w_down], &g, &mut [&mut o])?;
             ops::add_inplace(&mut x, &o);
         }
 
