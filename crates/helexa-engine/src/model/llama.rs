@@ -354,30 +354,34 @@ impl LlamaModel {
                 let caches = &self.caches;
                 let q = &q;
                 let rows = &rows;
-                let work = |i: usize, out: &mut [f32], scores: &mut Vec<f32>| {
-                    let (r, h) = (i / nh, i % nh);
+                // One item per (row, KV head): the query heads that share
+                // a KV head attend together, reading its cache rows once.
+                let work = |i: usize, outs: &mut [f32], scores: &mut Vec<f32>| {
+                    let (r, kvh) = (i / nkv, i % nkv);
                     let (slot, pos) = rows[r];
                     let cache = caches[slot].as_ref().expect("cache allocated");
-                    let kvh = h / group;
                     let base = (l * nkv + kvh) * ctx * hd;
-                    let qv = &q[r * qd + h * hd..r * qd + (h + 1) * hd];
+                    let h0 = kvh * group;
+                    let qs = &q[r * qd + h0 * hd..r * qd + (h0 + group) * hd];
                     let n = pos + 1;
-                    ops::attend(
-                        qv,
+                    ops::attend_heads(
+                        qs,
+                        hd,
                         &cache.k()[base..base + n * hd],
                         &cache.v()[base..base + n * hd],
                         n,
                         scale,
                         scores,
-                        out,
+                        outs,
                     );
                 };
-                // A few (row, head) items per task: enough tasks to balance
-                // the causal rows' unequal lengths, few enough to claim cheaply.
-                let per = (m * nh).div_ceil(self.team.threads() * 16).max(1);
-                self.team.for_chunks_mut(&mut att, per * hd, |t, outs| {
+                // A few items per task: enough tasks to balance the causal
+                // rows' unequal lengths, few enough to claim cheaply.
+                let gd = group * hd;
+                let per = (m * nkv).div_ceil(self.team.threads() * 8).max(1);
+                self.team.for_chunks_mut(&mut att, per * gd, |t, outs| {
                     let mut s = Vec::new();
-                    for (j, out) in outs.chunks_mut(hd).enumerate() {
+                    for (j, out) in outs.chunks_mut(gd).enumerate() {
                         work(t * per + j, out, &mut s);
                     }
                 });
