@@ -248,6 +248,24 @@ const DENSE_MIN_ROWS: usize = 2;
 /// Most weight rows one task takes (a multiple of the repacked group).
 const MAX_CHUNK: usize = 512;
 
+/// Fewest activation blocks quantized over the team rather than on the
+/// calling thread (below, the region's start costs more than it saves).
+const PAR_QUANT_MIN_BLOCKS: usize = 96;
+
+/// `q = quantize(x)` block by block (rows of `x` are whole blocks), over the
+/// team when there is enough of it: with several sequences this was a
+/// serial stretch before every matmul while the other threads waited.
+/// Blocks are independent, so the split changes no bits.
+fn quantize_rows<B: Send>(team: &Team, x: &[f32], q: &mut [B], f: fn(&[f32], &mut [B])) {
+    let nb = q.len();
+    if nb < PAR_QUANT_MIN_BLOCKS || team.threads() < 2 {
+        f(x, q);
+        return;
+    }
+    let per = nb.div_ceil(team.threads() * 2);
+    team.for_chunks_mut(q, per, |i, qc| f(&x[i * per * QK..][..qc.len() * QK], qc));
+}
+
 /// `outs[i] = x · ws[i]ᵀ` for `m` rows of `x` (`m × cols`), each output
 /// `m × ws[i].rows`. All matrices must share `cols`.
 pub fn matmul_multi(team: &Team, ws: &[&QMatrix], x: &[f32], m: usize, outs: &mut [&mut [f32]]) {
@@ -264,16 +282,12 @@ pub fn matmul_multi(team: &Team, ws: &[&QMatrix], x: &[f32], m: usize, outs: &mu
         };
         if q8_1 && acts.q8_1.is_none() {
             let mut q = vec![BlockQ8_1::ZERO; m * k / QK];
-            for (xr, qr) in x.chunks_exact(k).zip(q.chunks_exact_mut(k / QK)) {
-                quant::quantize_q8_1(xr, qr);
-            }
+            quantize_rows(team, x, &mut q, quant::quantize_q8_1);
             acts.q8_1 = Some(q);
         }
         if q8_0 && acts.q8_0.is_none() {
             let mut q = vec![BlockQ8_0::ZERO; m * k / QK];
-            for (xr, qr) in x.chunks_exact(k).zip(q.chunks_exact_mut(k / QK)) {
-                quant::quantize_q8_0(xr, qr);
-            }
+            quantize_rows(team, x, &mut q, quant::quantize_q8_0);
             acts.q8_0_sums = vec![0; q.len()];
             repack::block_sums(&q, &mut acts.q8_0_sums);
             acts.q8_0 = Some(q);

@@ -109,6 +109,37 @@ pub struct LlamaModel {
     team: Team,
     /// candle's GEMM of the dense (prompt) path runs on this pool.
     pool: rayon::ThreadPool,
+    /// The forward pass's activation buffers, kept from one step to the
+    /// next: a fresh `calloc` of the logits alone (1.5 MB at 8 sequences)
+    /// cost a zeroing pass and page faults every decode step.
+    bufs: Bufs,
+}
+
+#[derive(Default)]
+struct Bufs {
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    o: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    xl: Vec<f32>,
+    logits: Vec<f32>,
+}
+
+/// Takes a kept buffer out of `slot`, `n` long. What it held is left in
+/// place (no zeroing pass): every buffer of the forward pass is written
+/// whole before it is read.
+fn take(slot: &mut Vec<f32>, n: usize) -> Vec<f32> {
+    let mut b = std::mem::take(slot);
+    if b.len() < n {
+        b.resize(n, 0.0);
+    }
+    b.truncate(n);
+    b
 }
 
 impl LlamaModel {
@@ -150,6 +181,7 @@ impl LlamaModel {
             caches: (0..slots).map(|_| None).collect(),
             team,
             pool,
+            bufs: Bufs::default(),
         })
     }
 
@@ -221,20 +253,20 @@ impl LlamaModel {
             }
         }
         let m = rows.len();
-        let mut x = vec![0f32; m * d];
+        let mut x = take(&mut self.bufs.x, m * d);
         for (r, &t) in tokens.iter().enumerate() {
             self.w
                 .tok_embd
                 .row_f32(t as usize, &mut x[r * d..(r + 1) * d]);
         }
-        let mut xn = vec![0f32; m * d];
-        let mut q = vec![0f32; m * qd];
-        let mut k = vec![0f32; m * kvd];
-        let mut v = vec![0f32; m * kvd];
-        let mut att = vec![0f32; m * qd];
-        let mut o = vec![0f32; m * d];
-        let mut g = vec![0f32; m * c.n_ff];
-        let mut u = vec![0f32; m * c.n_ff];
+        let mut xn = take(&mut self.bufs.xn, m * d);
+        let mut q = take(&mut self.bufs.q, m * qd);
+        let mut k = take(&mut self.bufs.k, m * kvd);
+        let mut v = take(&mut self.bufs.v, m * kvd);
+        let mut att = take(&mut self.bufs.att, m * qd);
+        let mut o = take(&mut self.bufs.o, m * d);
+        let mut g = take(&mut self.bufs.g, m * c.n_ff);
+        let mut u = take(&mut self.bufs.u, m * c.n_ff);
         let scale = 1.0 / (hd as f32).sqrt();
         let ctx = c.context;
 
@@ -410,7 +442,7 @@ impl LlamaModel {
         // Logits of each chunk's last row only.
         let last = last_row;
         let ml = last.len();
-        let mut xl = vec![0f32; ml * d];
+        let mut xl = take(&mut self.bufs.xl, ml * d);
         for (i, &r) in last.iter().enumerate() {
             ops::rms_norm(
                 &x[r * d..(r + 1) * d],
@@ -421,12 +453,23 @@ impl LlamaModel {
         }
         let out_w = self.w.output.as_ref().unwrap_or(&self.w.tok_embd);
         let vocab = out_w.rows;
-        let mut logits = vec![0f32; ml * vocab];
+        let mut logits = take(&mut self.bufs.logits, ml * vocab);
         matmul_multi(&self.team, &[out_w], &xl, ml, &mut [&mut logits]);
-        if ml == 1 {
-            return Ok(vec![logits]);
-        }
-        Ok(logits.chunks_exact(vocab).map(|c| c.to_vec()).collect())
+        let out = logits.chunks_exact(vocab).map(|c| c.to_vec()).collect();
+        self.bufs = Bufs {
+            x,
+            xn,
+            q,
+            k,
+            v,
+            att,
+            o,
+            g,
+            u,
+            xl,
+            logits,
+        };
+        Ok(out)
     }
 }
 
