@@ -455,7 +455,16 @@ impl LlamaModel {
         let vocab = out_w.rows;
         let mut logits = take(&mut self.bufs.logits, ml * vocab);
         matmul_multi(&self.team, &[out_w], &xl, ml, &mut [&mut logits]);
-        let out = logits.chunks_exact(vocab).map(|c| c.to_vec()).collect();
+        // One vector per sequence for the sampler; with several sequences
+        // the copies (200 kB each for a 49k vocabulary) go over the team.
+        let mut out: Vec<Vec<f32>> = vec![Vec::new(); ml];
+        if ml > 1 {
+            self.team.for_chunks_mut(&mut out, 1, |i, o| {
+                o[0] = logits[i * vocab..(i + 1) * vocab].to_vec();
+            });
+        } else {
+            out[0] = logits.clone();
+        }
         self.bufs = Bufs {
             x,
             xn,
