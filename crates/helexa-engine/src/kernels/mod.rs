@@ -6,3 +6,18 @@ pub mod ops;
 pub mod quant;
 pub mod repack;
 pub mod team;
+
+/// Asks for the `len` bytes at `p` in L1, one 64-byte line at a time. A
+/// hint: it cannot fault whatever the address.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn prefetch_bytes(p: *const u8, len: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let a = p as *const i8;
+    let mut off = 0;
+    while off < len {
+        // SAFETY: a prefetch is a hint; it cannot fault.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(off)) };
+        off += 64;
+    }
+}

@@ -209,29 +209,16 @@ pub fn attend_heads<T: KvElem>(
         // view the slices as what they are.
         unsafe {
             let (kp, vp) = (keys.as_ptr(), values.as_ptr());
+            macro_rules! go {
+                ($v:literal, $t:ty) => {
+                    avx2::attend_group::<$v, $t>(qs, kp.cast(), vp.cast(), scale, scores, outs)
+                };
+            }
             match (hd, T::IS_F16) {
-                (64, false) => {
-                    avx2::attend_group::<8, f32>(qs, kp.cast(), vp.cast(), scale, scores, outs)
-                }
-                (64, true) => avx2::attend_group::<8, half::f16>(
-                    qs,
-                    kp.cast(),
-                    vp.cast(),
-                    scale,
-                    scores,
-                    outs,
-                ),
-                (_, false) => {
-                    avx2::attend_group::<16, f32>(qs, kp.cast(), vp.cast(), scale, scores, outs)
-                }
-                (_, true) => avx2::attend_group::<16, half::f16>(
-                    qs,
-                    kp.cast(),
-                    vp.cast(),
-                    scale,
-                    scores,
-                    outs,
-                ),
+                (64, false) => go!(8, f32),
+                (64, true) => go!(8, half::f16),
+                (_, false) => go!(16, f32),
+                (_, true) => go!(16, half::f16),
             }
         }
         return;
@@ -421,13 +408,7 @@ mod avx2 {
     /// Prefetches `rows` rows of `row_bytes` from row `first` of `base`.
     #[inline(always)]
     fn fetch(base: *const u8, row_bytes: usize, first: usize, rows: usize) {
-        let a = base.wrapping_add(first * row_bytes) as *const i8;
-        let mut off = 0;
-        while off < rows * row_bytes {
-            // SAFETY: a prefetch is a hint; it cannot fault.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(off)) };
-            off += 64;
-        }
+        super::super::prefetch_bytes(base.wrapping_add(first * row_bytes), rows * row_bytes);
     }
 
     /// [`super::attend_heads`] over `n = scores.len() / heads` positions, for

@@ -417,14 +417,7 @@ const PREFETCH_GROUP_BLOCKS: usize = 4;
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch(p: *const u8, bytes: usize) {
-    use std::arch::x86_64::*;
-    let a = p.wrapping_add(PREFETCH_GROUP_BLOCKS * bytes) as *const i8;
-    let mut off = 0;
-    while off < bytes {
-        // SAFETY: a prefetch is a hint; it cannot fault whatever the address.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(off)) };
-        off += 64;
-    }
+    super::prefetch_bytes(p.wrapping_add(PREFETCH_GROUP_BLOCKS * bytes), bytes);
 }
 
 #[cfg(target_arch = "x86_64")]

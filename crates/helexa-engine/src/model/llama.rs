@@ -135,10 +135,7 @@ struct Bufs {
 /// whole before it is read.
 fn take(slot: &mut Vec<f32>, n: usize) -> Vec<f32> {
     let mut b = std::mem::take(slot);
-    if b.len() < n {
-        b.resize(n, 0.0);
-    }
-    b.truncate(n);
+    b.resize(n, 0.0);
     b
 }
 
@@ -456,15 +453,12 @@ impl LlamaModel {
         let mut logits = take(&mut self.bufs.logits, ml * vocab);
         matmul_multi(&self.team, &[out_w], &xl, ml, &mut [&mut logits]);
         // One vector per sequence for the sampler; with several sequences
-        // the copies (200 kB each for a 49k vocabulary) go over the team.
+        // the copies (200 kB each for a 49k vocabulary) go over the team
+        // (one sequence is copied inline: a one-task region runs there).
         let mut out: Vec<Vec<f32>> = vec![Vec::new(); ml];
-        if ml > 1 {
-            self.team.for_chunks_mut(&mut out, 1, |i, o| {
-                o[0] = logits[i * vocab..(i + 1) * vocab].to_vec();
-            });
-        } else {
-            out[0] = logits.clone();
-        }
+        self.team.for_chunks_mut(&mut out, 1, |i, o| {
+            o[0] = logits[i * vocab..(i + 1) * vocab].to_vec();
+        });
         self.bufs = Bufs {
             x,
             xn,
