@@ -1,6 +1,7 @@
 //! CPU compute kernels: quantized dot products, the parallel matmul over
 //! memory-mapped weights, and the f32 vector ops of the forward pass.
 
+pub mod attention;
 pub mod matmul;
 pub mod ops;
 pub mod quant;

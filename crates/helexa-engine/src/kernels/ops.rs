@@ -28,21 +28,6 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// `y[i] += a * x[i]`.
-#[inline]
-pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    debug_assert_eq!(x.len(), y.len());
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: AVX2/FMA present.
-        unsafe { avx2::axpy(a, x, y) };
-        return;
-    }
-    for (o, &v) in y.iter_mut().zip(x) {
-        *o += a * v;
-    }
-}
-
 /// `out = x / rms(x) * w`.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let ss = dot(x, x);
@@ -119,28 +104,17 @@ pub fn softmax_inplace(xs: &mut [f32]) {
 /// Elements a KV cache may hold: f32, or f16 (half the memory and the
 /// bytes read per step; llama.cpp's default cache type too).
 pub trait KvElem: Copy + Send + Sync + 'static {
-    /// f16 (else f32): which SIMD loads view the slices.
-    const IS_F16: bool;
-    fn to_f32(self) -> f32;
     /// `dst[i] = src[i]` rounded to this type.
     fn store(src: &[f32], dst: &mut [Self]);
 }
 
 impl KvElem for f32 {
-    const IS_F16: bool = false;
-    fn to_f32(self) -> f32 {
-        self
-    }
     fn store(src: &[f32], dst: &mut [f32]) {
         dst.copy_from_slice(src);
     }
 }
 
 impl KvElem for half::f16 {
-    const IS_F16: bool = true;
-    fn to_f32(self) -> f32 {
-        half::f16::to_f32(self)
-    }
     fn store(src: &[f32], dst: &mut [half::f16]) {
         assert_eq!(src.len(), dst.len());
         let mut done = 0;
@@ -156,93 +130,6 @@ impl KvElem for half::f16 {
         }
         use half::slice::HalfFloatSliceExt;
         dst[done..].convert_from_f32_slice(&src[done..]);
-    }
-}
-
-/// Causal attention of one query head over `n` cached positions:
-/// `out = softmax(q·Kᵀ · scale) · V`, with `keys`/`values` holding `n` rows of
-/// `q.len()` elements. `scores` is scratch. (The forward pass calls
-/// [`attend_heads`] for a KV head's whole group of query heads.)
-#[cfg(test)]
-pub fn attend<T: KvElem>(
-    q: &[f32],
-    keys: &[T],
-    values: &[T],
-    n: usize,
-    scale: f32,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    attend_heads(q, q.len(), keys, values, n, scale, scores, out);
-}
-
-/// Causal attention of the query heads that share one KV head (grouped-query
-/// attention): `qs` holds `outs.len() / hd` heads of `hd` elements, each
-/// attending over the same `n` cached positions as [`attend`] does; head
-/// `j`'s result goes to `outs[j * hd..]`. Bit for bit what [`attend`] gives
-/// each head alone (tested), but the group's cache rows are read once.
-#[allow(clippy::too_many_arguments)]
-pub fn attend_heads<T: KvElem>(
-    qs: &[f32],
-    hd: usize,
-    keys: &[T],
-    values: &[T],
-    n: usize,
-    scale: f32,
-    scores: &mut Vec<f32>,
-    outs: &mut [f32],
-) {
-    assert_eq!(qs.len(), outs.len());
-    assert!(hd > 0 && qs.len().is_multiple_of(hd));
-    assert!(keys.len() >= n * hd && values.len() >= n * hd);
-    let heads = qs.len() / hd;
-    scores.clear();
-    scores.resize(heads * n, 0.0);
-    if n == 0 {
-        outs.fill(0.0);
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() && (hd == 64 || hd == 128) {
-        // SAFETY: AVX2/FMA/F16C present; lengths checked above; `T` is f16
-        // or f32 as `IS_F16` says (the only two `KvElem`s), so the casts
-        // view the slices as what they are.
-        unsafe {
-            let (kp, vp) = (keys.as_ptr(), values.as_ptr());
-            macro_rules! go {
-                ($v:literal, $t:ty) => {
-                    avx2::attend_group::<$v, $t>(qs, kp.cast(), vp.cast(), scale, scores, outs)
-                };
-            }
-            match (hd, T::IS_F16) {
-                (64, false) => go!(8, f32),
-                (64, true) => go!(8, half::f16),
-                (_, false) => go!(16, f32),
-                (_, true) => go!(16, half::f16),
-            }
-        }
-        return;
-    }
-    let mut row = vec![0f32; hd];
-    for ((q, out), scores) in qs
-        .chunks_exact(hd)
-        .zip(outs.chunks_exact_mut(hd))
-        .zip(scores.chunks_exact_mut(n))
-    {
-        for (p, s) in scores.iter_mut().enumerate() {
-            for (r, k) in row.iter_mut().zip(&keys[p * hd..(p + 1) * hd]) {
-                *r = k.to_f32();
-            }
-            *s = dot(q, &row) * scale;
-        }
-        softmax_inplace(scores);
-        out.fill(0.0);
-        for (p, &w) in scores.iter().enumerate() {
-            for (r, v) in row.iter_mut().zip(&values[p * hd..(p + 1) * hd]) {
-                *r = v.to_f32();
-            }
-            axpy(w, &row, out);
-        }
     }
 }
 
@@ -307,223 +194,6 @@ mod avx2 {
             i += 1;
         }
         s
-    }
-
-    /// 8 cache elements as f32.
-    pub trait Load8 {
-        /// # Safety
-        /// AVX2/F16C; 8 elements readable at `p`.
-        unsafe fn load8(p: *const Self) -> __m256;
-    }
-
-    impl Load8 for f32 {
-        #[inline(always)]
-        unsafe fn load8(p: *const f32) -> __m256 {
-            unsafe { _mm256_loadu_ps(p) }
-        }
-    }
-
-    impl Load8 for half::f16 {
-        #[inline(always)]
-        unsafe fn load8(p: *const half::f16) -> __m256 {
-            // SAFETY: F16C is part of the AVX2 level the caller checked
-            // (x86-64-v3); 16 bytes readable.
-            unsafe { cvt8(p) }
-        }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn cvt8(p: *const half::f16) -> __m256 {
-        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
-    }
-
-    /// `scores[p] = q · keys[p] * scale` for a head of `V * 8` elements, `q`
-    /// kept in registers; four positions at a time, their four partial-sum
-    /// vectors reduced together (one horizontal add tree for four rows).
-    ///
-    /// # Safety
-    /// AVX2/FMA/F16C; `q.len() == V * 8`, `scores.len() * V * 8` elements
-    /// readable at `keys`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn scores<const V: usize, T: Load8>(
-        q: &[f32],
-        keys: *const T,
-        scale: f32,
-        scores: &mut [f32],
-    ) {
-        let hd = V * 8;
-        let mut qv = [_mm256_setzero_ps(); V];
-        let n = scores.len();
-        unsafe {
-            for (i, r) in qv.iter_mut().enumerate() {
-                *r = _mm256_loadu_ps(q.as_ptr().add(i * 8));
-            }
-            let kp = keys;
-            let dot = |row: *const T| -> __m256 {
-                let mut a = _mm256_mul_ps(qv[0], T::load8(row));
-                for (i, qi) in qv.iter().enumerate().skip(1) {
-                    a = _mm256_fmadd_ps(*qi, T::load8(row.add(i * 8)), a);
-                }
-                a
-            };
-            let vs = _mm_set1_ps(scale);
-            let reduce4 = |a: &[__m256], p: usize, scores: &mut [f32]| {
-                let t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-                let s4 = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
-                _mm_storeu_ps(scores.as_mut_ptr().add(p), _mm_mul_ps(s4, vs));
-            };
-            let mut p = 0;
-            // Eight positions at a time, the head's chunks outermost: eight
-            // independent multiply-add chains (four left the kernel waiting
-            // on FMA latency). Each position's operations and reduction tree
-            // are those of the four-at-a-time loop below: the same bits.
-            while p + 8 <= n {
-                let row = |j: usize, i: usize| T::load8(kp.add((p + j) * hd + i * 8));
-                let mut a: [__m256; 8] = std::array::from_fn(|j| _mm256_mul_ps(qv[0], row(j, 0)));
-                for (i, qi) in qv.iter().enumerate().skip(1) {
-                    for (j, aj) in a.iter_mut().enumerate() {
-                        *aj = _mm256_fmadd_ps(*qi, row(j, i), *aj);
-                    }
-                }
-                reduce4(&a[..4], p, scores);
-                reduce4(&a[4..], p + 4, scores);
-                p += 8;
-            }
-            while p + 4 <= n {
-                let a0 = dot(kp.add(p * hd));
-                let a1 = dot(kp.add((p + 1) * hd));
-                let a2 = dot(kp.add((p + 2) * hd));
-                let a3 = dot(kp.add((p + 3) * hd));
-                reduce4(&[a0, a1, a2, a3], p, scores);
-                p += 4;
-            }
-            while p < n {
-                *scores.get_unchecked_mut(p) = hsum(dot(kp.add(p * hd))) * scale;
-                p += 1;
-            }
-        }
-    }
-
-    /// Prefetches `rows` rows of `row_bytes` from row `first` of `base`.
-    #[inline(always)]
-    fn fetch(base: *const u8, row_bytes: usize, first: usize, rows: usize) {
-        super::super::prefetch_bytes(base.wrapping_add(first * row_bytes), rows * row_bytes);
-    }
-
-    /// [`super::attend_heads`] over `n = scores.len() / heads` positions, for
-    /// `heads = qs.len() / (V * 8)` query heads of `V * 8` elements sharing
-    /// one KV head.
-    ///
-    /// The heads take turns over blocks of positions, so the group's K and V
-    /// rows stream in from the cache once, with software prefetch ahead, and
-    /// the heads' arithmetic overlaps the fetching. (Head by head, the first
-    /// head of a group stalled on every cold row and the others found them
-    /// in L1.) Each head's operations, and their order, are those of one
-    /// head alone: a position's score is taken by the same loop (8- and
-    /// 4-wide ones reduce alike, single positions only in the tail), and the
-    /// weighted sum adds the positions in order, its accumulators parked in
-    /// `outs` between blocks (an exact round trip).
-    ///
-    /// # Safety
-    /// AVX2/FMA/F16C; `qs.len() == outs.len()`, a multiple of `V * 8`;
-    /// `scores.len() == heads * n`; `n * V * 8` elements readable at `keys`
-    /// and at `values`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn attend_group<const V: usize, T: Load8>(
-        qs: &[f32],
-        keys: *const T,
-        values: *const T,
-        scale: f32,
-        scores_buf: &mut [f32],
-        outs: &mut [f32],
-    ) {
-        let hd = V * 8;
-        let heads = qs.len() / hd;
-        let n = scores_buf.len() / heads;
-        let row_bytes = hd * std::mem::size_of::<T>();
-        let (kb, vb) = (keys as *const u8, values as *const u8);
-        const B: usize = 8;
-        const AHEAD: usize = 16;
-        fetch(kb, row_bytes, 0, AHEAD.min(n));
-        let mut b = 0;
-        while b < n {
-            // Whole blocks of 8; the tail (< 8) as one call, which takes it
-            // as a lone call for the whole length would (a 4-wide block,
-            // then single positions).
-            let len = if n - b >= B { B } else { n - b };
-            if b + AHEAD < n {
-                fetch(kb, row_bytes, b + AHEAD, B.min(n - b - AHEAD));
-            }
-            fetch(vb, row_bytes, b, len);
-            for j in 0..heads {
-                unsafe {
-                    scores::<V, T>(
-                        &qs[j * hd..(j + 1) * hd],
-                        keys.add(b * hd),
-                        scale,
-                        &mut scores_buf[j * n + b..j * n + b + len],
-                    )
-                };
-            }
-            b += len;
-        }
-        for w in scores_buf.chunks_exact_mut(n) {
-            super::softmax_inplace(w);
-        }
-        const W: usize = 16;
-        let mut b = 0;
-        while b < n {
-            let len = W.min(n - b);
-            if b + W < n {
-                fetch(vb, row_bytes, b + W, W.min(n - b - W));
-            }
-            for j in 0..heads {
-                unsafe {
-                    weighted_sum::<V, T>(
-                        &scores_buf[j * n + b..j * n + b + len],
-                        values.add(b * hd),
-                        &mut outs[j * hd..(j + 1) * hd],
-                        b == 0,
-                    )
-                };
-            }
-            b += len;
-        }
-    }
-
-    /// `out (+)= Σ_p w[p] · values[p]`, the sum kept in registers: from zero
-    /// when `first`, else continuing the sum `out` holds.
-    ///
-    /// # Safety
-    /// AVX2/FMA/F16C; `out.len() == V * 8`, `w.len() * V * 8` elements
-    /// readable at `values`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn weighted_sum<const V: usize, T: Load8>(
-        w: &[f32],
-        values: *const T,
-        out: &mut [f32],
-        first: bool,
-    ) {
-        let hd = V * 8;
-        let mut acc = [_mm256_setzero_ps(); V];
-        unsafe {
-            if !first {
-                for (i, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_loadu_ps(out.as_ptr().add(i * 8));
-                }
-            }
-            for (p, &wp) in w.iter().enumerate() {
-                let row = values.add(p * hd);
-                let b = _mm256_set1_ps(wp);
-                for (i, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(b, T::load8(row.add(i * 8)), *a);
-                }
-            }
-            for (i, a) in acc.iter().enumerate() {
-                _mm256_storeu_ps(out.as_mut_ptr().add(i * 8), *a);
-            }
-        }
     }
 
     /// `2^(i/32)` rounded to double, less `i << 47`, for `i` in `0..32`
@@ -710,27 +380,6 @@ mod avx2 {
             *v *= a;
         }
     }
-
-    /// # Safety
-    /// AVX2/FMA; equal lengths.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-        let n = x.len().min(y.len());
-        let va = _mm256_set1_ps(a);
-        let (px, py) = (x.as_ptr(), y.as_mut_ptr());
-        let mut i = 0;
-        unsafe {
-            while i + 8 <= n {
-                let r = _mm256_fmadd_ps(va, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)));
-                _mm256_storeu_ps(py.add(i), r);
-                i += 8;
-            }
-        }
-        while i < n {
-            y[i] += a * x[i];
-            i += 1;
-        }
-    }
 }
 
 #[cfg(test)]
@@ -778,42 +427,11 @@ mod tests {
     }
 
     #[test]
-    fn dot_and_axpy_match_plain_loops() {
+    fn dot_matches_the_plain_loop() {
         let a: Vec<f32> = (0..70).map(|i| (i as f32 * 0.37).sin()).collect();
         let b: Vec<f32> = (0..70).map(|i| (i as f32 * 0.11).cos()).collect();
         let plain: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
         assert!((dot(&a, &b) - plain).abs() < 1e-4);
-        let mut y = b.clone();
-        axpy(0.5, &a, &mut y);
-        for i in 0..70 {
-            assert!((y[i] - (b[i] + 0.5 * a[i])).abs() < 1e-6);
-        }
-        // The register-held attention kernel against plain loops.
-        for hd in [64usize, 128, 32] {
-            let n = 37;
-            let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.13).sin()).collect();
-            let k: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.071).cos()).collect();
-            let v: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.029).sin()).collect();
-            let mut sc = Vec::new();
-            let mut out = vec![0f32; hd];
-            attend(&q, &k, &v, n, 0.125, &mut sc, &mut out);
-            let mut w: Vec<f32> = (0..n)
-                .map(|p| (0..hd).map(|i| q[i] * k[p * hd + i]).sum::<f32>() * 0.125)
-                .collect();
-            softmax_inplace(&mut w);
-            for i in 0..hd {
-                let e: f32 = (0..n).map(|p| w[p] * v[p * hd + i]).sum();
-                assert!(
-                    (out[i] - e).abs() < 1e-4,
-                    "hd {hd} dim {i}: {} vs {e}",
-                    out[i]
-                );
-            }
-        }
-        let mut s = vec![1.0, 2.0, 3.0];
-        softmax_inplace(&mut s);
-        assert!((s.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        assert!(s[2] > s[1] && s[1] > s[0]);
     }
 
     #[test]
@@ -946,155 +564,5 @@ mod tests {
                 got[i]
             );
         }
-    }
-
-    #[test]
-    fn attention_over_an_f16_cache_matches_f32_over_the_same_values() {
-        for hd in [64usize, 128, 32] {
-            for n in [1usize, 4, 7, 37] {
-                let q: Vec<f32> = (0..hd).map(|i| (i as f32 * 0.13).sin()).collect();
-                let k: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.071).cos()).collect();
-                let v: Vec<f32> = (0..n * hd).map(|i| (i as f32 * 0.029).sin()).collect();
-                let (mut k16, mut v16) =
-                    (vec![half::f16::ZERO; n * hd], vec![half::f16::ZERO; n * hd]);
-                half::f16::store(&k, &mut k16);
-                half::f16::store(&v, &mut v16);
-                // The f32 reference over the values the f16 cache holds.
-                let kr: Vec<f32> = k16.iter().map(|x| x.to_f32()).collect();
-                let vr: Vec<f32> = v16.iter().map(|x| x.to_f32()).collect();
-                let (mut sc, mut a, mut b) = (Vec::new(), vec![0f32; hd], vec![0f32; hd]);
-                attend(&q, &k16, &v16, n, 0.125, &mut sc, &mut a);
-                attend(&q, &kr, &vr, n, 0.125, &mut sc, &mut b);
-                assert_eq!(a, b, "hd {hd} n {n}");
-                // And close to the unrounded f32 cache.
-                attend(&q, &k, &v, n, 0.125, &mut sc, &mut b);
-                assert!(max_abs_diff(&a, &b) < 2e-3, "hd {hd} n {n}");
-            }
-        }
-    }
-
-    fn wave(n: usize, f: f32, seed: u64) -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i as f32 + seed as f32 * 7.3) * f).sin() * (1.0 + (i % 5) as f32 * 0.3))
-            .collect()
-    }
-
-    #[test]
-    fn grouped_attention_gives_each_head_the_bits_of_attend_alone() {
-        for hd in [64usize, 128, 32] {
-            for heads in [1usize, 2, 3, 4, 7] {
-                for n in [1usize, 3, 4, 7, 8, 9, 12, 16, 37, 136] {
-                    let qs = wave(heads * hd, 0.13, n as u64);
-                    let k = wave(n * hd, 0.071, 1);
-                    let v = wave(n * hd, 0.029, 2);
-                    let (mut k16, mut v16) =
-                        (vec![half::f16::ZERO; n * hd], vec![half::f16::ZERO; n * hd]);
-                    half::f16::store(&k, &mut k16);
-                    half::f16::store(&v, &mut v16);
-                    let mut scratch = Vec::new();
-                    let mut sc = Vec::new();
-                    let mut got = vec![0f32; heads * hd];
-                    let mut want = vec![0f32; heads * hd];
-                    attend_heads(&qs, hd, &k16, &v16, n, 0.125, &mut scratch, &mut got);
-                    for j in 0..heads {
-                        let (q, o) = (&qs[j * hd..][..hd], &mut want[j * hd..][..hd]);
-                        attend(q, &k16, &v16, n, 0.125, &mut sc, o);
-                    }
-                    let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&got), bits(&want), "f16 hd {hd} heads {heads} n {n}");
-                    attend_heads(&qs, hd, &k, &v, n, 0.125, &mut scratch, &mut got);
-                    for j in 0..heads {
-                        let (q, o) = (&qs[j * hd..][..hd], &mut want[j * hd..][..hd]);
-                        attend(q, &k, &v, n, 0.125, &mut sc, o);
-                    }
-                    assert_eq!(bits(&got), bits(&want), "f32 hd {hd} heads {heads} n {n}");
-                }
-            }
-        }
-    }
-
-    /// A position's score is the same bits whether the kernel takes it in
-    /// its eight-, four- or one-position loop.
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn attention_scores_do_not_depend_on_which_loop_takes_a_position() {
-        if !has_avx2() {
-            return;
-        }
-        let hd = 64;
-        let n = 24;
-        let q = wave(hd, 0.13, 3);
-        let k = wave(n * hd, 0.071, 4);
-        let mut k16 = vec![half::f16::ZERO; n * hd];
-        half::f16::store(&k, &mut k16);
-        let mut all = vec![0f32; n];
-        // SAFETY: AVX2/F16C checked; n rows of hd halves.
-        unsafe { avx2::scores::<8, half::f16>(&q, k16.as_ptr(), 0.125, &mut all) };
-        // n = 24: the whole call runs the eight-wide loop; each four rows
-        // alone run the four-wide one.
-        for start in (0..n).step_by(4) {
-            let mut part = [0f32; 4];
-            // SAFETY: as above, four rows from row `start`.
-            unsafe {
-                avx2::scores::<8, half::f16>(&q, k16.as_ptr().add(start * hd), 0.125, &mut part)
-            };
-            for j in 0..4 {
-                assert_eq!(
-                    part[j].to_bits(),
-                    all[start + j].to_bits(),
-                    "position {}",
-                    start + j
-                );
-            }
-        }
-    }
-
-    /// `cargo test --release -p helexa-engine --lib attention_speed -- --ignored --nocapture`:
-    /// ns per (query head, cached position) of one KV group of SmolLM2's
-    /// shape (3 query heads of 64 over an f16 cache), head by head against
-    /// grouped.
-    #[test]
-    #[ignore = "timing, prints figures"]
-    fn attention_speed() {
-        let (hd, heads) = (64usize, 3usize);
-        for n in [136usize, 1000] {
-            let qs = wave(heads * hd, 0.13, 5);
-            let k = wave(n * hd, 0.071, 6);
-            let v = wave(n * hd, 0.029, 7);
-            let (mut k16, mut v16) = (vec![half::f16::ZERO; n * hd], vec![half::f16::ZERO; n * hd]);
-            half::f16::store(&k, &mut k16);
-            half::f16::store(&v, &mut v16);
-            let mut out = vec![0f32; heads * hd];
-            let mut sc = Vec::new();
-            let mut scratch = Vec::new();
-            let reps = 20_000_000 / (n * heads);
-            for round in 0..3 {
-                let t = std::time::Instant::now();
-                for _ in 0..reps {
-                    for j in 0..heads {
-                        let o = &mut out[j * hd..][..hd];
-                        attend(&qs[j * hd..][..hd], &k16, &v16, n, 0.125, &mut sc, o);
-                    }
-                }
-                let alone = t.elapsed().as_nanos() as f64 / (reps * heads * n) as f64;
-                let t = std::time::Instant::now();
-                for _ in 0..reps {
-                    attend_heads(&qs, hd, &k16, &v16, n, 0.125, &mut scratch, &mut out);
-                }
-                let grouped = t.elapsed().as_nanos() as f64 / (reps * heads * n) as f64;
-
-                println!(
-                    "n {n} round {round}: head by head {alone:.3} ns, grouped {grouped:.3} ns per head-position ({:.2}x)",
-                    alone / grouped
-                );
-            }
-        }
-    }
-
-    fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
     }
 }

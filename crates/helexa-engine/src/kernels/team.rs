@@ -289,6 +289,17 @@ impl<'a, T> Disjoint<'a, T> {
         }
     }
 
+    /// A pointer to `buf[start]`, with `len` elements from there in the
+    /// buffer (checked): for writes to scattered elements that no one piece
+    /// covers (the caller keeps them apart from every other writer's).
+    pub fn ptr(&self, start: usize, len: usize) -> *mut T {
+        assert!(
+            start <= self.len && len <= self.len - start,
+            "piece out of the buffer"
+        );
+        self.ptr.wrapping_add(start)
+    }
+
     /// `buf[start..start + len]`.
     ///
     /// # Safety

@@ -9,6 +9,7 @@
 //! each weight matrix once.
 
 use super::{Chunk, Model};
+use crate::kernels::attention;
 use crate::kernels::matmul::{matmul_dense, matmul_multi, QMatrix};
 use crate::kernels::ops::{self, KvElem};
 use crate::kernels::team::{Disjoint, Team};
@@ -69,9 +70,11 @@ pub struct Weights {
     pub rope_freqs: Option<Vec<f32>>,
 }
 
-/// K and V of one sequence, all layers: `[layer][kv_head][pos][head_dim]`,
-/// in f16 as llama.cpp keeps them: half the memory of f32, and half the
-/// bytes each decode step's attention reads.
+/// K and V of one sequence, all layers: one stream per (layer, KV head) of
+/// `stream_len` halves each (`LlamaModel::stream_len`), values by position
+/// (`[pos][head_dim]`), keys in the transposed tiles of
+/// `kernels::attention`. In f16 as llama.cpp keeps them: half the memory of
+/// f32, and half the bytes each decode step's attention reads.
 struct KvCache {
     /// f16 bits: a `u16` zero allocation is a zeroed `calloc`, whose pages
     /// are committed only as positions fill (a `vec![f16::ZERO; n]` writes
@@ -187,8 +190,14 @@ impl LlamaModel {
         &self.cfg
     }
 
+    /// Halves of one (layer, KV head) stream of the cache, keys or values:
+    /// the context in whole key tiles.
+    fn stream_len(&self) -> usize {
+        attention::keys_len(self.cfg.context, self.cfg.head_dim)
+    }
+
     fn cache_len(&self) -> usize {
-        self.cfg.n_layer * self.cfg.n_kv_head * self.cfg.context * self.cfg.head_dim
+        self.cfg.n_layer * self.cfg.n_kv_head * self.stream_len()
     }
 
     fn forward_inner(&mut self, chunks: &[Chunk]) -> Result<Vec<Vec<f32>>, String> {
@@ -265,7 +274,7 @@ impl LlamaModel {
         let mut g = take(&mut self.bufs.g, m * c.n_ff);
         let mut u = take(&mut self.bufs.u, m * c.n_ff);
         let scale = 1.0 / (hd as f32).sqrt();
-        let ctx = c.context;
+        let stream = self.stream_len();
 
         // Every matmul of the layers: the first `md` rows through the dense path.
         let (team, pool) = (&self.team, &self.pool);
@@ -368,12 +377,17 @@ impl LlamaModel {
                     rope(kr, nkv, pos);
                     let (kc, vc) = caches[slot].as_ref().expect("cache allocated");
                     for h in 0..nkv {
-                        let off = ((l * nkv + h) * ctx + pos) * hd;
+                        let base = (l * nkv + h) * stream;
                         // SAFETY: (slot, pos) is distinct for every row of
-                        // a forward, so no other task writes these bytes.
+                        // a forward, so no other task writes these
+                        // elements; the stream has room for the context.
                         unsafe {
-                            f16::store(&kr[h * hd..(h + 1) * hd], kc.slice(off, hd));
-                            f16::store(&vr[h * hd..(h + 1) * hd], vc.slice(off, hd));
+                            attention::store_key(
+                                kc.ptr(base, stream),
+                                pos,
+                                &kr[h * hd..(h + 1) * hd],
+                            );
+                            f16::store(&vr[h * hd..(h + 1) * hd], vc.slice(base + pos * hd, hd));
                         }
                     }
                 });
@@ -389,14 +403,14 @@ impl LlamaModel {
                     let (r, kvh) = (i / nkv, i % nkv);
                     let (slot, pos) = rows[r];
                     let cache = caches[slot].as_ref().expect("cache allocated");
-                    let base = (l * nkv + kvh) * ctx * hd;
+                    let base = (l * nkv + kvh) * stream;
                     let h0 = kvh * group;
                     let qs = &q[r * qd + h0 * hd..r * qd + (h0 + group) * hd];
                     let n = pos + 1;
-                    ops::attend_heads(
+                    attention::attend_heads(
                         qs,
                         hd,
-                        &cache.k()[base..base + n * hd],
+                        &cache.k()[base..base + attention::keys_len(n, hd)],
                         &cache.v()[base..base + n * hd],
                         n,
                         scale,
@@ -555,11 +569,18 @@ impl Model for LlamaModel {
             .take()
             .ok_or_else(|| format!("slot {from} has no cache to copy"))?;
         let len = self.cache_len();
+        let (stream, hd) = (self.stream_len(), self.cfg.head_dim);
         let dst = self.caches[to].get_or_insert_with(|| KvCache::new(len));
-        let (ctx, hd) = (self.cfg.context, self.cfg.head_dim);
         for lh in 0..self.cfg.n_layer * self.cfg.n_kv_head {
-            let (a, b) = ((lh * ctx + start) * hd, (lh * ctx + end) * hd);
-            dst.k[a..b].copy_from_slice(&src.k[a..b]);
+            let at = lh * stream;
+            attention::copy_keys(
+                &mut dst.k[at..at + stream],
+                &src.k[at..at + stream],
+                hd,
+                start,
+                end,
+            );
+            let (a, b) = (at + start * hd, at + end * hd);
             dst.v[a..b].copy_from_slice(&src.v[a..b]);
         }
         self.caches[from] = Some(src);
