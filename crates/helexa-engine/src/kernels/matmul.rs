@@ -225,11 +225,11 @@ impl QMatrix {
 
 /// Activations quantized for the weight types in use; filled on demand.
 #[derive(Default)]
-struct ActCache {
+struct ActCache<'a> {
     q8_0: Option<Vec<BlockQ8_0>>,
     /// Each `q8_0` block's `sum(qs)`.
     q8_0_sums: Vec<i32>,
-    q8_1: Option<Vec<BlockQ8_1>>,
+    q8_1: Option<std::borrow::Cow<'a, [BlockQ8_1]>>,
 }
 
 /// A raw output pointer shared by tasks writing disjoint columns.
@@ -269,10 +269,37 @@ fn quantize_rows<B: Send>(team: &Team, x: &[f32], q: &mut [B], f: fn(&[f32], &mu
 /// `outs[i] = x · ws[i]ᵀ` for `m` rows of `x` (`m × cols`), each output
 /// `m × ws[i].rows`. All matrices must share `cols`.
 pub fn matmul_multi(team: &Team, ws: &[&QMatrix], x: &[f32], m: usize, outs: &mut [&mut [f32]]) {
+    matmul_given(team, ws, x, None, m, outs)
+}
+
+impl QMatrix {
+    /// Whether [`matmul_given`] uses Q8_1 activations for this matrix.
+    pub fn takes_q8_1(&self) -> bool {
+        matches!(&self.data, Data::Packed(p) if p.kind == repack::Kind::Q4_1)
+    }
+}
+
+/// [`matmul_multi`] with `x` already quantized to Q8_1 (`quant::quantize_q8_1`
+/// of each row, `m * cols / 32` blocks) where `q8_1` is given: the caller
+/// quantized it inside a parallel region it runs anyway (the norm, the
+/// attention, the SiLU), saving this call's own quantizing region. The
+/// same blocks either way, so the same results.
+pub fn matmul_given(
+    team: &Team,
+    ws: &[&QMatrix],
+    x: &[f32],
+    q8_1: Option<&[BlockQ8_1]>,
+    m: usize,
+    outs: &mut [&mut [f32]],
+) {
     assert_eq!(ws.len(), outs.len());
     let k = ws[0].cols;
     assert_eq!(x.len(), m * k);
     let mut acts = ActCache::default();
+    if let Some(q) = q8_1 {
+        assert_eq!(q.len(), m * k / QK);
+        acts.q8_1 = Some(std::borrow::Cow::Borrowed(q));
+    }
     for w in ws {
         assert_eq!(w.cols, k);
         let (q8_1, q8_0) = match &w.data {
@@ -283,7 +310,7 @@ pub fn matmul_multi(team: &Team, ws: &[&QMatrix], x: &[f32], m: usize, outs: &mu
         if q8_1 && acts.q8_1.is_none() {
             let mut q = vec![BlockQ8_1::ZERO; m * k / QK];
             quantize_rows(team, x, &mut q, quant::quantize_q8_1);
-            acts.q8_1 = Some(q);
+            acts.q8_1 = Some(std::borrow::Cow::Owned(q));
         }
         if q8_0 && acts.q8_0.is_none() {
             let mut q = vec![BlockQ8_0::ZERO; m * k / QK];

@@ -10,8 +10,9 @@
 
 use super::{Chunk, Model};
 use crate::kernels::attention;
-use crate::kernels::matmul::{matmul_dense, matmul_multi, QMatrix};
+use crate::kernels::matmul::{matmul_dense, matmul_given, matmul_multi, QMatrix};
 use crate::kernels::ops::{self, KvElem};
+use crate::kernels::quant::{self, BlockQ8_1, QK};
 use crate::kernels::team::{Disjoint, Team};
 use half::f16;
 use half::slice::HalfBitsSliceExt;
@@ -131,14 +132,19 @@ struct Bufs {
     u: Vec<f32>,
     xl: Vec<f32>,
     logits: Vec<f32>,
+    /// Q8_1 of `xn`, `att` and `g` where the regions that write those
+    /// quantize them too (see `forward_inner`).
+    qx: Vec<BlockQ8_1>,
+    qa: Vec<BlockQ8_1>,
+    qg: Vec<BlockQ8_1>,
 }
 
 /// Takes a kept buffer out of `slot`, `n` long. What it held is left in
 /// place (no zeroing pass): every buffer of the forward pass is written
 /// whole before it is read.
-fn take(slot: &mut Vec<f32>, n: usize) -> Vec<f32> {
+fn take<T: Clone>(slot: &mut Vec<T>, n: usize, zero: T) -> Vec<T> {
     let mut b = std::mem::take(slot);
-    b.resize(n, 0.0);
+    b.resize(n, zero);
     b
 }
 
@@ -259,40 +265,85 @@ impl LlamaModel {
             }
         }
         let m = rows.len();
-        let mut x = take(&mut self.bufs.x, m * d);
+        let mut x = take(&mut self.bufs.x, m * d, 0.0);
         for (r, &t) in tokens.iter().enumerate() {
             self.w
                 .tok_embd
                 .row_f32(t as usize, &mut x[r * d..(r + 1) * d]);
         }
-        let mut xn = take(&mut self.bufs.xn, m * d);
-        let mut q = take(&mut self.bufs.q, m * qd);
-        let mut k = take(&mut self.bufs.k, m * kvd);
-        let mut v = take(&mut self.bufs.v, m * kvd);
-        let mut att = take(&mut self.bufs.att, m * qd);
-        let mut o = take(&mut self.bufs.o, m * d);
-        let mut g = take(&mut self.bufs.g, m * c.n_ff);
-        let mut u = take(&mut self.bufs.u, m * c.n_ff);
+        let mut xn = take(&mut self.bufs.xn, m * d, 0.0);
+        let mut q = take(&mut self.bufs.q, m * qd, 0.0);
+        let mut k = take(&mut self.bufs.k, m * kvd, 0.0);
+        let mut v = take(&mut self.bufs.v, m * kvd, 0.0);
+        let mut att = take(&mut self.bufs.att, m * qd, 0.0);
+        let mut o = take(&mut self.bufs.o, m * d, 0.0);
+        let mut g = take(&mut self.bufs.g, m * c.n_ff, 0.0);
+        let mut u = take(&mut self.bufs.u, m * c.n_ff, 0.0);
+        // With every row through the quantized kernels (no dense prompt
+        // rows), the regions that write a matmul's input also quantize it
+        // (the norm, the attention, the SiLU), sparing the matmul a region
+        // of its own; the same blocks, so the same results.
+        let fused = md == 0;
+        let mut qx = take(
+            &mut self.bufs.qx,
+            if fused { m * d / QK } else { 0 },
+            BlockQ8_1::ZERO,
+        );
+        let mut qa = take(
+            &mut self.bufs.qa,
+            if fused { m * qd / QK } else { 0 },
+            BlockQ8_1::ZERO,
+        );
+        let mut qg = take(
+            &mut self.bufs.qg,
+            if fused { m * c.n_ff / QK } else { 0 },
+            BlockQ8_1::ZERO,
+        );
         let scale = 1.0 / (hd as f32).sqrt();
         let stream = self.stream_len();
 
         // Every matmul of the layers: the first `md` rows through the dense path.
         let (team, pool) = (&self.team, &self.pool);
-        let mul = |ws: &[&QMatrix], x: &[f32], outs: &mut [&mut [f32]]| {
-            mm((team, pool), ws, x, m, md, outs)
+        let mul =
+            |ws: &[&QMatrix], x: &[f32], q8: Option<&[BlockQ8_1]>, outs: &mut [&mut [f32]]| {
+                mm((team, pool), ws, x, q8, m, md, outs)
+            };
+        // `x += add` (the previous block's output), then `xn = norm(x)`
+        // (quantized to `q8` when given), one task per row.
+        let norm = |x: &mut [f32],
+                    add: Option<&[f32]>,
+                    w: &[f32],
+                    xn: &mut [f32],
+                    q8: Option<&mut [BlockQ8_1]>| {
+            let kb = d / QK;
+            let (xs, xns) = (Disjoint::new(x), Disjoint::new(xn));
+            let q8 = q8.map(Disjoint::new);
+            team.run(m, &|r| {
+                // SAFETY: task `r` alone touches row `r`.
+                let (xr, xnr) = unsafe { (xs.slice(r * d, d), xns.slice(r * d, d)) };
+                if let Some(a) = add {
+                    ops::add_inplace(xr, &a[r * d..(r + 1) * d]);
+                }
+                ops::rms_norm(xr, w, c.rms_eps, xnr);
+                if let Some(q) = &q8 {
+                    // SAFETY: as above.
+                    quant::quantize_q8_1(xnr, unsafe { q.slice(r * kb, kb) });
+                }
+            });
         };
         for (l, layer) in self.w.layers.iter().enumerate() {
-            for r in 0..m {
-                ops::rms_norm(
-                    &x[r * d..(r + 1) * d],
-                    &layer.attn_norm,
-                    c.rms_eps,
-                    &mut xn[r * d..(r + 1) * d],
-                );
-            }
+            let q_qkv = fused && layer.wq.takes_q8_1();
+            norm(
+                &mut x,
+                (l > 0).then_some(&o[..]),
+                &layer.attn_norm,
+                &mut xn,
+                q_qkv.then_some(&mut qx[..]),
+            );
             mul(
                 &[&layer.wq, &layer.wk, &layer.wv],
                 &xn,
+                q_qkv.then_some(&qx[..]),
                 &mut [&mut q, &mut k, &mut v],
             )?;
             // Per row, over the team: biases, q/k norms, RoPE, and the K/V
@@ -393,6 +444,7 @@ impl LlamaModel {
                 });
             }
             // Causal attention of every (row, head) over its own sequence.
+            let mut q_att = fused && layer.wo.takes_q8_1();
             {
                 let caches = &self.caches;
                 let q = &q;
@@ -422,38 +474,67 @@ impl LlamaModel {
                 // rows' unequal lengths, few enough to claim cheaply.
                 let gd = group * hd;
                 let per = (m * nkv).div_ceil(self.team.threads() * 8).max(1);
+                // A task's outputs are whole Q8_1 blocks when `gd` is.
+                let qas = (q_att && gd.is_multiple_of(QK)).then(|| Disjoint::new(&mut qa[..]));
                 self.team.for_chunks_mut(&mut att, per * gd, |t, outs| {
                     let mut s = Vec::new();
                     for (j, out) in outs.chunks_mut(gd).enumerate() {
                         work(t * per + j, out, &mut s);
                     }
+                    if let Some(q) = &qas {
+                        // SAFETY: task `t`'s own blocks.
+                        let qt = unsafe { q.slice(t * per * gd / QK, outs.len() / QK) };
+                        quant::quantize_q8_1(outs, qt);
+                    }
                 });
+                q_att = qas.is_some();
             }
-            mul(&[&layer.wo], &att, &mut [&mut o])?;
-            ops::add_inplace(&mut x, &o);
-            for r in 0..m {
-                ops::rms_norm(
-                    &x[r * d..(r + 1) * d],
-                    &layer.ffn_norm,
-                    c.rms_eps,
-                    &mut xn[r * d..(r + 1) * d],
-                );
-            }
-            mul(&[&layer.w_gate, &layer.w_up], &xn, &mut [&mut g, &mut u])?;
+            mul(&[&layer.wo], &att, q_att.then_some(&qa[..]), &mut [&mut o])?;
+            let q_ffn = fused && layer.w_gate.takes_q8_1();
+            norm(
+                &mut x,
+                Some(&o),
+                &layer.ffn_norm,
+                &mut xn,
+                q_ffn.then_some(&mut qx[..]),
+            );
+            mul(
+                &[&layer.w_gate, &layer.w_up],
+                &xn,
+                q_ffn.then_some(&qx[..]),
+                &mut [&mut g, &mut u],
+            )?;
             // Over the pool: with several sequences its scalar `exp` (kept
             // for greedy parity, see `ops::silu_mul`) was a serial stretch
-            // of every layer. Element-wise, so the split changes no bits.
-            self.team.for_chunks_mut(&mut g, SILU_CHUNK, |i, a| {
-                ops::silu_mul(a, &u[i * SILU_CHUNK..][..a.len()])
-            });
-            mul(&[&layer.w_down], &g, &mut [&mut o])?;
+            // of every layer. Element-wise, so the split changes no bits;
+            // chunks are whole Q8_1 blocks of the rows.
+            let q_down = fused && layer.w_down.takes_q8_1();
+            {
+                let qgs = q_down.then(|| Disjoint::new(&mut qg[..]));
+                self.team.for_chunks_mut(&mut g, SILU_CHUNK, |i, a| {
+                    ops::silu_mul(a, &u[i * SILU_CHUNK..][..a.len()]);
+                    if let Some(q) = &qgs {
+                        // SAFETY: chunk `i`'s own blocks.
+                        let qi = unsafe { q.slice(i * SILU_CHUNK / QK, a.len() / QK) };
+                        quant::quantize_q8_1(a, qi);
+                    }
+                });
+            }
+            mul(
+                &[&layer.w_down],
+                &g,
+                q_down.then_some(&qg[..]),
+                &mut [&mut o],
+            )?;
+        }
+        if !self.w.layers.is_empty() {
             ops::add_inplace(&mut x, &o);
         }
 
         // Logits of each chunk's last row only.
         let last = last_row;
         let ml = last.len();
-        let mut xl = take(&mut self.bufs.xl, ml * d);
+        let mut xl = take(&mut self.bufs.xl, ml * d, 0.0);
         for (i, &r) in last.iter().enumerate() {
             ops::rms_norm(
                 &x[r * d..(r + 1) * d],
@@ -464,7 +545,7 @@ impl LlamaModel {
         }
         let out_w = self.w.output.as_ref().unwrap_or(&self.w.tok_embd);
         let vocab = out_w.rows;
-        let mut logits = take(&mut self.bufs.logits, ml * vocab);
+        let mut logits = take(&mut self.bufs.logits, ml * vocab, 0.0);
         matmul_multi(&self.team, &[out_w], &xl, ml, &mut [&mut logits]);
         // One vector per sequence for the sampler; with several sequences
         // the copies (200 kB each for a 49k vocabulary) go over the team
@@ -485,24 +566,30 @@ impl LlamaModel {
             u,
             xl,
             logits,
+            qx,
+            qa,
+            qg,
         };
         Ok(out)
     }
 }
 
 /// `matmul` with the first `md` rows through the dense path.
+/// With `md == 0`, `q8` (when given) is `x` quantized to Q8_1.
 fn mm(
     (team, pool): (&Team, &rayon::ThreadPool),
     ws: &[&QMatrix],
     x: &[f32],
+    q8: Option<&[BlockQ8_1]>,
     m: usize,
     md: usize,
     outs: &mut [&mut [f32]],
 ) -> Result<(), String> {
     if md == 0 {
-        matmul_multi(team, ws, x, m, outs);
+        matmul_given(team, ws, x, q8, m, outs);
         return Ok(());
     }
+    debug_assert!(q8.is_none());
     let k = ws[0].cols;
     let (xd, xq) = x.split_at(md * k);
     let mut dense_outs = Vec::with_capacity(ws.len());
