@@ -91,12 +91,6 @@ impl KvCache {
             v: vec![0; len],
         }
     }
-    fn k(&self) -> &[f16] {
-        self.k.reinterpret_cast()
-    }
-    fn v(&self) -> &[f16] {
-        self.v.reinterpret_cast()
-    }
 }
 
 /// Elements per task of the parallel SiLU.
@@ -346,31 +340,35 @@ impl LlamaModel {
                 q_qkv.then_some(&qx[..]),
                 &mut [&mut q, &mut k, &mut v],
             )?;
-            // Per row, over the team: biases, q/k norms, RoPE, and the K/V
-            // store at the row's position (rows write disjoint cache bytes:
-            // distinct slots, or distinct positions of one slot).
+            // Per row: biases, q/k norms, RoPE and the K/V store at the
+            // row's position; then causal attention of every (row, KV head)
+            // over its own sequence. With one row per sequence (decode) the
+            // two run in one region, item (row, KV head) preparing its own
+            // heads first: its stream of the cache is written and read by
+            // that item alone. With several rows of a sequence (a prompt),
+            // a row attends over positions other rows store, so all rows
+            // are prepared in a region of their own first.
+            let merged = rows.len() == chunks.len();
+            let mut q_att = fused && layer.wo.takes_q8_1();
             {
                 let half = c.rope_dim / 2;
                 let (cos, sin) = (&self.cos, &self.sin);
-                let rope = |buf: &mut [f32], heads: usize, pos: usize| {
+                let rope = |vv: &mut [f32], pos: usize| {
                     let cs = &cos[pos * half..(pos + 1) * half];
                     let sn = &sin[pos * half..(pos + 1) * half];
-                    for h in 0..heads {
-                        let vv = &mut buf[h * hd..(h + 1) * hd];
-                        match c.rope_style {
-                            RopeStyle::Interleaved => {
-                                for i in 0..half {
-                                    let (a, b) = (vv[2 * i], vv[2 * i + 1]);
-                                    vv[2 * i] = a * cs[i] - b * sn[i];
-                                    vv[2 * i + 1] = a * sn[i] + b * cs[i];
-                                }
+                    match c.rope_style {
+                        RopeStyle::Interleaved => {
+                            for i in 0..half {
+                                let (a, b) = (vv[2 * i], vv[2 * i + 1]);
+                                vv[2 * i] = a * cs[i] - b * sn[i];
+                                vv[2 * i + 1] = a * sn[i] + b * cs[i];
                             }
-                            RopeStyle::Neox => {
-                                for i in 0..half {
-                                    let (a, b) = (vv[i], vv[i + half]);
-                                    vv[i] = a * cs[i] - b * sn[i];
-                                    vv[i + half] = a * sn[i] + b * cs[i];
-                                }
+                        }
+                        RopeStyle::Neox => {
+                            for i in 0..half {
+                                let (a, b) = (vv[i], vv[i + half]);
+                                vv[i] = a * cs[i] - b * sn[i];
+                                vv[i + half] = a * sn[i] + b * cs[i];
                             }
                         }
                     }
@@ -394,81 +392,90 @@ impl LlamaModel {
                     Disjoint::new(&mut v),
                 );
                 let rows = &rows;
-                self.team.run(m, &|r| {
+                // KV heads `kvs` of row `r` and their query heads: biases,
+                // norms and RoPE (all per head or per element, so any split
+                // gives the same bits), then the K/V store.
+                //
+                // SAFETY (caller): no other task touches these heads of row
+                // `r` or these (slot, position) elements of the cache.
+                let prep = |r: usize, kvs: std::ops::Range<usize>| {
                     let (slot, pos) = rows[r];
-                    // SAFETY: task `r` is the only one to touch row `r` of
-                    // q, k and v.
+                    let (h0, h1) = (kvs.start * group, kvs.end * group);
+                    // SAFETY: the caller's contract.
                     let (qr, kr, vr) = unsafe {
                         (
-                            qs.slice(r * qd, qd),
-                            ks.slice(r * kvd, kvd),
-                            vs.slice(r * kvd, kvd),
+                            qs.slice(r * qd + h0 * hd, (h1 - h0) * hd),
+                            ks.slice(r * kvd + kvs.start * hd, kvs.len() * hd),
+                            vs.slice(r * kvd + kvs.start * hd, kvs.len() * hd),
                         )
                     };
                     if let Some(b) = &layer.bq {
-                        ops::add_inplace(qr, b);
+                        ops::add_inplace(qr, &b[h0 * hd..h1 * hd]);
                     }
                     if let Some(b) = &layer.bk {
-                        ops::add_inplace(kr, b);
+                        ops::add_inplace(kr, &b[kvs.start * hd..kvs.end * hd]);
                     }
                     if let Some(b) = &layer.bv {
-                        ops::add_inplace(vr, b);
+                        ops::add_inplace(vr, &b[kvs.start * hd..kvs.end * hd]);
                     }
-                    if let Some(nw) = &layer.q_norm {
-                        for h in qr.chunks_exact_mut(hd) {
+                    for h in qr.chunks_exact_mut(hd) {
+                        if let Some(nw) = &layer.q_norm {
                             ops::rms_norm_inplace(h, nw, c.rms_eps);
                         }
+                        rope(h, pos);
                     }
-                    if let Some(nw) = &layer.k_norm {
-                        for h in kr.chunks_exact_mut(hd) {
+                    for h in kr.chunks_exact_mut(hd) {
+                        if let Some(nw) = &layer.k_norm {
                             ops::rms_norm_inplace(h, nw, c.rms_eps);
                         }
+                        rope(h, pos);
                     }
-                    rope(qr, nh, pos);
-                    rope(kr, nkv, pos);
                     let (kc, vc) = caches[slot].as_ref().expect("cache allocated");
-                    for h in 0..nkv {
+                    for (j, h) in kvs.enumerate() {
                         let base = (l * nkv + h) * stream;
-                        // SAFETY: (slot, pos) is distinct for every row of
-                        // a forward, so no other task writes these
-                        // elements; the stream has room for the context.
+                        // SAFETY: the caller's contract; the stream has
+                        // room for the context.
                         unsafe {
                             attention::store_key(
                                 kc.ptr(base, stream),
                                 pos,
-                                &kr[h * hd..(h + 1) * hd],
+                                &kr[j * hd..(j + 1) * hd],
                             );
-                            f16::store(&vr[h * hd..(h + 1) * hd], vc.slice(base + pos * hd, hd));
+                            f16::store(&vr[j * hd..(j + 1) * hd], vc.slice(base + pos * hd, hd));
                         }
                     }
-                });
-            }
-            // Causal attention of every (row, head) over its own sequence.
-            let mut q_att = fused && layer.wo.takes_q8_1();
-            {
-                let caches = &self.caches;
-                let q = &q;
-                let rows = &rows;
+                };
+                if !merged {
+                    // Rows write disjoint cache elements: distinct slots, or
+                    // distinct positions of one slot.
+                    self.team.run(m, &|r| prep(r, 0..nkv));
+                }
                 // One item per (row, KV head): the query heads that share
                 // a KV head attend together, reading its cache rows once.
                 let work = |i: usize, outs: &mut [f32], scores: &mut Vec<f32>| {
                     let (r, kvh) = (i / nkv, i % nkv);
+                    if merged {
+                        // Item `i` alone touches these heads of row `r`, and
+                        // its slot's stream `kvh` (one row per slot).
+                        prep(r, kvh..kvh + 1);
+                    }
                     let (slot, pos) = rows[r];
-                    let cache = caches[slot].as_ref().expect("cache allocated");
+                    let (kc, vc) = caches[slot].as_ref().expect("cache allocated");
                     let base = (l * nkv + kvh) * stream;
                     let h0 = kvh * group;
-                    let qs = &q[r * qd + h0 * hd..r * qd + (h0 + group) * hd];
                     let n = pos + 1;
-                    attention::attend_heads(
-                        qs,
-                        hd,
-                        &cache.k()[base..base + attention::keys_len(n, hd)],
-                        &cache.v()[base..base + n * hd],
-                        n,
-                        scale,
-                        scores,
-                        outs,
-                    );
+                    // SAFETY: this item's own heads of row `r` (read only
+                    // here), and positions `0..n` of its stream, which no
+                    // task writes now (`prep` above is done: the same task,
+                    // or the region before).
+                    let (qh, keys, values) = unsafe {
+                        (
+                            &*qs.slice(r * qd + h0 * hd, group * hd),
+                            &*kc.slice(base, attention::keys_len(n, hd)),
+                            &*vc.slice(base, n * hd),
+                        )
+                    };
+                    attention::attend_heads(qh, hd, keys, values, n, scale, scores, outs);
                 };
                 // A few items per task: enough tasks to balance the causal
                 // rows' unequal lengths, few enough to claim cheaply.
