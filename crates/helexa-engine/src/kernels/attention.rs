@@ -85,6 +85,21 @@ pub fn copy_keys<T: Copy>(dst: &mut [T], src: &[T], hd: usize, start: usize, end
     }
 }
 
+/// Asks for the start of a key stream (the first 4 tiles of `n` positions)
+/// and its first value rows in cache: a task calls it for its next item
+/// while it works on this one, so that item does not begin on a cold
+/// stream. A hint: nothing is read.
+pub fn prefetch_start(keys: *const f16, values: *const f16, n: usize, hd: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let tiles = n.div_ceil(TILE).min(4);
+        super::prefetch_bytes(keys as *const u8, tiles * tile_bytes(hd));
+        super::prefetch_bytes(values as *const u8, n.min(TILE) * hd * 2);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (keys, values, n, hd);
+}
+
 /// Which kernels [`attend_heads`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernels {

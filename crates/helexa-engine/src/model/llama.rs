@@ -483,9 +483,26 @@ impl LlamaModel {
                 let per = (m * nkv).div_ceil(self.team.threads() * 8).max(1);
                 // A task's outputs are whole Q8_1 blocks when `gd` is.
                 let qas = (q_att && gd.is_multiple_of(QK)).then(|| Disjoint::new(&mut qa[..]));
+                // The start of item `i`'s cache streams, asked for ahead.
+                let warm = |i: usize| {
+                    let (r, kvh) = (i / nkv, i % nkv);
+                    let (slot, pos) = rows[r];
+                    let (kc, vc) = caches[slot].as_ref().expect("cache allocated");
+                    let base = (l * nkv + kvh) * stream;
+                    attention::prefetch_start(
+                        kc.ptr(base, stream),
+                        vc.ptr(base, stream),
+                        pos + 1,
+                        hd,
+                    );
+                };
                 self.team.for_chunks_mut(&mut att, per * gd, |t, outs| {
                     let mut s = Vec::new();
+                    let items = outs.len() / gd;
                     for (j, out) in outs.chunks_mut(gd).enumerate() {
+                        if j + 1 < items {
+                            warm(t * per + j + 1);
+                        }
                         work(t * per + j, out, &mut s);
                     }
                     if let Some(q) = &qas {
