@@ -27,7 +27,7 @@
 
 #![allow(clippy::needless_range_loop)]
 
-use super::ops::{softmax_inplace, KvElem};
+use super::ops::{softmax_inplace, store_f16};
 use super::repack::{pick, Isa};
 use half::f16;
 
@@ -56,7 +56,7 @@ pub unsafe fn store_key(keys: *mut f16, p: usize, k: &[f32]) {
     let hd = k.len();
     let mut h = [f16::ZERO; 64];
     for (c, part) in k.chunks(64).enumerate() {
-        f16::store(part, &mut h[..part.len()]);
+        store_f16(part, &mut h[..part.len()]);
         for (j, &v) in h[..part.len()].iter().enumerate() {
             // SAFETY: in the stream (caller's contract).
             unsafe { *keys.add(key_at(hd, p, 64 * c + j)) = v };
@@ -256,7 +256,8 @@ fn ahead(
 #[cfg(target_arch = "x86_64")]
 use super::prefetch_bytes;
 
-/// Runs `$f::<H, ..>` over the heads in passes of up to 4.
+/// Runs `$body` for each pass over the heads: `$hn` (up to 4) heads from
+/// head `$h0`.
 macro_rules! by_heads {
     ($heads:expr, |$h0:ident, $hn:ident| $body:expr) => {{
         let mut $h0 = 0;
@@ -636,7 +637,7 @@ mod tests {
             unsafe { store_key(ks.as_mut_ptr(), p, &k[p * hd..(p + 1) * hd]) };
         }
         let mut vs = vec![f16::ZERO; n * hd];
-        f16::store(&v, &mut vs);
+        store_f16(&v, &mut vs);
         let kr: Vec<f32> = k.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
         let vr: Vec<f32> = vs.iter().map(|x| x.to_f32()).collect();
         (ks, vs, kr, vr)

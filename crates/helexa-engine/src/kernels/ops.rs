@@ -101,36 +101,24 @@ pub fn softmax_inplace(xs: &mut [f32]) {
     }
 }
 
-/// Elements a KV cache may hold: f32, or f16 (half the memory and the
-/// bytes read per step; llama.cpp's default cache type too).
-pub trait KvElem: Copy + Send + Sync + 'static {
-    /// `dst[i] = src[i]` rounded to this type.
-    fn store(src: &[f32], dst: &mut [Self]);
-}
-
-impl KvElem for f32 {
-    fn store(src: &[f32], dst: &mut [f32]) {
-        dst.copy_from_slice(src);
+/// `dst[i] = f16(src[i])`, rounded to nearest even: the KV cache's element
+/// type (half the memory, and half the bytes read per step, of f32;
+/// llama.cpp's default cache type too).
+pub fn store_f16(src: &[f32], dst: &mut [half::f16]) {
+    assert_eq!(src.len(), dst.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // `half` converts in software here (its F16C path needs a
+        // build-time target feature): ~5 ns an element, half a
+        // millisecond of every 8-sequence decode step in the KV store.
+        // F16C rounds to nearest even, as `half` does: the same bits.
+        done = src.len() / 8 * 8;
+        // SAFETY: AVX2/F16C present; `done <= len` of both slices.
+        unsafe { avx2::f32_to_f16(&src[..done], dst.as_mut_ptr().cast()) };
     }
-}
-
-impl KvElem for half::f16 {
-    fn store(src: &[f32], dst: &mut [half::f16]) {
-        assert_eq!(src.len(), dst.len());
-        let mut done = 0;
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            // `half` converts in software here (its F16C path needs a
-            // build-time target feature): ~5 ns an element, half a
-            // millisecond of every 8-sequence decode step in the KV store.
-            // F16C rounds to nearest even, as `half` does: the same bits.
-            done = src.len() / 8 * 8;
-            // SAFETY: AVX2/F16C present; `done <= len` of both slices.
-            unsafe { avx2::f32_to_f16(&src[..done], dst.as_mut_ptr().cast()) };
-        }
-        use half::slice::HalfFloatSliceExt;
-        dst[done..].convert_from_f32_slice(&src[done..]);
-    }
+    use half::slice::HalfFloatSliceExt;
+    dst[done..].convert_from_f32_slice(&src[done..]);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -416,13 +404,13 @@ mod tests {
         src.extend([0.0, -0.0, 65504.0, 65520.0, 1e9, -1e9, f32::INFINITY]);
         src.extend([f32::NEG_INFINITY, 1e-8, -1e-8, 5.96e-8, 2.98e-8, 3.0]);
         let mut fast = vec![half::f16::ZERO; src.len()];
-        <half::f16 as KvElem>::store(&src, &mut fast);
+        store_f16(&src, &mut fast);
         for (x, f) in src.iter().zip(&fast) {
             assert_eq!(f.to_bits(), half::f16::from_f32(*x).to_bits(), "{x:e}");
         }
         let nan = [f32::NAN; 9];
         let mut out = [half::f16::ZERO; 9];
-        <half::f16 as KvElem>::store(&nan, &mut out);
+        store_f16(&nan, &mut out);
         assert!(out.iter().all(|h| h.is_nan()));
     }
 

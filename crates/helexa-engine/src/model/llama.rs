@@ -11,7 +11,7 @@
 use super::{Chunk, Model};
 use crate::kernels::attention;
 use crate::kernels::matmul::{matmul_dense, matmul_given, matmul_multi, QMatrix};
-use crate::kernels::ops::{self, KvElem};
+use crate::kernels::ops;
 use crate::kernels::quant::{self, BlockQ8_1, QK};
 use crate::kernels::team::{Disjoint, Team};
 use half::f16;
@@ -278,21 +278,12 @@ impl LlamaModel {
         // (the norm, the attention, the SiLU), sparing the matmul a region
         // of its own; the same blocks, so the same results.
         let fused = md == 0;
-        let mut qx = take(
-            &mut self.bufs.qx,
-            if fused { m * d / QK } else { 0 },
-            BlockQ8_1::ZERO,
-        );
-        let mut qa = take(
-            &mut self.bufs.qa,
-            if fused { m * qd / QK } else { 0 },
-            BlockQ8_1::ZERO,
-        );
-        let mut qg = take(
-            &mut self.bufs.qg,
-            if fused { m * c.n_ff / QK } else { 0 },
-            BlockQ8_1::ZERO,
-        );
+        let q8_for = |slot: &mut Vec<BlockQ8_1>, cols: usize| {
+            take(slot, if fused { m * cols / QK } else { 0 }, BlockQ8_1::ZERO)
+        };
+        let mut qx = q8_for(&mut self.bufs.qx, d);
+        let mut qa = q8_for(&mut self.bufs.qa, qd);
+        let mut qg = q8_for(&mut self.bufs.qg, c.n_ff);
         let scale = 1.0 / (hd as f32).sqrt();
         let stream = self.stream_len();
 
@@ -349,7 +340,9 @@ impl LlamaModel {
             // a row attends over positions other rows store, so all rows
             // are prepared in a region of their own first.
             let merged = rows.len() == chunks.len();
-            let mut q_att = fused && layer.wo.takes_q8_1();
+            // A task's attention outputs are whole Q8_1 blocks when a
+            // group's are.
+            let q_att = fused && layer.wo.takes_q8_1() && (group * hd).is_multiple_of(QK);
             {
                 let half = c.rope_dim / 2;
                 let (cos, sin) = (&self.cos, &self.sin);
@@ -441,7 +434,10 @@ impl LlamaModel {
                                 pos,
                                 &kr[j * hd..(j + 1) * hd],
                             );
-                            f16::store(&vr[j * hd..(j + 1) * hd], vc.slice(base + pos * hd, hd));
+                            ops::store_f16(
+                                &vr[j * hd..(j + 1) * hd],
+                                vc.slice(base + pos * hd, hd),
+                            );
                         }
                     }
                 };
@@ -481,8 +477,7 @@ impl LlamaModel {
                 // rows' unequal lengths, few enough to claim cheaply.
                 let gd = group * hd;
                 let per = (m * nkv).div_ceil(self.team.threads() * 8).max(1);
-                // A task's outputs are whole Q8_1 blocks when `gd` is.
-                let qas = (q_att && gd.is_multiple_of(QK)).then(|| Disjoint::new(&mut qa[..]));
+                let qas = q_att.then(|| Disjoint::new(&mut qa[..]));
                 // The start of item `i`'s cache streams, asked for ahead.
                 let warm = |i: usize| {
                     let (r, kvh) = (i / nkv, i % nkv);
@@ -511,7 +506,6 @@ impl LlamaModel {
                         quant::quantize_q8_1(outs, qt);
                     }
                 });
-                q_att = qas.is_some();
             }
             mul(&[&layer.wo], &att, q_att.then_some(&qa[..]), &mut [&mut o])?;
             let q_ffn = fused && layer.w_gate.takes_q8_1();
