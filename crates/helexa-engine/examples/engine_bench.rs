@@ -59,8 +59,14 @@ fn main() {
         .ok()
         .map(|v| v.split(',').filter_map(|b| b.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![1, 4, 8]);
+    // HELEXA_BENCH_REPS=N runs each batch size N times (default 2; more
+    // for a profile of decode that the load and first prefill do not swamp).
+    let reps: usize = std::env::var("HELEXA_BENCH_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
     for &batch in &batches {
-        for rep in 0..2 {
+        for rep in 0..reps {
             let t0 = Instant::now();
             let streams: Vec<_> = (0..batch)
                 .map(|i| {
