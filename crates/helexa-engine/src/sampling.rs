@@ -56,6 +56,19 @@ impl Sampler {
         self.params.temperature <= GREEDY_TEMPERATURE || self.params.top_k == 1
     }
 
+    /// Whether [`Sampler::adjust`] leaves logits as they are and
+    /// [`Sampler::pick`] is [`argmax`]: greedy, no `logit_bias`, no
+    /// penalties. The scheduler then takes the argmax computed beside the
+    /// forward pass (over the model's threads) instead of calling `pick`.
+    pub fn is_plain_greedy(&self) -> bool {
+        let p = &self.params;
+        self.is_greedy()
+            && p.logit_bias.is_empty()
+            && (p.repetition_penalty <= 0.0 || p.repetition_penalty == 1.0)
+            && p.frequency_penalty == 0.0
+            && p.presence_penalty == 0.0
+    }
+
     /// Chooses the next token. `logits` (one per vocabulary entry) is modified
     /// in place by the penalties; `context` is the prompt plus the generated
     /// tokens (repetition penalty), `generated` only the generated ones
@@ -444,6 +457,34 @@ mod tests {
 
     fn ln(p: &[f64]) -> Vec<f32> {
         p.iter().map(|x| x.ln() as f32).collect()
+    }
+
+    #[test]
+    fn plain_greedy_is_greedy_without_bias_or_penalties() {
+        let plain = |f: fn(&mut SamplingParams)| Sampler::new(&params(f)).is_plain_greedy();
+        assert!(plain(|p| p.temperature = 0.0));
+        assert!(plain(|p| {
+            p.temperature = 0.8;
+            p.top_k = 1;
+            p.repetition_penalty = 1.0;
+        }));
+        assert!(!plain(|p| p.temperature = 0.8));
+        assert!(!plain(|p| {
+            p.temperature = 0.0;
+            p.logit_bias = vec![(3, 1.0)];
+        }));
+        assert!(!plain(|p| {
+            p.temperature = 0.0;
+            p.repetition_penalty = 1.1;
+        }));
+        assert!(!plain(|p| {
+            p.temperature = 0.0;
+            p.frequency_penalty = 0.5;
+        }));
+        assert!(!plain(|p| {
+            p.temperature = 0.0;
+            p.presence_penalty = -0.5;
+        }));
     }
 
     #[test]

@@ -510,7 +510,31 @@ impl Worker {
                 .store(r.to_bits(), Ordering::Relaxed);
         }
 
-        for ((slot, _from, to), res) in plan.into_iter().zip(results) {
+        // The greedy picks of the sequences that sample plainly, over the
+        // model's threads (`Model::argmaxes`); the same function `pick`
+        // would run, so the same tokens.
+        let want: Vec<bool> = plan
+            .iter()
+            .zip(&results)
+            .map(|(&(slot, _, to), res)| {
+                res.is_ok()
+                    && self.slots[slot].as_ref().is_some_and(|s| {
+                        to == s.tokens.len()
+                            && s.constraint.is_none()
+                            && s.sampler.is_plain_greedy()
+                    })
+            })
+            .collect();
+        let picks = if want.iter().filter(|&&w| w).count() > 1 {
+            let views: Vec<&[f32]> = results
+                .iter()
+                .map(|r| r.as_ref().map_or(&[][..], |l| &l[..]))
+                .collect();
+            self.model.argmaxes(&views, &want)
+        } else {
+            vec![None; plan.len()]
+        };
+        for (((slot, _from, to), res), pick) in plan.into_iter().zip(results).zip(picks) {
             let mut logits = match res {
                 Ok(l) => l,
                 Err(msg) => {
@@ -534,6 +558,7 @@ impl Worker {
                 Self::advance(
                     seq,
                     &mut logits,
+                    pick,
                     &self.cfg.eos_token_ids,
                     self.model.context_length(),
                 )
@@ -727,7 +752,15 @@ impl Worker {
     }
 
     /// Samples the next token of `seq` and emits its text.
-    fn advance(seq: &mut Seq, logits: &mut [f32], eos: &[u32], context: usize) -> Outcome {
+    /// `greedy`: the argmax of `logits`, computed already, when the
+    /// sequence samples plainly greedily (see `step`).
+    fn advance(
+        seq: &mut Seq,
+        logits: &mut [f32],
+        greedy: Option<u32>,
+        eos: &[u32],
+        context: usize,
+    ) -> Outcome {
         if seq.generated() >= seq.max_new {
             Self::flush(seq);
             return Outcome::Finished(FinishReason::Length);
@@ -742,7 +775,13 @@ impl Worker {
                 return Outcome::Failed(e);
             }
         }
-        let tok = seq.sampler.pick(logits);
+        let tok = match greedy {
+            Some(t) => {
+                debug_assert_eq!(t, seq.sampler.pick(logits));
+                t
+            }
+            None => seq.sampler.pick(logits),
+        };
         seq.tokens.push(tok);
         seq.unreported += 1;
         if eos.contains(&tok) {

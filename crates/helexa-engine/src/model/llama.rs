@@ -625,6 +625,16 @@ fn mm(
 }
 
 impl Model for LlamaModel {
+    fn argmaxes(&self, logits: &[&[f32]], want: &[bool]) -> Vec<Option<u32>> {
+        let mut out = vec![None; logits.len()];
+        self.team.for_chunks_mut(&mut out, 1, |i, o| {
+            if want[i] {
+                o[0] = Some(crate::sampling::argmax(logits[i]));
+            }
+        });
+        out
+    }
+
     fn context_length(&self) -> usize {
         self.cfg.context
     }

@@ -28,6 +28,17 @@ pub trait Model: Send {
     /// Logits (vocab-sized) after the last token of each chunk, in order.
     /// Several chunks may not share a slot.
     fn forward(&mut self, chunks: &[Chunk]) -> Result<Vec<Vec<f32>>, String>;
+    /// [`crate::sampling::argmax`] of `logits[i]` where `want[i]`, `None`
+    /// elsewhere: the greedy picks of a step, which a model with a thread
+    /// team computes over it (one vocabulary scan per sequence on the
+    /// scheduler thread kept the other threads waiting).
+    fn argmaxes(&self, logits: &[&[f32]], want: &[bool]) -> Vec<Option<u32>> {
+        logits
+            .iter()
+            .zip(want)
+            .map(|(l, &w)| w.then(|| crate::sampling::argmax(l)))
+            .collect()
+    }
     /// The slot's sequence is done; its cache may be reused.
     fn release(&mut self, slot: usize);
     /// Whether a slot's cache survives `release` and `copy_kv` works: the

@@ -347,6 +347,22 @@ fn check(s: Spec) {
         .unwrap();
     assert_eq!(out[0], decoded[0].1, "batched decode differs (prompt)");
     assert_eq!(out[1], other_step, "batched decode differs (other)");
+    // The step's greedy picks over the model's threads: the sampler's
+    // argmax of each wanted row, nothing for the others.
+    let views: Vec<&[f32]> = vec![&out[0], &out[1], &out[0]];
+    for want in [
+        [true, true, true],
+        [false, true, false],
+        [true, false, true],
+    ] {
+        let picks = fresh.argmaxes(&views, &want);
+        let expect: Vec<Option<u32>> = views
+            .iter()
+            .zip(want)
+            .map(|(v, w)| w.then(|| crate::sampling::argmax(v)))
+            .collect();
+        assert_eq!(picks, expect);
+    }
     // A dense prefill and a decode step in one call.
     let out = fresh
         .forward(&[
