@@ -61,12 +61,22 @@ impl Sampler {
     /// penalties. The scheduler then takes the argmax computed beside the
     /// forward pass (over the model's threads) instead of calling `pick`.
     pub fn is_plain_greedy(&self) -> bool {
-        let p = &self.params;
         self.is_greedy()
-            && p.logit_bias.is_empty()
-            && (p.repetition_penalty <= 0.0 || p.repetition_penalty == 1.0)
-            && p.frequency_penalty == 0.0
-            && p.presence_penalty == 0.0
+            && self.params.logit_bias.is_empty()
+            && !self.repetition_penalised()
+            && !self.frequency_penalised()
+    }
+
+    /// Whether the repetition penalty changes logits (given a context).
+    fn repetition_penalised(&self) -> bool {
+        let rep = self.params.repetition_penalty;
+        rep > 0.0 && rep != 1.0
+    }
+
+    /// Whether the frequency or presence penalty changes logits (given
+    /// generated tokens).
+    fn frequency_penalised(&self) -> bool {
+        self.params.frequency_penalty != 0.0 || self.params.presence_penalty != 0.0
     }
 
     /// Chooses the next token. `logits` (one per vocabulary entry) is modified
@@ -102,9 +112,9 @@ impl Sampler {
         let n = logits.len();
         let p = &self.params;
         let rep = p.repetition_penalty;
-        let use_rep = rep > 0.0 && rep != 1.0 && !context.is_empty();
+        let use_rep = self.repetition_penalised() && !context.is_empty();
         let (freq, pres) = (p.frequency_penalty, p.presence_penalty);
-        let use_fp = (freq != 0.0 || pres != 0.0) && !generated.is_empty();
+        let use_fp = self.frequency_penalised() && !generated.is_empty();
         if !use_rep && !use_fp {
             return;
         }
