@@ -8,6 +8,7 @@
 //! prompt chunks and single decode tokens of different sequences — through
 //! each weight matrix once.
 
+use super::regions::{self, Region};
 use super::{Chunk, Model};
 use crate::kernels::attention;
 use crate::kernels::matmul::{matmul_dense, matmul_given, matmul_multi, QMatrix};
@@ -316,6 +317,11 @@ impl LlamaModel {
                 }
             });
         };
+        // Decode steps only (one row per sequence, no dense rows).
+        let mut clock = regions::Clock::start(
+            regions::enabled() && md == 0 && rows.len() == chunks.len(),
+            m,
+        );
         for (l, layer) in self.w.layers.iter().enumerate() {
             let q_qkv = fused && layer.wq.takes_q8_1();
             norm(
@@ -325,12 +331,14 @@ impl LlamaModel {
                 &mut xn,
                 q_qkv.then_some(&mut qx[..]),
             );
+            clock.mark(Region::AttnNorm);
             mul(
                 &[&layer.wq, &layer.wk, &layer.wv],
                 &xn,
                 q_qkv.then_some(&qx[..]),
                 &mut [&mut q, &mut k, &mut v],
             )?;
+            clock.mark(Region::Qkv);
             // Per row: biases, q/k norms, RoPE and the K/V store at the
             // row's position; then causal attention of every (row, KV head)
             // over its own sequence. With one row per sequence (decode) the
@@ -507,7 +515,9 @@ impl LlamaModel {
                     }
                 });
             }
+            clock.mark(Region::Attention);
             mul(&[&layer.wo], &att, q_att.then_some(&qa[..]), &mut [&mut o])?;
+            clock.mark(Region::Wo);
             let q_ffn = fused && layer.w_gate.takes_q8_1();
             norm(
                 &mut x,
@@ -516,12 +526,14 @@ impl LlamaModel {
                 &mut xn,
                 q_ffn.then_some(&mut qx[..]),
             );
+            clock.mark(Region::FfnNorm);
             mul(
                 &[&layer.w_gate, &layer.w_up],
                 &xn,
                 q_ffn.then_some(&qx[..]),
                 &mut [&mut g, &mut u],
             )?;
+            clock.mark(Region::GateUp);
             // Over the pool: with several sequences its scalar `exp` (kept
             // for greedy parity, see `ops::silu_mul`) was a serial stretch
             // of every layer. Element-wise, so the split changes no bits;
@@ -538,12 +550,14 @@ impl LlamaModel {
                     }
                 });
             }
+            clock.mark(Region::Silu);
             mul(
                 &[&layer.w_down],
                 &g,
                 q_down.then_some(&qg[..]),
                 &mut [&mut o],
             )?;
+            clock.mark(Region::Down);
         }
         if !self.w.layers.is_empty() {
             ops::add_inplace(&mut x, &o);
@@ -565,6 +579,7 @@ impl LlamaModel {
         let vocab = out_w.rows;
         let mut logits = take(&mut self.bufs.logits, ml * vocab, 0.0);
         matmul_multi(&self.team, &[out_w], &xl, ml, &mut [&mut logits]);
+        clock.mark(Region::LmHead);
         // One vector per sequence for the sampler; with several sequences
         // the copies (200 kB each for a 49k vocabulary) go over the team
         // (one sequence is copied inline: a one-task region runs there).
@@ -572,6 +587,8 @@ impl LlamaModel {
         self.team.for_chunks_mut(&mut out, 1, |i, o| {
             o[0] = logits[i * vocab..(i + 1) * vocab].to_vec();
         });
+        clock.mark(Region::Logits);
+        clock.finish();
         self.bufs = Bufs {
             x,
             xn,

@@ -5,6 +5,7 @@
 pub mod device;
 pub mod gguf;
 pub mod llama;
+pub mod regions;
 pub mod safetensors;
 
 /// Tokens of one sequence to run: written to `slot`'s cache at positions
