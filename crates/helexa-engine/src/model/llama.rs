@@ -354,25 +354,11 @@ impl LlamaModel {
             {
                 let half = c.rope_dim / 2;
                 let (cos, sin) = (&self.cos, &self.sin);
+                let interleaved = matches!(c.rope_style, RopeStyle::Interleaved);
                 let rope = |vv: &mut [f32], pos: usize| {
                     let cs = &cos[pos * half..(pos + 1) * half];
                     let sn = &sin[pos * half..(pos + 1) * half];
-                    match c.rope_style {
-                        RopeStyle::Interleaved => {
-                            for i in 0..half {
-                                let (a, b) = (vv[2 * i], vv[2 * i + 1]);
-                                vv[2 * i] = a * cs[i] - b * sn[i];
-                                vv[2 * i + 1] = a * sn[i] + b * cs[i];
-                            }
-                        }
-                        RopeStyle::Neox => {
-                            for i in 0..half {
-                                let (a, b) = (vv[i], vv[i + half]);
-                                vv[i] = a * cs[i] - b * sn[i];
-                                vv[i + half] = a * sn[i] + b * cs[i];
-                            }
-                        }
-                    }
+                    ops::rope(vv, cs, sn, interleaved);
                 };
                 let caches: Vec<Option<(Disjoint<f16>, Disjoint<f16>)>> = self
                     .caches
