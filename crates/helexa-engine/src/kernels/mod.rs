@@ -13,14 +13,7 @@ pub mod team;
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn prefetch_bytes(p: *const u8, len: usize) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-    let a = p as *const i8;
-    let mut off = 0;
-    while off < len {
-        // SAFETY: a prefetch is a hint; it cannot fault.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(off)) };
-        off += 64;
-    }
+    prefetch_lines::<{ std::arch::x86_64::_MM_HINT_T0 }>(p, len)
 }
 
 /// As [`prefetch_bytes`], with the intent to write (`prefetchw`): the lines
@@ -29,12 +22,18 @@ pub(crate) fn prefetch_bytes(p: *const u8, len: usize) {
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn prefetch_bytes_to_write(p: *const u8, len: usize) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0};
+    prefetch_lines::<{ std::arch::x86_64::_MM_HINT_ET0 }>(p, len)
+}
+
+/// `_mm_prefetch` with `HINT` of every 64-byte line of `len` bytes at `p`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_lines<const HINT: i32>(p: *const u8, len: usize) {
     let a = p as *const i8;
     let mut off = 0;
     while off < len {
         // SAFETY: a prefetch is a hint; it cannot fault.
-        unsafe { _mm_prefetch::<_MM_HINT_ET0>(a.wrapping_add(off)) };
+        unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(a.wrapping_add(off)) };
         off += 64;
     }
 }

@@ -180,7 +180,7 @@ fn has_avx512() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::avx2::EXP2_32;
+    use super::avx2::{C, EXP2_32, INV_LN2_N, SHIFT};
     use std::arch::x86_64::*;
 
     /// `e^x` of 8 lanes in double as [`super::avx2::expf8`] computes it
@@ -191,15 +191,13 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     fn expf8d(x: __m256, t: [__m512i; 4]) -> __m256 {
         let xd = _mm512_cvtps_pd(x);
-        let inv_ln2_n = _mm512_set1_pd(f64::from_bits(0x40471547652b82fe)); // 32/ln 2
-        let shift = _mm512_set1_pd(f64::from_bits(0x4338000000000000)); // 0x1.8p52
+        let inv_ln2_n = _mm512_set1_pd(f64::from_bits(INV_LN2_N));
+        let shift = _mm512_set1_pd(f64::from_bits(SHIFT));
         let kd = _mm512_fmadd_pd(inv_ln2_n, xd, shift);
         let ki = _mm512_castpd_si512(kd);
         let kd = _mm512_sub_pd(kd, shift);
         let r = _mm512_fmsub_pd(inv_ln2_n, xd, kd);
-        let c0 = _mm512_set1_pd(f64::from_bits(0x3ebc6af84b912394));
-        let c1 = _mm512_set1_pd(f64::from_bits(0x3f2ebfce50fac4f3));
-        let c2 = _mm512_set1_pd(f64::from_bits(0x3f962e42ff0c52d6));
+        let [c0, c1, c2] = C.map(|c| _mm512_set1_pd(f64::from_bits(c)));
         let z = _mm512_fmadd_pd(c0, r, c1);
         // Entry `ki & 31`: its low four bits pick one of 16 in each half
         // of the table, bit 4 the half.
@@ -215,21 +213,21 @@ mod avx512 {
         _mm512_cvtpd_ps(_mm512_mul_pd(y, s))
     }
 
-    /// The table in four registers.
+    /// The table of [`expf16`] in four registers.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn table() -> [__m512i; 4] {
+    pub fn table() -> [__m512i; 4] {
         // SAFETY: 32 u64 entries, read 8 at a time.
         std::array::from_fn(|i| unsafe {
             _mm512_loadu_si512(EXP2_32.as_ptr().add(8 * i) as *const __m512i)
         })
     }
 
-    /// `e^x` of 16 lanes, the bits of glibc's `expf` for `|x| < 88`.
+    /// `e^x` of 16 lanes, the bits of glibc's `expf` for `|x| < 88`; `t`
+    /// is [`table`] (loaded once by a caller that loops).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub fn expf16(x: __m512) -> __m512 {
-        let t = table();
+    pub fn expf16(x: __m512, t: [__m512i; 4]) -> __m512 {
         let lo = expf8d(_mm512_castps512_ps256(x), t);
         let hi = expf8d(
             _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x))),
@@ -250,6 +248,7 @@ mod avx512 {
     pub unsafe fn silu_mul(g: &mut [f32], u: &[f32]) {
         let one = _mm512_set1_ps(1.0);
         let limit = _mm512_set1_ps(88.0);
+        let t = table();
         for (a, b) in g.chunks_exact_mut(16).zip(u.chunks_exact(16)) {
             unsafe {
                 let va = _mm512_loadu_ps(a.as_ptr());
@@ -265,7 +264,7 @@ mod avx512 {
                     _mm512_castps_si512(va),
                     _mm512_set1_epi32(i32::MIN),
                 ));
-                let e = expf16(neg);
+                let e = expf16(neg, t);
                 let s = _mm512_div_ps(va, _mm512_add_ps(one, e));
                 _mm512_storeu_ps(
                     a.as_mut_ptr(),
@@ -392,6 +391,12 @@ mod avx2 {
     /// `2^(i/32)` rounded to double, less `i << 47`, for `i` in `0..32`
     /// (generated with Python's `decimal` at 60 digits): the table of the
     /// `expf` algorithm of ARM's optimized-routines, which glibc uses.
+    /// The other constants of that algorithm, as f64 bits: `32 / ln 2`,
+    /// the rounding shift `0x1.8p52`, and the cubic's coefficients.
+    pub(super) const INV_LN2_N: u64 = 0x40471547652b82fe;
+    pub(super) const SHIFT: u64 = 0x4338000000000000;
+    pub(super) const C: [u64; 3] = [0x3ebc6af84b912394, 0x3f2ebfce50fac4f3, 0x3f962e42ff0c52d6];
+
     pub(super) const EXP2_32: [u64; 32] = [
         0x3ff0000000000000,
         0x3fefd9b0d3158574,
@@ -436,15 +441,13 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     fn expf4(x: __m128) -> __m128 {
         let xd = _mm256_cvtps_pd(x);
-        let inv_ln2_n = _mm256_set1_pd(f64::from_bits(0x40471547652b82fe)); // 32/ln 2
-        let shift = _mm256_set1_pd(f64::from_bits(0x4338000000000000)); // 0x1.8p52
+        let inv_ln2_n = _mm256_set1_pd(f64::from_bits(INV_LN2_N));
+        let shift = _mm256_set1_pd(f64::from_bits(SHIFT));
         let kd = _mm256_fmadd_pd(inv_ln2_n, xd, shift);
         let ki = _mm256_castpd_si256(kd);
         let kd = _mm256_sub_pd(kd, shift);
         let r = _mm256_fmsub_pd(inv_ln2_n, xd, kd);
-        let c0 = _mm256_set1_pd(f64::from_bits(0x3ebc6af84b912394));
-        let c1 = _mm256_set1_pd(f64::from_bits(0x3f2ebfce50fac4f3));
-        let c2 = _mm256_set1_pd(f64::from_bits(0x3f962e42ff0c52d6));
+        let [c0, c1, c2] = C.map(|c| _mm256_set1_pd(f64::from_bits(c)));
         let z = _mm256_fmadd_pd(c0, r, c1);
         let idx = _mm256_and_si256(ki, _mm256_set1_epi64x(31));
         // SAFETY: indices are in 0..32.
@@ -742,26 +745,14 @@ mod tests {
         }
     }
 
-    /// Every `step`-th f32 bit pattern in `expf`'s fast path, 8 at a time
-    /// through `expf8` against the C library's `expf`.
-    #[cfg(target_arch = "x86_64")]
-    fn check_expf8(step: u64) -> u64 {
-        use std::arch::x86_64::*;
-        if !has_avx2() || !cfg!(target_env = "gnu") {
-            return 0;
-        }
-        let mut lanes = [0f32; 8];
+    /// Every `step`-th f32 bit pattern in `expf`'s fast path, `L` at a time
+    /// through `exp` against the C library's `expf`; how many were checked.
+    fn check_expf<const L: usize>(step: u64, exp: impl Fn(&[f32; L]) -> [f32; L]) -> u64 {
+        let mut lanes = [0f32; L];
         let mut n = 0usize;
         let mut checked = 0u64;
-        let flush = |lanes: &[f32; 8], n: usize| {
-            let mut got = [0f32; 8];
-            // SAFETY: AVX2/FMA checked above.
-            unsafe {
-                _mm256_storeu_ps(
-                    got.as_mut_ptr(),
-                    avx2::expf8(_mm256_loadu_ps(lanes.as_ptr())),
-                )
-            };
+        let flush = |lanes: &[f32; L], n: usize| {
+            let got = exp(lanes);
             for j in 0..n {
                 let want = lanes[j].exp();
                 assert_eq!(got[j].to_bits(), want.to_bits(), "expf({:e})", lanes[j]);
@@ -774,8 +765,8 @@ mod tests {
                 lanes[n] = x;
                 n += 1;
                 checked += 1;
-                if n == 8 {
-                    flush(&lanes, 8);
+                if n == L {
+                    flush(&lanes, L);
                     n = 0;
                 }
             }
@@ -785,46 +776,44 @@ mod tests {
         checked
     }
 
-    /// As [`check_expf8`] through the 16-lane `avx512::expf16`.
+    /// [`check_expf`] through `avx2::expf8` (0 without AVX2 or glibc).
+    #[cfg(target_arch = "x86_64")]
+    fn check_expf8(step: u64) -> u64 {
+        use std::arch::x86_64::*;
+        if !has_avx2() || !cfg!(target_env = "gnu") {
+            return 0;
+        }
+        check_expf::<8>(step, |lanes| {
+            let mut got = [0f32; 8];
+            // SAFETY: AVX2/FMA checked above.
+            unsafe {
+                _mm256_storeu_ps(
+                    got.as_mut_ptr(),
+                    avx2::expf8(_mm256_loadu_ps(lanes.as_ptr())),
+                )
+            };
+            got
+        })
+    }
+
+    /// [`check_expf`] through `avx512::expf16` (0 without AVX-512 or glibc).
     #[cfg(target_arch = "x86_64")]
     fn check_expf16(step: u64) -> u64 {
         use std::arch::x86_64::*;
         if !has_avx512() || !cfg!(target_env = "gnu") {
             return 0;
         }
-        let mut lanes = [0f32; 16];
-        let mut n = 0usize;
-        let mut checked = 0u64;
-        let flush = |lanes: &[f32; 16], n: usize| {
+        check_expf::<16>(step, |lanes| {
             let mut got = [0f32; 16];
             // SAFETY: AVX-512F checked above.
             unsafe {
                 _mm512_storeu_ps(
                     got.as_mut_ptr(),
-                    avx512::expf16(_mm512_loadu_ps(lanes.as_ptr())),
+                    avx512::expf16(_mm512_loadu_ps(lanes.as_ptr()), avx512::table()),
                 )
             };
-            for j in 0..n {
-                let want = lanes[j].exp();
-                assert_eq!(got[j].to_bits(), want.to_bits(), "expf({:e})", lanes[j]);
-            }
-        };
-        let mut b = 0u64;
-        while b < 1 << 32 {
-            let x = f32::from_bits(b as u32);
-            if x.abs() < 88.0 {
-                lanes[n] = x;
-                n += 1;
-                checked += 1;
-                if n == 16 {
-                    flush(&lanes, 16);
-                    n = 0;
-                }
-            }
-            b += step;
-        }
-        flush(&lanes, n);
-        checked
+            got
+        })
     }
 
     #[cfg(target_arch = "x86_64")]
