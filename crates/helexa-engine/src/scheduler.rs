@@ -615,10 +615,9 @@ impl Worker {
     /// Keeps the free slots' cached prefixes within the byte budget,
     /// dropping the least recently used first (and their memory with them).
     fn trim_cache(&mut self) {
-        let per = self.model.kv_bytes_per_position() as u64;
         let held = |w: &Worker, i: usize| {
-            if w.slots[i].is_none() {
-                w.memo[i].tokens.len() as u64 * per
+            if w.slots[i].is_none() && !w.memo[i].tokens.is_empty() {
+                w.model.kv_bytes(i, w.memo[i].tokens.len())
             } else {
                 0
             }

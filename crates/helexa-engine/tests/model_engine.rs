@@ -555,15 +555,22 @@ fn the_prefix_cache_stays_within_its_byte_budget() {
     let q = chatml("Which saw cuts tiles?");
     let e = private_engine(2);
     let len = e.tokenize(&p, true).unwrap().len();
-    // Room for one finished sequence's prefix (prompt + what it generated).
-    let small = cached_engine(2, ((len + 8) * per_position) as u64);
+    // What one finished sequence's cache holds, as the budget counts it:
+    // its positions' bytes at least (the cache is whole huge pages with
+    // room to grow, so more).
+    let big = cached_engine(2, 1 << 30);
+    collect(submit(&big, &p, 4));
+    let one = big.stats().prefix_cache_bytes;
+    assert!(one >= (len * per_position) as u64, "{one}");
+    // Room for one finished sequence's prefix.
+    let small = cached_engine(2, one);
     collect(submit(&small, &p, 4));
-    assert!(small.stats().prefix_cache_bytes > 0);
+    assert_eq!(small.stats().prefix_cache_bytes, one);
     collect(submit(&small, &q, 4));
     // Two prefixes do not fit: the older one was dropped.
     let stats = small.stats();
     assert_eq!(stats.prefix_cache_evictions_total, 1, "{stats:?}");
-    assert!(stats.prefix_cache_bytes <= ((len + 8) * per_position) as u64);
+    assert!(stats.prefix_cache_bytes <= one);
     let again = collect(submit(&small, &p, 4));
     assert_eq!(again.cached, 0);
     // Budget 0: nothing is kept across requests.

@@ -3,8 +3,9 @@
 //!
 //! Our own forward pass rather than candle-transformers' `quantized_llama`:
 //! that one caps the context at 4096, re-concatenates its KV cache every
-//! step and holds a single sequence. Here every slot has a preallocated KV
-//! cache of the full served context, and one `forward` runs a mixed batch —
+//! step and holds a single sequence. Here every slot has a KV cache that
+//! grows with its sequence (up to the served context), and one `forward`
+//! runs a mixed batch —
 //! prompt chunks and single decode tokens of different sequences — through
 //! each weight matrix once.
 
@@ -16,7 +17,6 @@ use crate::kernels::ops;
 use crate::kernels::quant::{self, BlockQ8_1, QK};
 use crate::kernels::team::{Disjoint, Team};
 use half::f16;
-use half::slice::HalfBitsSliceExt;
 
 /// How RoPE pairs the dimensions of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,24 +72,116 @@ pub struct Weights {
     pub rope_freqs: Option<Vec<f32>>,
 }
 
+/// Bytes of a transparent huge page (x86-64 and aarch64 with 4 KiB pages).
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Fewest positions a slot's KV cache is made for (rounded up to whole
+/// huge pages): a chat's or a benchmark's sequence then never grows it.
+const MIN_KV_POSITIONS: usize = 256;
+
+/// Halves in a zeroed anonymous mapping whose usable part starts on a huge
+/// page boundary, with transparent huge pages asked for (`MADV_HUGEPAGE`).
+///
+/// Why: each decode step reads every position of every (layer, KV head)
+/// stream of every decoding sequence; with 8 sequences of ~140 positions
+/// that is ~26 MB over ~6,500 distinct 4 KiB pages, more than the
+/// second-level TLB maps, so the attention paid a page walk (two-level
+/// under a hypervisor) every 4 KiB of each stream and its hardware
+/// prefetcher stopped at each page boundary. On huge pages the attention
+/// region of an 8-sequence step took 35–40 % less time (docs/benchmarks.md,
+/// eleventh session). Pages are committed as they are first touched, a
+/// huge page at a time, so a cache costs what its positions need rounded
+/// up to 2 MiB, not its capacity's worth of 4 KiB pages.
+struct HugeHalves {
+    map: memmap2::MmapMut,
+    off: usize,
+    len: usize,
+    /// The usable part: `len` halves rounded up to whole huge pages.
+    bytes: usize,
+}
+
+impl HugeHalves {
+    fn new(len: usize) -> Result<HugeHalves, String> {
+        let bytes = (len * 2).next_multiple_of(HUGE_PAGE);
+        let map = memmap2::MmapOptions::new()
+            .len(bytes + HUGE_PAGE)
+            .map_anon()
+            .map_err(|e| format!("cannot map {bytes} bytes for a KV cache: {e}"))?;
+        // Only a hint: without THP the pages are 4 KiB and all still works.
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage);
+        let at = map.as_ptr() as usize;
+        let off = at.next_multiple_of(HUGE_PAGE) - at;
+        Ok(HugeHalves {
+            map,
+            off,
+            len,
+            bytes,
+        })
+    }
+
+    fn as_slice(&self) -> &[f16] {
+        // SAFETY: `off + 2 * len` bytes lie in the mapping (see `new`), which
+        // is page aligned (so `off` keeps f16 alignment) and zero-filled (a
+        // valid f16 everywhere); the mapping lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(self.off).cast(), self.len) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [f16] {
+        // SAFETY: as in `as_slice`; `&mut self` makes this the only view.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(self.off).cast(), self.len)
+        }
+    }
+}
+
 /// K and V of one sequence, all layers: one stream per (layer, KV head) of
-/// `stream_len` halves each (`LlamaModel::stream_len`), values by position
-/// (`[pos][head_dim]`), keys in the transposed tiles of
-/// `kernels::attention`. In f16 as llama.cpp keeps them: half the memory of
-/// f32, and half the bytes each decode step's attention reads.
+/// `stream` halves each, values by position (`[pos][head_dim]`), keys in the
+/// transposed tiles of `kernels::attention`. In f16 as llama.cpp keeps them:
+/// half the memory of f32, and half the bytes each decode step's attention
+/// reads. Made for `cap` positions and grown (moved to a bigger cache,
+/// `LlamaModel::ensure_cache`) when a sequence outgrows it.
 struct KvCache {
-    /// f16 bits: a `u16` zero allocation is a zeroed `calloc`, whose pages
-    /// are committed only as positions fill (a `vec![f16::ZERO; n]` writes
-    /// every element: ~190 MB per slot at 8k context, up front).
-    k: Vec<u16>,
-    v: Vec<u16>,
+    cap: usize,
+    stream: usize,
+    k: HugeHalves,
+    v: HugeHalves,
 }
 
 impl KvCache {
-    fn new(len: usize) -> KvCache {
-        KvCache {
-            k: vec![0; len],
-            v: vec![0; len],
+    fn new(cap: usize, streams: usize, hd: usize) -> Result<KvCache, String> {
+        let stream = attention::keys_len(cap, hd);
+        Ok(KvCache {
+            cap,
+            stream,
+            k: HugeHalves::new(streams * stream)?,
+            v: HugeHalves::new(streams * stream)?,
+        })
+    }
+
+    /// Memory the cache can commit (all of it, once its positions fill).
+    fn bytes(&self) -> u64 {
+        (self.k.bytes + self.v.bytes) as u64
+    }
+
+    /// Copies positions `start..end` of every stream of `src` into `self`
+    /// (whose other positions are left alone).
+    fn copy_from(&mut self, src: &KvCache, streams: usize, hd: usize, start: usize, end: usize) {
+        let (ds, ss) = (self.stream, src.stream);
+        let (dk, sk) = (self.k.as_mut_slice(), src.k.as_slice());
+        for i in 0..streams {
+            attention::copy_keys(
+                &mut dk[i * ds..(i + 1) * ds],
+                &sk[i * ss..(i + 1) * ss],
+                hd,
+                start,
+                end,
+            );
+        }
+        let (dv, sv) = (self.v.as_mut_slice(), src.v.as_slice());
+        for i in 0..streams {
+            dv[i * ds + start * hd..i * ds + end * hd]
+                .copy_from_slice(&sv[i * ss + start * hd..i * ss + end * hd]);
         }
     }
 }
@@ -191,14 +283,41 @@ impl LlamaModel {
         &self.cfg
     }
 
-    /// Halves of one (layer, KV head) stream of the cache, keys or values:
-    /// the context in whole key tiles.
-    fn stream_len(&self) -> usize {
-        attention::keys_len(self.cfg.context, self.cfg.head_dim)
+    /// (layer, KV head) streams of a KV cache.
+    fn streams(&self) -> usize {
+        self.cfg.n_layer * self.cfg.n_kv_head
     }
 
-    fn cache_len(&self) -> usize {
-        self.cfg.n_layer * self.cfg.n_kv_head * self.stream_len()
+    /// Positions a cache made for at least `positions` gets: every byte of
+    /// its whole huge pages, at most the context.
+    fn cap_for(&self, positions: usize) -> usize {
+        let hd = self.cfg.head_dim;
+        let per_tile = self.streams() * attention::keys_len(attention::TILE, hd) * 2;
+        let want = positions.max(MIN_KV_POSITIONS);
+        let bytes = (want.div_ceil(attention::TILE) * per_tile).next_multiple_of(HUGE_PAGE);
+        (bytes / per_tile * attention::TILE).min(self.cfg.context.next_multiple_of(attention::TILE))
+    }
+
+    /// Gives `slot` a cache with room for `positions` positions, keeping
+    /// positions `0..keep` of the one it has. A cache too small is replaced
+    /// by one with room for twice as many (so a long generation moves its
+    /// cache a logarithmic number of times).
+    fn ensure_cache(&mut self, slot: usize, positions: usize, keep: usize) -> Result<(), String> {
+        let (streams, hd) = (self.streams(), self.cfg.head_dim);
+        match &self.caches[slot] {
+            Some(c) if c.cap >= positions => Ok(()),
+            Some(c) => {
+                let cap = self.cap_for(positions.max(2 * c.cap));
+                let mut grown = KvCache::new(cap, streams, hd)?;
+                grown.copy_from(c, streams, hd, 0, keep.min(c.cap));
+                self.caches[slot] = Some(grown);
+                Ok(())
+            }
+            None => {
+                self.caches[slot] = Some(KvCache::new(self.cap_for(positions), streams, hd)?);
+                Ok(())
+            }
+        }
     }
 
     fn forward_inner(&mut self, chunks: &[Chunk]) -> Result<Vec<Vec<f32>>, String> {
@@ -255,9 +374,7 @@ impl LlamaModel {
             .map(|c| c.tokens.len())
             .sum();
         for ch in chunks {
-            if self.caches[ch.slot].is_none() {
-                self.caches[ch.slot] = Some(KvCache::new(self.cache_len()));
-            }
+            self.ensure_cache(ch.slot, ch.pos + ch.tokens.len(), ch.pos)?;
         }
         let m = rows.len();
         let mut x = take(&mut self.bufs.x, m * d, 0.0);
@@ -286,7 +403,6 @@ impl LlamaModel {
         let mut qa = q8_for(&mut self.bufs.qa, qd);
         let mut qg = q8_for(&mut self.bufs.qg, c.n_ff);
         let scale = 1.0 / (hd as f32).sqrt();
-        let stream = self.stream_len();
 
         // Every matmul of the layers: the first `md` rows through the dense path.
         let (team, pool) = (&self.team, &self.pool);
@@ -360,15 +476,18 @@ impl LlamaModel {
                     let sn = &sin[pos * half..(pos + 1) * half];
                     ops::rope(vv, cs, sn, interleaved);
                 };
-                let caches: Vec<Option<(Disjoint<f16>, Disjoint<f16>)>> = self
+                // Each slot's keys, values and stream length.
+                type Streams<'a> = (Disjoint<'a, f16>, Disjoint<'a, f16>, usize);
+                let caches: Vec<Option<Streams>> = self
                     .caches
                     .iter_mut()
                     .map(|c| {
                         c.as_mut().map(|c| {
-                            let KvCache { k, v } = c;
+                            let KvCache { k, v, stream, .. } = c;
                             (
-                                Disjoint::new(k.reinterpret_cast_mut()),
-                                Disjoint::new(v.reinterpret_cast_mut()),
+                                Disjoint::new(k.as_mut_slice()),
+                                Disjoint::new(v.as_mut_slice()),
+                                *stream,
                             )
                         })
                     })
@@ -417,7 +536,8 @@ impl LlamaModel {
                         }
                         rope(h, pos);
                     }
-                    let (kc, vc) = caches[slot].as_ref().expect("cache allocated");
+                    let (kc, vc, stream) = caches[slot].as_ref().expect("cache allocated");
+                    let stream = *stream;
                     for (j, h) in kvs.enumerate() {
                         let base = (l * nkv + h) * stream;
                         // SAFETY: the caller's contract; the stream has
@@ -450,7 +570,7 @@ impl LlamaModel {
                         prep(r, kvh..kvh + 1);
                     }
                     let (slot, pos) = rows[r];
-                    let (kc, vc) = caches[slot].as_ref().expect("cache allocated");
+                    let (kc, vc, stream) = caches[slot].as_ref().expect("cache allocated");
                     let base = (l * nkv + kvh) * stream;
                     let h0 = kvh * group;
                     let n = pos + 1;
@@ -476,11 +596,11 @@ impl LlamaModel {
                 let warm = |i: usize| {
                     let (r, kvh) = (i / nkv, i % nkv);
                     let (slot, pos) = rows[r];
-                    let (kc, vc) = caches[slot].as_ref().expect("cache allocated");
+                    let (kc, vc, stream) = caches[slot].as_ref().expect("cache allocated");
                     let base = (l * nkv + kvh) * stream;
                     attention::prefetch_start(
-                        kc.ptr(base, stream),
-                        vc.ptr(base, stream),
+                        kc.ptr(base, *stream),
+                        vc.ptr(base, *stream),
                         pos + 1,
                         hd,
                     );
@@ -667,6 +787,13 @@ impl Model for LlamaModel {
         2 * self.cfg.n_layer * self.cfg.n_kv_head * self.cfg.head_dim * std::mem::size_of::<f16>()
     }
 
+    fn kv_bytes(&self, slot: usize, positions: usize) -> u64 {
+        match self.caches.get(slot) {
+            Some(Some(c)) => c.bytes(),
+            _ => (positions * self.kv_bytes_per_position()) as u64,
+        }
+    }
+
     fn drop_cache(&mut self, slot: usize) {
         if let Some(c) = self.caches.get_mut(slot) {
             *c = None;
@@ -683,24 +810,18 @@ impl Model for LlamaModel {
         if from == to || start == end {
             return Ok(());
         }
-        let src = self.caches[from]
-            .take()
-            .ok_or_else(|| format!("slot {from} has no cache to copy"))?;
-        let len = self.cache_len();
-        let (stream, hd) = (self.stream_len(), self.cfg.head_dim);
-        let dst = self.caches[to].get_or_insert_with(|| KvCache::new(len));
-        for lh in 0..self.cfg.n_layer * self.cfg.n_kv_head {
-            let at = lh * stream;
-            attention::copy_keys(
-                &mut dst.k[at..at + stream],
-                &src.k[at..at + stream],
-                hd,
-                start,
-                end,
-            );
-            let (a, b) = (at + start * hd, at + end * hd);
-            dst.v[a..b].copy_from_slice(&src.v[a..b]);
+        if self.caches[from].is_none() {
+            return Err(format!("slot {from} has no cache to copy"));
         }
+        self.ensure_cache(to, end, start)?;
+        let src = self.caches[from].take().expect("checked above");
+        let (streams, hd) = (self.streams(), self.cfg.head_dim);
+        if src.cap < end {
+            self.caches[from] = Some(src);
+            return Err(format!("slot {from} holds no positions past {end}"));
+        }
+        let dst = self.caches[to].as_mut().expect("ensured above");
+        dst.copy_from(&src, streams, hd, start, end);
         self.caches[from] = Some(src);
         Ok(())
     }

@@ -51,6 +51,14 @@ pub trait Model: Send {
     fn kv_bytes_per_position(&self) -> usize {
         0
     }
+    /// Memory `slot`'s cache holds while it keeps `positions` positions
+    /// (what the prefix cache's byte budget counts): by default the
+    /// positions' own bytes; a model whose caches hold more (whole pages, room
+    /// to grow) says so.
+    fn kv_bytes(&self, slot: usize, positions: usize) -> u64 {
+        let _ = slot;
+        positions as u64 * self.kv_bytes_per_position() as u64
+    }
     /// Frees the memory of `slot`'s cache (it is rebuilt on next use).
     fn drop_cache(&mut self, slot: usize) {
         let _ = slot;

@@ -266,6 +266,34 @@ fn batching_and_chunking_do_not_change_results() {
         .is_err());
 }
 
+#[test]
+fn a_kv_cache_that_grows_keeps_every_position() {
+    // A slot's cache is made for the positions its first forward needs
+    // (whole huge pages: 352 positions of this model) and moved to a bigger
+    // one when the sequence outgrows it; nothing it held may change.
+    let path = model_path();
+    let mut m = gguf::load(&path, Some(2048), 3, 2).unwrap().model;
+    let seq: Vec<u32> = (0..1000).map(|i| 200 + (i * 37) % 900).collect();
+    // Slot 0: a 300-token prompt, then one token at a time past two growths
+    // (at 352 and 896 positions).
+    m.forward(&[chunk(0, 0, &seq[..300])]).unwrap();
+    let mut grown = Vec::new();
+    for p in 300..1000 {
+        grown = one(&mut m, 0, p, &seq[p..p + 1]);
+    }
+    // Slot 1: the whole sequence in one chunk, its cache made big enough
+    // at once (chunking does not change the bits, as tested above).
+    let whole = one(&mut m, 1, 0, &seq);
+    assert_eq!(grown, whole, "a grown cache changed the logits");
+    // A prefix copied into a slot whose cache is too small grows it too.
+    m.forward(&[chunk(2, 0, &seq[..10])]).unwrap();
+    m.copy_kv(0, 2, 0, 1000).unwrap();
+    let next = [7u32];
+    assert_eq!(one(&mut m, 2, 1000, &next), one(&mut m, 0, 1000, &next));
+    // Past the context: an error, not a bigger cache.
+    assert!(m.forward(&[chunk(0, 1001, &[5; 1100])]).is_err());
+}
+
 /// Process CPU seconds (user + system), to time runs on a busy machine.
 fn cpu_secs() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
