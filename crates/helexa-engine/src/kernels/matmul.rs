@@ -293,6 +293,51 @@ pub fn matmul_given(
     outs: &mut [&mut [f32]],
 ) {
     assert_eq!(ws.len(), outs.len());
+    let rows: Vec<Vec<OutPtr>> = outs
+        .iter_mut()
+        .zip(ws)
+        .map(|(o, w)| {
+            assert_eq!(o.len(), m * w.rows);
+            (0..m)
+                .map(|r| OutPtr(o[r * w.rows..].as_mut_ptr()))
+                .collect()
+        })
+        .collect();
+    // SAFETY: row `r` of output `i` is `ws[i].rows` floats of `outs[i]`,
+    // borrowed mutably for the call.
+    unsafe { matmul_rows(team, ws, x, q8_1, m, &rows) }
+}
+
+/// `x · wᵀ` for `m` rows of `x`, row `r`'s `w.rows` outputs written to
+/// `rows[r]` (every element of it): the output projection writes each
+/// sequence's logits straight into the vector the sampler gets, rather
+/// than into one buffer copied out row by row.
+///
+/// # Safety
+/// Each `rows[r]` points at `w.rows` writable floats that nothing else
+/// reads or writes during the call, no two overlapping.
+pub unsafe fn matmul_into_rows(team: &Team, w: &QMatrix, x: &[f32], m: usize, rows: &[*mut f32]) {
+    assert_eq!(rows.len(), m);
+    let rows = vec![rows.iter().map(|&p| OutPtr(p)).collect::<Vec<_>>()];
+    // SAFETY: the caller's contract.
+    unsafe { matmul_rows(team, &[w], x, None, m, &rows) }
+}
+
+/// The matmul of [`matmul_given`] with output `i`'s row `r` at `rows[i][r]`.
+///
+/// # Safety
+/// `rows[i][r]` points at `ws[i].rows` writable floats, for `r < m`, none
+/// overlapping and none touched by anything else during the call.
+unsafe fn matmul_rows(
+    team: &Team,
+    ws: &[&QMatrix],
+    x: &[f32],
+    q8_1: Option<&[BlockQ8_1]>,
+    m: usize,
+    rows: &[Vec<OutPtr>],
+) {
+    assert_eq!(ws.len(), rows.len());
+    assert!(rows.iter().all(|r| r.len() == m));
     let k = ws[0].cols;
     assert_eq!(x.len(), m * k);
     let mut acts = ActCache::default();
@@ -349,23 +394,14 @@ pub fn matmul_given(
             r = e;
         }
     }
-    let ptrs: Vec<(OutPtr, usize)> = outs
-        .iter_mut()
-        .zip(ws)
-        .map(|(o, w)| {
-            assert_eq!(o.len(), m * w.rows);
-            (OutPtr(o.as_mut_ptr()), o.len())
-        })
-        .collect();
     let run = |&(i, r0, r1): &(usize, usize, usize)| {
         let w = ws[i];
-        let (ptr, _) = ptrs[i];
-        let n_out = w.rows;
+        let rp = &rows[i];
         let kb = k / QK;
         let store = |row: usize, col: usize, v: f32| {
             // SAFETY: `row < m`, `col` in this task's own range `r0..r1`, so no
-            // other task writes this element; the buffer is `m * n_out` long.
-            unsafe { *ptr.0.add(row * n_out + col) = v };
+            // other task writes this element; the row holds `w.rows` floats.
+            unsafe { *rp[row].0.add(col) = v };
         };
         match &w.data {
             Data::Packed(p) => {
@@ -401,12 +437,9 @@ pub fn matmul_given(
                         for (j, oj) in o.iter_mut().take(cnt).enumerate() {
                             // SAFETY: row `m0 + j < m`, columns `r0..r1` are
                             // this task's own (no other task writes them);
-                            // the buffer is `m * n_out` long and `r1 <= n_out`.
+                            // the row holds `w.rows` floats and `r1 <= w.rows`.
                             *oj = unsafe {
-                                std::slice::from_raw_parts_mut(
-                                    ptr.0.add((m0 + j) * n_out + r0),
-                                    width,
-                                )
+                                std::slice::from_raw_parts_mut(rp[m0 + j].0.add(r0), width)
                             };
                         }
                         p.dot_groups(g0, g1, &a[..cnt], &mut o[..cnt]);
@@ -417,11 +450,11 @@ pub fn matmul_given(
                         for (j, b) in buf.iter().take(cnt).enumerate() {
                             let src = &b[r0 - g0 * G..r1 - g0 * G];
                             // SAFETY: row `m0 + j < m`, columns `r0..r1` are
-                            // this task's own; the buffer is `m * n_out` long.
+                            // this task's own; the row holds `w.rows` floats.
                             unsafe {
                                 std::ptr::copy_nonoverlapping(
                                     src.as_ptr(),
-                                    ptr.0.add((m0 + j) * n_out + r0),
+                                    rp[m0 + j].0.add(r0),
                                     src.len(),
                                 )
                             };

@@ -12,7 +12,7 @@
 use super::regions::{self, Region};
 use super::{Chunk, Model};
 use crate::kernels::attention;
-use crate::kernels::matmul::{matmul_dense, matmul_given, matmul_multi, QMatrix};
+use crate::kernels::matmul::{matmul_dense, matmul_given, matmul_into_rows, matmul_multi, QMatrix};
 use crate::kernels::ops;
 use crate::kernels::quant::{self, BlockQ8_1, QK};
 use crate::kernels::team::{Disjoint, Team};
@@ -201,8 +201,8 @@ pub struct LlamaModel {
     /// candle's GEMM of the dense (prompt) path runs on this pool.
     pool: rayon::ThreadPool,
     /// The forward pass's activation buffers, kept from one step to the
-    /// next: a fresh `calloc` of the logits alone (1.5 MB at 8 sequences)
-    /// cost a zeroing pass and page faults every decode step.
+    /// next: fresh zeroed buffers cost a zeroing pass and page faults every
+    /// decode step.
     bufs: Bufs,
 }
 
@@ -218,7 +218,6 @@ struct Bufs {
     g: Vec<f32>,
     u: Vec<f32>,
     xl: Vec<f32>,
-    logits: Vec<f32>,
     /// Q8_1 of `xn`, `att` and `g` where the regions that write those
     /// quantize them too (see `forward_inner`).
     qx: Vec<BlockQ8_1>,
@@ -683,17 +682,22 @@ impl LlamaModel {
         }
         let out_w = self.w.output.as_ref().unwrap_or(&self.w.tok_embd);
         let vocab = out_w.rows;
-        let mut logits = take(&mut self.bufs.logits, ml * vocab, 0.0);
-        matmul_multi(&self.team, &[out_w], &xl, ml, &mut [&mut logits]);
+        // Each sequence's logits written straight into the vector the
+        // sampler gets (a shared buffer copied out per sequence was a
+        // region of its own: 1.5 MB more to read and write at 8 sequences).
+        let mut out: Vec<Vec<f32>> = (0..ml).map(|_| Vec::with_capacity(vocab)).collect();
+        let ptrs: Vec<*mut f32> = out
+            .iter_mut()
+            .map(|o| o.spare_capacity_mut().as_mut_ptr().cast())
+            .collect();
+        // SAFETY: each pointer is a distinct vector's room for `vocab`
+        // floats, untouched until the call returns.
+        unsafe { matmul_into_rows(&self.team, out_w, &xl, ml, &ptrs) };
+        for o in &mut out {
+            // SAFETY: the matmul wrote all `vocab` outputs of every row.
+            unsafe { o.set_len(vocab) };
+        }
         clock.mark(Region::LmHead);
-        // One vector per sequence for the sampler; with several sequences
-        // the copies (200 kB each for a 49k vocabulary) go over the team
-        // (one sequence is copied inline: a one-task region runs there).
-        let mut out: Vec<Vec<f32>> = vec![Vec::new(); ml];
-        self.team.for_chunks_mut(&mut out, 1, |i, o| {
-            o[0] = logits[i * vocab..(i + 1) * vocab].to_vec();
-        });
-        clock.mark(Region::Logits);
         clock.finish();
         self.bufs = Bufs {
             x,
@@ -706,7 +710,6 @@ impl LlamaModel {
             g,
             u,
             xl,
-            logits,
             qx,
             qa,
             qg,

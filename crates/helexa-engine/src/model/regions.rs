@@ -33,13 +33,12 @@ pub enum Region {
     GateUp,
     Silu,
     Down,
-    /// The final norm and the output projection.
+    /// The final norm and the output projection (into one vector per
+    /// sequence).
     LmHead,
-    /// The logits' copies into one vector per sequence.
-    Logits,
 }
 
-const KINDS: usize = 10;
+const KINDS: usize = 9;
 const NAMES: [&str; KINDS] = [
     "attn_norm",
     "qkv",
@@ -50,7 +49,6 @@ const NAMES: [&str; KINDS] = [
     "silu",
     "down",
     "lm_head",
-    "logits",
 ];
 /// Batch sizes counted separately (larger ones share the last bucket).
 const SIZES: usize = 17;
