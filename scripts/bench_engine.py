@@ -18,6 +18,9 @@ computes at any moment, and load from other processes hits both alike):
 - aggregate decode tok/s at 8 streams: 8 streamed /v1/completions (the
   counting prompt, each with its own number) sent at once; tokens that
   arrive while all 8 are decoding / the length of that window; median.
+  Each 8-stream run follows a single-stream one on the same server; the
+  8 ÷ 1 ratio is given both as median ÷ median and as the median of those
+  adjacent pairs' ratios (robust to a machine whose speed drifts).
   (llama-server runs with -np 8; llama-cpp-python's server serves one
   request at a time, so its figure is its single-stream rate.)
 - peak RSS: VmHWM of the server process from /proc/PID/status at the end.
@@ -311,21 +314,28 @@ def measure_all(servers: list[Server], args) -> dict[str, dict]:
             fresh, repeat = one_prefix_ttft(srv, args, i)
             raw[srv.name].setdefault("pf", []).append(fresh)
             raw[srv.name].setdefault("pc", []).append(repeat)
-    for i in range(args.decode_repeats):
+    # Single-stream and 8-stream runs alternate, each 8-stream run right
+    # after a single-stream one on the same server: on a shared machine
+    # whose speed drifts by minutes, the ratio of such a pair compares like
+    # with like (the medians of runs minutes apart moved the ratio by ±5 %).
+    for i in range(max(args.decode_repeats, args.aggregate_repeats)):
         for srv in servers:
-            n, rate, source = one_decode(srv, args, i)
-            raw[srv.name]["dt"].append(n)
-            raw[srv.name]["dr"].append(rate)
-            res[srv.name]["decode_token_count_source"] = source
-    for i in range(args.aggregate_repeats):
-        for srv in servers:
-            raw[srv.name].setdefault("agg", []).append(one_aggregate(srv, args, i))
+            if i < args.decode_repeats:
+                n, rate, source = one_decode(srv, args, i)
+                raw[srv.name]["dt"].append(n)
+                raw[srv.name]["dr"].append(rate)
+                res[srv.name]["decode_token_count_source"] = source
+            if i < args.aggregate_repeats:
+                raw[srv.name].setdefault("agg", []).append(one_aggregate(srv, args, i))
     for srv in servers:
         r, x = res[srv.name], raw[srv.name]
         if x.get("agg"):
             r["aggregate8_tok_s"] = statistics.median(x["agg"])
             r["aggregate8_tok_s_all"] = x["agg"]
             r["aggregate8_over_single"] = r["aggregate8_tok_s"] / statistics.median(x["dr"])
+            pairs = [a / d for a, d in zip(x["agg"], x["dr"])]
+            r["aggregate8_over_single_pairs"] = pairs
+            r["aggregate8_over_single_paired"] = statistics.median(pairs)
         r["prefill_prompt_tokens"] = int(statistics.median(x["pt"]))
         r["prefill_s"] = statistics.median(x["ps"])
         r["prefill_tok_s"] = statistics.median(x["pr"])
@@ -382,6 +392,8 @@ def fmt_table(results: dict[str, dict]) -> str:
         ("decode tokens", "decode_tokens", "{:d}", None),
         ("aggregate decode, 8 streams, tok/s (median)", "aggregate8_tok_s", "{:.1f}", True),
         ("8 streams ÷ single stream, ×", "aggregate8_over_single", "{:.2f}", True),
+        ("8 streams ÷ single stream, median of adjacent pairs, ×",
+         "aggregate8_over_single_paired", "{:.2f}", True),
         ("peak RSS, MiB", "peak_rss_kb", "{:.0f}", False),
         ("ready after start, s", "ready_s", "{:.1f}", False),
     ]

@@ -525,7 +525,7 @@ impl Worker {
                     })
             })
             .collect();
-        let picks = if want.iter().filter(|&&w| w).count() > 1 {
+        let picks = if want.iter().any(|&w| w) {
             let views: Vec<&[f32]> = results
                 .iter()
                 .map(|r| r.as_ref().map_or(&[][..], |l| &l[..]))

@@ -305,22 +305,85 @@ pub fn matmul_given(
         .collect();
     // SAFETY: row `r` of output `i` is `ws[i].rows` floats of `outs[i]`,
     // borrowed mutably for the call.
-    unsafe { matmul_rows(team, ws, x, q8_1, m, &rows) }
+    unsafe { matmul_rows(team, ws, x, q8_1, m, &rows, None) }
+}
+
+/// The weight rows of each task of a matmul over `ws` on `threads` threads,
+/// `(matrix, first row, end row)`, in column order.
+fn task_rows(ws: &[&QMatrix], threads: usize) -> Vec<(usize, usize, usize)> {
+    let total_rows: usize = ws.iter().map(|w| w.rows).sum();
+    // Two tasks per thread: each task is one contiguous stream of weight
+    // groups, and every task start pays the memory latency before the
+    // prefetch runs ahead; with four per thread an 8-sequence decode was
+    // ~5 % slower (`engine_bench` A/B, 2 threads: 883 against 928 tok/s).
+    let target_tasks = (threads * 2).max(1);
+    // Whole groups of the repacked matrices.
+    let chunk = (total_rows.div_ceil(target_tasks))
+        .clamp(G, MAX_CHUNK)
+        .next_multiple_of(G);
+    let mut tasks = Vec::new();
+    for (i, w) in ws.iter().enumerate() {
+        let mut r = 0;
+        while r < w.rows {
+            let e = (r + chunk).min(w.rows);
+            tasks.push((i, r, e));
+            r = e;
+        }
+    }
+    tasks
 }
 
 /// `x · wᵀ` for `m` rows of `x`, row `r`'s `w.rows` outputs written to
 /// `rows[r]` (every element of it): the output projection writes each
 /// sequence's logits straight into the vector the sampler gets, rather
-/// than into one buffer copied out row by row.
+/// than into one buffer copied out row by row. Returns each row's
+/// [`crate::sampling::argmax`], found by the tasks over the outputs they
+/// just wrote (a separate scan read the logits back from memory once more).
 ///
 /// # Safety
 /// Each `rows[r]` points at `w.rows` writable floats that nothing else
 /// reads or writes during the call, no two overlapping.
-pub unsafe fn matmul_into_rows(team: &Team, w: &QMatrix, x: &[f32], m: usize, rows: &[*mut f32]) {
+pub unsafe fn matmul_into_rows(
+    team: &Team,
+    w: &QMatrix,
+    x: &[f32],
+    m: usize,
+    rows: &[*mut f32],
+) -> Vec<u32> {
     assert_eq!(rows.len(), m);
     let rows = vec![rows.iter().map(|&p| OutPtr(p)).collect::<Vec<_>>()];
+    let tasks = task_rows(&[w], team.threads());
+    // Each task's best (value, index) per row, tasks in column order.
+    let mut best = vec![(f32::NEG_INFINITY, 0u32); tasks.len() * m];
+    let slots = super::team::Disjoint::new(&mut best);
+    let after = |t: usize| {
+        let (_, r0, r1) = tasks[t];
+        // SAFETY: task `t` alone writes these entries.
+        let mine = unsafe { slots.slice(t * m, m) };
+        for (j, b) in mine.iter_mut().enumerate() {
+            // SAFETY: the task wrote columns `r0..r1` of row `j`, which no
+            // other task touches.
+            let out = unsafe { std::slice::from_raw_parts(rows[0][j].0.add(r0), r1 - r0) };
+            let i = crate::sampling::argmax(out) as usize;
+            *b = (out[i], (r0 + i) as u32);
+        }
+    };
     // SAFETY: the caller's contract.
-    unsafe { matmul_rows(team, &[w], x, None, m, &rows) }
+    unsafe { matmul_rows(team, &[w], x, None, m, &rows, Some(&after)) };
+    // The first index of the largest value, as one scan in order finds it:
+    // a task's candidate replaces the best so far only when strictly larger.
+    (0..m)
+        .map(|j| {
+            let (mut v, mut at) = (f32::NEG_INFINITY, 0u32);
+            for t in 0..tasks.len() {
+                let (bv, bi) = best[t * m + j];
+                if bv > v {
+                    (v, at) = (bv, bi);
+                }
+            }
+            at
+        })
+        .collect()
 }
 
 /// The matmul of [`matmul_given`] with output `i`'s row `r` at `rows[i][r]`.
@@ -335,6 +398,7 @@ unsafe fn matmul_rows(
     q8_1: Option<&[BlockQ8_1]>,
     m: usize,
     rows: &[Vec<OutPtr>],
+    after: Option<&(dyn Fn(usize) + Sync)>,
 ) {
     assert_eq!(ws.len(), rows.len());
     assert!(rows.iter().all(|r| r.len() == m));
@@ -374,26 +438,7 @@ unsafe fn matmul_rows(
         })
         .collect();
 
-    let threads = team.threads();
-    let total_rows: usize = ws.iter().map(|w| w.rows).sum();
-    // Two tasks per thread: each task is one contiguous stream of weight
-    // groups, and every task start pays the memory latency before the
-    // prefetch runs ahead; with four per thread an 8-sequence decode was
-    // ~5 % slower (`engine_bench` A/B, 2 threads: 883 against 928 tok/s).
-    let target_tasks = (threads * 2).max(1);
-    // Whole groups of the repacked matrices.
-    let chunk = (total_rows.div_ceil(target_tasks))
-        .clamp(G, MAX_CHUNK)
-        .next_multiple_of(G);
-    let mut tasks = Vec::new();
-    for (i, w) in ws.iter().enumerate() {
-        let mut r = 0;
-        while r < w.rows {
-            let e = (r + chunk).min(w.rows);
-            tasks.push((i, r, e));
-            r = e;
-        }
-    }
+    let tasks = task_rows(ws, team.threads());
     let run = |&(i, r0, r1): &(usize, usize, usize)| {
         let w = ws[i];
         let rp = &rows[i];
@@ -500,7 +545,12 @@ unsafe fn matmul_rows(
             }
         }
     };
-    team.run(tasks.len(), &|t| run(&tasks[t]));
+    team.run(tasks.len(), &|t| {
+        run(&tasks[t]);
+        if let Some(f) = after {
+            f(t);
+        }
+    });
 }
 
 /// [`tiled`] over quantized weights: weight row `n` (`kb` blocks of `wb`)
@@ -658,4 +708,55 @@ pub fn matmul_dense(
         out.copy_from_slice(&y[..m * w.rows]);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_written_in_place_and_their_argmax_are_those_of_one_scan() {
+        // out[j][c] = w[c][j] (x = unit rows), 3000 outputs: six tasks of
+        // 512 columns on two threads, so ties and candidates fall in
+        // different tasks.
+        let (n, k, m) = (3000, 4, 3);
+        let mut w = vec![0f32; n * k];
+        let mut set = |c: usize, j: usize, v: f32| w[c * k + j] = v;
+        for c in 0..n {
+            set(c, 0, (c % 97) as f32 * 0.01);
+            set(c, 1, -1.0); // all equal: the first
+            set(c, 2, -((c % 13) as f32));
+        }
+        set(700, 0, 5.0); // a tie across tasks: the first wins
+        set(1030, 0, 5.0);
+        set(5, 2, f32::NAN); // NaN never wins
+        set(2998, 2, f32::NAN);
+        set(2999, 2, 3.0);
+        let q = QMatrix {
+            rows: n,
+            cols: k,
+            data: Data::F32(w),
+        };
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| u8::from(i / k == i % k) as f32)
+            .collect();
+        let team = Team::new(2, "test").unwrap();
+        let mut outs: Vec<Vec<f32>> = (0..m).map(|_| vec![0.0; n]).collect();
+        let ptrs: Vec<*mut f32> = outs.iter_mut().map(|o| o.as_mut_ptr()).collect();
+        // SAFETY: three distinct vectors of `n` floats.
+        let picks = unsafe { matmul_into_rows(&team, &q, &x, m, &ptrs) };
+        let mut flat = vec![0f32; m * n];
+        matmul_given(&team, &[&q], &x, None, m, &mut [&mut flat]);
+        for j in 0..m {
+            let want: Vec<u32> = flat[j * n..(j + 1) * n]
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            let got: Vec<u32> = outs[j].iter().map(|v| v.to_bits()).collect();
+            assert_eq!(got, want, "row {j}");
+        }
+        assert_eq!(picks, vec![700, 0, 2999]);
+        let scans: Vec<u32> = outs.iter().map(|o| crate::sampling::argmax(o)).collect();
+        assert_eq!(picks, scans);
+    }
 }

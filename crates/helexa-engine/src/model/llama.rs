@@ -89,7 +89,7 @@ const MIN_KV_POSITIONS: usize = 256;
 /// under a hypervisor) every 4 KiB of each stream and its hardware
 /// prefetcher stopped at each page boundary. On huge pages the attention
 /// region of an 8-sequence step took 35–40 % less time (docs/benchmarks.md,
-/// eleventh session). Pages are committed as they are first touched, a
+/// tenth session). Pages are committed as they are first touched, a
 /// huge page at a time, so a cache costs what its positions need rounded
 /// up to 2 MiB, not its capacity's worth of 4 KiB pages.
 struct HugeHalves {
@@ -204,6 +204,10 @@ pub struct LlamaModel {
     /// next: fresh zeroed buffers cost a zeroing pass and page faults every
     /// decode step.
     bufs: Bufs,
+    /// The greedy pick of each sequence of the last forward pass, found by
+    /// the output projection's tasks (see `Model::argmaxes`), with the
+    /// address of the logits vector it was found in.
+    greedy: Vec<(usize, u32)>,
 }
 
 #[derive(Default)]
@@ -274,6 +278,7 @@ impl LlamaModel {
             team,
             pool,
             bufs: Bufs::default(),
+            greedy: Vec::new(),
         })
     }
 
@@ -692,7 +697,8 @@ impl LlamaModel {
             .collect();
         // SAFETY: each pointer is a distinct vector's room for `vocab`
         // floats, untouched until the call returns.
-        unsafe { matmul_into_rows(&self.team, out_w, &xl, ml, &ptrs) };
+        let picks = unsafe { matmul_into_rows(&self.team, out_w, &xl, ml, &ptrs) };
+        self.greedy = ptrs.iter().map(|&p| p as usize).zip(picks).collect();
         for o in &mut out {
             // SAFETY: the matmul wrote all `vocab` outputs of every row.
             unsafe { o.set_len(vocab) };
@@ -752,6 +758,23 @@ fn mm(
 
 impl Model for LlamaModel {
     fn argmaxes(&self, logits: &[&[f32]], want: &[bool]) -> Vec<Option<u32>> {
+        // The last forward pass's picks, when these are its logits vectors
+        // (the scheduler's call, before it changes them): the output
+        // projection's tasks found them over the logits they had just
+        // written.
+        let ours = self.greedy.len() == logits.len()
+            && self
+                .greedy
+                .iter()
+                .zip(logits)
+                .all(|(&(at, g), l)| at == l.as_ptr() as usize && (g as usize) < l.len());
+        if ours {
+            return want
+                .iter()
+                .zip(&self.greedy)
+                .map(|(&w, &(_, g))| w.then_some(g))
+                .collect();
+        }
         let mut out = vec![None; logits.len()];
         self.team.for_chunks_mut(&mut out, 1, |i, o| {
             if want[i] {

@@ -32,7 +32,9 @@ pub trait Model: Send {
     /// [`crate::sampling::argmax`] of `logits[i]` where `want[i]`, `None`
     /// elsewhere: the greedy picks of a step, which a model with a thread
     /// team computes over it (one vocabulary scan per sequence on the
-    /// scheduler thread kept the other threads waiting).
+    /// scheduler thread kept the other threads waiting), or has found
+    /// already while computing them. Called with the last `forward`'s
+    /// vectors unchanged, or with any others (then scanned).
     fn argmaxes(&self, logits: &[&[f32]], want: &[bool]) -> Vec<Option<u32>> {
         logits
             .iter()
