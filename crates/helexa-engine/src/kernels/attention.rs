@@ -267,7 +267,7 @@ fn ahead(
 }
 
 #[cfg(target_arch = "x86_64")]
-use super::prefetch_bytes;
+use super::{prefetch_bytes, prefetch_bytes_to_l2};
 
 /// Runs `$body` for each pass over the heads: `$hn` (up to 4) heads from
 /// head `$h0`.
@@ -377,8 +377,8 @@ mod avx512 {
             let (next, vals) = ahead(hd, keys, values, t0, T);
             let per = T * 32;
             for i in 1..hd {
-                prefetch_bytes(next.wrapping_add(i * per), per);
-                prefetch_bytes(vals.wrapping_add(i * per), per);
+                prefetch_bytes_to_l2(next.wrapping_add(i * per), per);
+                prefetch_bytes_to_l2(vals.wrapping_add(i * per), per);
                 let k: [__m512; T] = std::array::from_fn(|t| row(at(t, i)));
                 for (h, a) in acc.iter_mut().enumerate() {
                     let qb = _mm512_set1_ps(*q.add(h * hd + i));
@@ -542,8 +542,8 @@ mod avx2 {
             });
             let (next, vals) = ahead(hd, keys, values, t, 1);
             for i in 1..hd {
-                prefetch_bytes(next.wrapping_add(i * 32), 32);
-                prefetch_bytes(vals.wrapping_add(i * 32), 32);
+                prefetch_bytes_to_l2(next.wrapping_add(i * 32), 32);
+                prefetch_bytes_to_l2(vals.wrapping_add(i * 32), 32);
                 let (k0, k1) = (row8(at(i)), row8(at(i).add(8)));
                 for (h, a) in acc.iter_mut().enumerate() {
                     let qb = _mm256_set1_ps(*q.add(h * hd + i));
