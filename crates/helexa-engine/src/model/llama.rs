@@ -836,16 +836,20 @@ impl Model for LlamaModel {
         if from == to || start == end {
             return Ok(());
         }
-        if self.caches[from].is_none() {
-            return Err(format!("slot {from} has no cache to copy"));
+        match &self.caches[from] {
+            None => return Err(format!("slot {from} has no cache to copy")),
+            Some(c) if c.cap < end => {
+                return Err(format!(
+                    "slot {from} has room for {} positions, not {end}",
+                    c.cap
+                ))
+            }
+            Some(_) => {}
         }
+        // The source is checked first, so a refused copy grows nothing.
         self.ensure_cache(to, end, start)?;
         let src = self.caches[from].take().expect("checked above");
         let (streams, hd) = (self.streams(), self.cfg.head_dim);
-        if src.cap < end {
-            self.caches[from] = Some(src);
-            return Err(format!("slot {from} holds no positions past {end}"));
-        }
         let dst = self.caches[to].as_mut().expect("ensured above");
         dst.copy_from(&src, streams, hd, start, end);
         self.caches[from] = Some(src);
