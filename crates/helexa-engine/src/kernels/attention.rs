@@ -325,8 +325,8 @@ mod avx512 {
         });
     }
 
-    /// `H` heads, `T` tiles at a time (`H * T` independent chains), the
-    /// rest one tile at a time.
+    /// `H` heads, `T` (at most 4) tiles at a time (`H * T` independent
+    /// chains), the rest in one block of fewer.
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
@@ -347,9 +347,16 @@ mod avx512 {
             unsafe { block::<H, T>(q, hd, keys, values, t, scale, out, np) };
             t += T;
         }
-        while t < tiles {
-            unsafe { block::<H, 1>(q, hd, keys, values, t, scale, out, np) };
-            t += 1;
+        // The last 1..T tiles in one block too: tile by tile, `H` chains
+        // (3 for SmolLM2's groups) left the FMA units waiting on each
+        // chain's latency.
+        unsafe {
+            match tiles - t {
+                0 => {}
+                1 => block::<H, 1>(q, hd, keys, values, t, scale, out, np),
+                2 => block::<H, 2>(q, hd, keys, values, t, scale, out, np),
+                _ => block::<H, 3>(q, hd, keys, values, t, scale, out, np),
+            }
         }
     }
 
@@ -796,7 +803,7 @@ mod tests {
     #[ignore = "timing, prints figures"]
     fn attention_speed() {
         let (hd, heads) = (64usize, 3usize);
-        for n in [136usize, 1000] {
+        for n in [136usize, 170, 1000] {
             let (ks, vs, _, _) = cache(n, hd, 5, f16::ZERO);
             let qs = wave(heads * hd, 0.13, 5);
             let mut out = vec![0f32; heads * hd];
