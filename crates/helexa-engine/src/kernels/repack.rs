@@ -430,6 +430,26 @@ fn prefetch(p: *const u8, bytes: usize) {
     super::prefetch_bytes(p.wrapping_add(PREFETCH_GROUP_BLOCKS * bytes), bytes);
 }
 
+/// With several activation rows the Q8_0 kernel (the output projection,
+/// 30 MB of SmolLM2's weights, streamed once per step) takes ~21 ns per
+/// group-block, long enough for lines asked for only
+/// [`PREFETCH_GROUP_BLOCKS`] ahead to come from L3 or memory late: an
+/// 8-sequence step's output projection ran at ~1.4× its time with the
+/// matrix in cache. These group-blocks (~136 KiB) ahead it is also asked
+/// into L2 (`prefetcht1`, which queues in L2's larger miss queue): output
+/// projection at 8 sequences −3..−16 % per alternated pair
+/// (`HELEXA_REGION_TIMES=1 engine_bench`, 3 pairs against none; 128 ahead
+/// −2..−6 %, 512 like 256). Not for one row (memory-bound, no gain) nor
+/// for Q4_1 (gate/up at 8 rows no faster in 3 pairs).
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_FAR_GROUP_BLOCKS: usize = 256;
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_far(p: *const u8, bytes: usize) {
+    super::prefetch_bytes_to_l2(p.wrapping_add(PREFETCH_FAR_GROUP_BLOCKS * bytes), bytes);
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::*;
@@ -757,6 +777,9 @@ mod avx512 {
             for b in 0..p.kb {
                 let blk = p.group(g, b);
                 prefetch(blk, gb);
+                if R >= 4 {
+                    super::prefetch_far(blk, gb);
+                }
                 unsafe {
                     let d = _mm512_cvtph_ps(_mm256_load_si256(blk as *const __m256i));
                     // w + 128 as u8: Σ(w+128)·y = Σw·y + 128·Σy.
